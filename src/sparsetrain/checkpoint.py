@@ -1,0 +1,133 @@
+"""Checkpoint files: ``model_dir/checkpoint_<step>.mdl``.
+
+A checkpoint is a plain dict, loadable with ``torch.load(weights_only=True)`` (no pickled code):
+``model`` (state dict keyed by the model's own parameter names), ``optimizer``, ``lr_scheduler``,
+``global_step``, ``rng`` and ``params`` (the resolved params). Sparse runs store NaN at pruned
+positions (see :mod:`sparsetrain.sparsity.nan_format`). Writes are atomic: the data goes to a
+hidden temporary file in the same directory, is flushed to disk, and is renamed over the final
+name, so a run killed mid-save leaves every earlier checkpoint intact and no partial file that
+looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsetrain.errors import CheckpointError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.mdl$")
+REQUIRED_KEYS = ("model", "global_step")
+
+
+def checkpoint_path(model_dir: Path, step: int) -> Path:
+    return Path(model_dir) / f"checkpoint_{step}.mdl"
+
+
+def list_checkpoints(model_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoints in ``model_dir`` as (step, path), oldest first."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    found = []
+    for p in model_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(model_dir: Path) -> Path | None:
+    found = list_checkpoints(model_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely; any problem is one :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint (not a torch.save archive)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain data "
+            "(pickled code is never unpickled)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first[:200]})") from None
+    if not isinstance(state, dict) or not all(k in state for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path}: not a sparsetrain checkpoint (expected keys {', '.join(REQUIRED_KEYS)})")
+    if not isinstance(state["model"], dict):
+        raise CheckpointError(f"{path}: 'model' is not a state dict")
+    return state
+
+
+def prune_checkpoints(model_dir: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints; returns the deleted paths."""
+    if not keep:
+        return []
+    old = [p for _, p in list_checkpoints(model_dir)[:-keep]]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
+
+
+def check_model_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise if a checkpoint's tensors do not fit the model (names or shapes)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        raise CheckpointError(f"{path}: checkpoint is for another model ({'; '.join(parts)})")
+    for k, t in expected.items():
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{path}: checkpoint is for another model shape: {k} is {tuple(state[k].shape)}, "
+                f"the model built from params has {tuple(t.shape)}"
+            )

@@ -1,0 +1,217 @@
+"""Command line: ``sparsetrain <command>`` and the seed-compatible ``python run.py --mode ...``.
+
+User errors (bad params, data, checkpoints) print one line, ``error: ...``, and exit with code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sparsetrain.errors import UserError
+
+log = logging.getLogger("sparsetrain")
+MODES = ("train", "eval", "train_and_eval")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", "-p", required=True, type=Path, help="YAML params file")
+    p.add_argument("--model_dir", "-o", required=True, type=Path, help="checkpoints, params, logs and metrics go here")
+    p.add_argument("--checkpoint_path", type=Path, help="load this checkpoint (outside model_dir: weights only, a warm start)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a params key (repeatable), e.g. --set runconfig.max_steps=100")
+    _add_debug(p)
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsetrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mode, text in zip(MODES, ("train (resumes from model_dir)", "evaluate the latest checkpoint", "train, evaluating as it goes")):
+        _add_run_args(sub.add_parser(mode, help=text))
+
+    g = sub.add_parser("generate", help="sample text from a trained model")
+    g.add_argument("--model_dir", "-o", required=True, type=Path)
+    g.add_argument("--checkpoint_path", type=Path, help="default: the newest checkpoint in model_dir")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max_new_tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top_k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    _add_debug(g)
+
+    pr = sub.add_parser("prepare", help="tokenize a text source into memory-mapped token shards")
+    pr.add_argument("--params", "-p", required=True, type=Path, help="its train_input names the source and tokenizer")
+    pr.add_argument("--output", required=True, type=Path, help="directory for the shards and meta.json")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_debug(pr)
+    return parser
+
+
+def run_mode(mode: str, args: argparse.Namespace) -> int:
+    from sparsetrain import train as tr
+    from sparsetrain.metrics import setup_logging
+    from sparsetrain.params import dump_params, load_params
+
+    params = load_params(args.params, args.overrides)
+    model_dir = _prepare_model_dir(args.model_dir)
+    setup_logging(model_dir)
+    do_train = mode != "eval"
+    run = tr.setup(params, model_dir, checkpoint_path=args.checkpoint_path, train=do_train, evaluate=True)
+    _write_text(model_dir / "params.yaml", dump_params(params, args.overrides))
+    log.info(
+        "model: %s parameters on %s (%s%s); %s",
+        f"{sum(p.numel() for p in run.model.parameters()):,}", run.device, run.precision,
+        ", compiled" if run.forward is not run.model else "",
+        f"resuming at step {run.step}" if run.step else "starting at step 0",
+    )
+    try:
+        if mode == "eval":
+            if run.loaded_from is None:
+                raise UserError(f"{model_dir}: no checkpoint to evaluate; train first or pass --checkpoint_path")
+            history = {"eval": tr.evaluate(run), "steps_run": 0, "start_step": run.step}
+        else:
+            history = tr.fit(run, do_eval=True, eval_frequency=params.runconfig.eval_frequency if mode == "train_and_eval" else 0,
+                             progress=_progress_factory(params.runconfig.progress))
+    finally:
+        run.metrics.close()
+    print(format_summary(run, history))
+    return 0
+
+
+def _progress_factory(enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return lambda initial, total: tqdm(initial=initial, total=total, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _prepare_model_dir(model_dir: Path) -> Path:
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        probe = model_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--model_dir {model_dir}: cannot write there ({e.strerror or e})") from None
+    return model_dir
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def format_summary(run, history: dict) -> str:
+    """The end-of-run summary: one screen, plain text."""
+    lines = ["", "=" * 64, f"sparsetrain summary  ({run.model_dir})", "-" * 64]
+    rc = run.params.runconfig
+    if history.get("steps_run"):
+        lines.append(f"steps            {history['start_step']} -> {run.step} of {rc.max_steps}  ({history['elapsed_s']:.1f} s)")
+        lines.append(f"throughput       {history['tokens_per_s']:,.0f} tokens/s")
+        if history.get("final_loss") is not None:
+            lines.append(f"final train loss {history['final_loss']:.4f}")
+    else:
+        lines.append(f"step             {run.step} (nothing to train)")
+    if "eval" in history:
+        e = history["eval"]
+        lines.append(f"eval loss        {e['eval_loss']:.4f}  (perplexity {e['perplexity']:.2f}, {e['eval_tokens']:,} tokens)")
+    f = run.flops
+    lines.append(f"train FLOPs/token dense {f['dense']:.3g}   sparse {f['sparse']:.3g}   ratio {f['ratio']:.2f}x")
+    if run.sparsifier is not None:
+        for g in run.sparsifier.group_stats():
+            lines.append(f"sparsity         {g['group']}: target {g['target']:.3f}, actual {g['actual']:.3f} ({g['tensors']} tensors)")
+    if history.get("last_checkpoint"):
+        lines.append(f"checkpoint       {history['last_checkpoint']}")
+    lines.append("=" * 64)
+    return "\n".join(lines)
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparsetrain import train as tr
+    from sparsetrain.metrics import setup_logging
+    from sparsetrain.params import load_params
+
+    setup_logging(None, verbose=False)
+    params_file = args.model_dir / "params.yaml"
+    if not params_file.exists():
+        raise UserError(f"--model_dir {args.model_dir}: no params.yaml there; is it a sparsetrain model_dir?")
+    params = load_params(params_file)
+    params.runconfig.compile = False
+    run = tr.setup(params, args.model_dir, checkpoint_path=args.checkpoint_path, train=False, evaluate=False, write_metrics=False)
+    if run.loaded_from is None:
+        raise UserError(f"--model_dir {args.model_dir}: no checkpoint to sample from; train first")
+    ids = run.tokenizer.encode(args.prompt) or [run.tokenizer.eos_id]
+    gen = torch.Generator(device=run.device).manual_seed(args.seed)
+    idx = torch.tensor([ids], device=run.device)
+    run.model.eval()
+    with run.autocast():
+        out = run.model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=gen)
+    print(run.tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> int:
+    from sparsetrain import data
+    from sparsetrain.metrics import setup_logging
+    from sparsetrain.params import load_params
+
+    setup_logging(None)
+    params = load_params(args.params, args.overrides)
+    inp = params.train_input
+    import dataclasses
+
+    meta = data.prepare_shards(dataclasses.replace(inp, split=inp.split or "all"), args.output, inp.tokenizer, inp.bpe_vocab_size)
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in MODES:
+            return run_mode(args.command, args)
+        if args.command == "generate":
+            return generate(args)
+        if args.command == "prepare":
+            return prepare(args)
+        raise AssertionError(args.command)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_py(argv: Sequence[str] | None = None) -> int:
+    """``python run.py --mode train --params X.yaml --model_dir D`` (the reference zoo's form)."""
+    p = argparse.ArgumentParser(prog="run.py", description="Train or evaluate a (sparse) GPT model.")
+    p.add_argument("--mode", "-m", required=True, choices=MODES)
+    p.add_argument("--params", "-p", required=True)
+    p.add_argument("--model_dir", "-o", required=True)
+    p.add_argument("--checkpoint_path")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    forwarded = [a.mode, "--params", a.params, "--model_dir", a.model_dir]
+    forwarded += ["--checkpoint_path", a.checkpoint_path] if a.checkpoint_path else []
+    forwarded += [x for o in a.overrides for x in ("--set", o)]
+    forwarded += ["--debug"] if a.debug else []
+    return main(forwarded)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

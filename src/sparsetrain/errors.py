@@ -1,0 +1,23 @@
+"""Errors caused by user input.
+
+The CLI prints these as one line (``error: <message>``) and exits with code 2; anything else is a
+bug and keeps its traceback. Messages name the file and key at fault and say what would be valid.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user: config, data path, checkpoint, command-line flag."""
+
+
+class ConfigError(UserError, ValueError):
+    """A params file or ``sparsity:`` block that does not validate."""
+
+
+class DataError(UserError):
+    """A data source that cannot be read or does not fit the model."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, corrupt, foreign or of another model shape."""

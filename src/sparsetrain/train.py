@@ -1,0 +1,394 @@
+"""Training and evaluation: setup / train_step / evaluate / fit.
+
+Determinism: the model is initialised from ``runconfig.seed``; every batch is a pure function of
+(seed, step), and the torch RNG state (dropout) travels in the checkpoint, so on CPU a resumed
+run reproduces the uninterrupted one exactly.
+
+Which checkpoint is loaded:
+- none given and ``model_dir`` has checkpoints: the newest one, as a full resume (weights,
+  optimizer, schedule, step, RNG, sparsity masks);
+- ``--checkpoint_path`` inside ``model_dir``: a full resume from that one;
+- ``--checkpoint_path`` elsewhere: a warm start -- weights only, step 0, a fresh optimizer. This is
+  the SPDF fine-tuning flow: point a new run at a sparse pre-training checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsetrain import checkpoint as ckpt
+from sparsetrain import data
+from sparsetrain.errors import CheckpointError, ConfigError, UserError
+from sparsetrain.flops import flops_report
+from sparsetrain.metrics import MetricsWriter
+from sparsetrain.model import GPT
+from sparsetrain.params import InputParams, OptimizerParams, Params
+from sparsetrain.sparsity import nan_format
+from sparsetrain.sparsity.sparsifier import Sparsifier, sparsify
+
+log = logging.getLogger("sparsetrain")
+
+# Peak dense bf16 tensor-core FLOP/s by device name, for MFU (vendor datasheets).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the loss became non-finite)."""
+
+
+@dataclass
+class Run:
+    """Everything a training or evaluation run holds."""
+
+    params: Params
+    model_dir: Path
+    device: torch.device
+    model: GPT
+    forward: Callable[..., Any]
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    sparsifier: Sparsifier | None = None
+    train_tokens: Any = None
+    eval_tokens: Any = None
+    step: int = 0
+    loaded_from: Path | None = None
+    metrics: MetricsWriter | None = None
+    flops: dict[str, float] = field(default_factory=dict)
+    history: dict[str, Any] = field(default_factory=dict)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def precision(self) -> str:
+        p = self.params.runconfig.precision
+        return ("bf16" if self.device.type == "cuda" else "fp32") if p == "auto" else p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runconfig.device: {name!r} asked for, but CUDA is not available here; use auto or cpu")
+    return torch.device(name)
+
+
+def lr_at(lr: float | list, step: int, max_steps: int) -> float:
+    """The learning rate at ``step``: a constant, or phases run one after another (zoo style)."""
+    if not isinstance(lr, list):
+        return float(lr)
+    start = 0
+    for i, phase in enumerate(lr):
+        total = phase.get("total_iters") or max(max_steps - start, 1)
+        lo, hi = phase["initial_learning_rate"], phase.get("end_learning_rate", phase["initial_learning_rate"])
+        t = step - start
+        if t < total or i == len(lr) - 1:
+            frac = min(max(t, 0) / total, 1.0)
+            if phase["scheduler"] == "Constant":
+                return lo
+            if phase["scheduler"] == "Linear":
+                return lo + (hi - lo) * frac
+            return hi + (lo - hi) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        start += total
+    raise AssertionError("unreachable")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerParams, device: torch.device) -> torch.optim.Optimizer:
+    """Weight decay on matrices only: not on norms, biases or embeddings (tied head included)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay_rate},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    # The schedule sets absolute values through LambdaLR, so the base lr is 1.0.
+    if cfg.optimizer_type == "AdamW":
+        return torch.optim.AdamW(groups, lr=1.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
+    if cfg.optimizer_type == "Adam":
+        return torch.optim.Adam(groups, lr=1.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
+    return torch.optim.SGD(groups, lr=1.0, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _split(inp: InputParams, default: str) -> InputParams:
+    return dataclasses.replace(inp, split=inp.split or default)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _choose_checkpoint(model_dir: Path, explicit: Path | None) -> tuple[Path | None, bool]:
+    """The checkpoint to load, and whether it is a full resume (True) or a warm start."""
+    if explicit is not None:
+        inside = Path(explicit).resolve().parent == Path(model_dir).resolve()
+        return Path(explicit), inside
+    return ckpt.latest_checkpoint(model_dir), True
+
+
+def setup(
+    params: Params, model_dir: Path, *, checkpoint_path: Path | None = None,
+    train: bool = True, evaluate: bool = True, write_metrics: bool = True,
+) -> Run:
+    """Build tokenizer, data, model, optimizer and sparsity; load a checkpoint if there is one."""
+    rc = params.runconfig
+    device = resolve_device(rc.device)
+    torch.manual_seed(rc.seed)
+    tokenizer = data.load_tokenizer(_split(params.train_input, "train"), model_dir)
+    cfg = params.model
+    if cfg.vocab_size is None:
+        cfg.vocab_size = tokenizer.vocab_size
+    elif cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
+    train_tokens = eval_tokens = None
+    if train:
+        train_tokens = data.load_tokens(_split(params.train_input, "train"), tokenizer, model_dir)
+        data.check_vocab(train_tokens, cfg.vocab_size, "train_input")
+        data.check_length(train_tokens, params.train_input.max_sequence_length, "train_input")
+    if evaluate:
+        eval_tokens = data.load_tokens(_split(params.eval_input, "eval"), tokenizer, model_dir)
+        data.check_vocab(eval_tokens, cfg.vocab_size, "eval_input")
+        data.check_length(eval_tokens, params.eval_input.max_sequence_length, "eval_input")
+
+    model = GPT(cfg).to(device)
+    path, full_resume = _choose_checkpoint(model_dir, checkpoint_path)
+    state = ckpt.load_checkpoint(path) if path is not None else None
+    masks: dict[str, torch.Tensor] = {}
+    if state is not None:
+        ckpt.check_model_state(state["model"], model.state_dict(), path)
+        clean, masks = nan_format.decode_state_dict(state["model"])
+        model.load_state_dict(clean)
+        log.info("loaded %s (step %d)%s", path, state["global_step"], "" if full_resume else " as a warm start at step 0")
+    masks = _masks_to_keep(params, state, masks, path)
+
+    run = Run(
+        params=params, model_dir=Path(model_dir), device=device, model=model, forward=model,
+        tokenizer=tokenizer, train_tokens=train_tokens, eval_tokens=eval_tokens, loaded_from=path,
+    )
+    if train:
+        run.optimizer = build_optimizer(model, params.optimizer, device)
+        schedule = params.optimizer.learning_rate
+        run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            run.optimizer, lambda s: lr_at(schedule, s, rc.max_steps)
+        )
+        if state is not None and full_resume:
+            _load_training_state(run, state, path)
+    if params.sparsity is not None:
+        run.sparsifier = sparsify(model, params.sparsity, run.optimizer, masks={k: v.to(device) for k, v in masks.items()})
+    if state is not None and full_resume:
+        run.step = int(state["global_step"])
+    seq = params.train_input.max_sequence_length
+    run.flops = flops_report(cfg, seq, run.sparsifier.pruned_fractions() if run.sparsifier else None)
+    if _use_compile(rc.compile, device):
+        run.forward = torch.compile(model)
+    run.metrics = MetricsWriter(model_dir, enabled=write_metrics)
+    return run
+
+
+def _masks_to_keep(params: Params, state: dict | None, masks: dict, path: Path | None) -> dict:
+    """Stored masks are kept when the run's sparsity block is the one they were made with."""
+    if not masks:
+        return {}
+    if params.sparsity is None:
+        pruned = sum(int((~m).sum()) for m in masks.values())
+        log.info(
+            "%s is sparse (%d pruned weights in %d tensors) and the params have no sparsity block: "
+            "dense fine-tuning, pruned weights start at 0 and all weights train", path, pruned, len(masks),
+        )
+        return {}
+    stored = (state or {}).get("params", {}).get("sparsity")
+    if stored == params.sparsity:
+        return masks
+    log.info("%s: the sparsity block differs from the checkpoint's; masks are drawn anew from its weights", path)
+    return {}
+
+
+def _load_training_state(run: Run, state: dict, path: Path) -> None:
+    try:
+        if state.get("optimizer"):
+            run.optimizer.load_state_dict(nan_format.decode_optimizer_state(state["optimizer"]))
+        if state.get("lr_scheduler"):
+            run.scheduler.load_state_dict(state["lr_scheduler"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: optimizer state does not fit this run ({str(e).splitlines()[0]})") from None
+    _set_rng_state(state.get("rng", {}), run.device)
+
+
+def _use_compile(setting: str | bool, device: torch.device) -> bool:
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    """The checkpoint dict; pruned positions become NaN (weights and same-shape optimizer state)."""
+    model_sd = run.model.state_dict()
+    opt_sd = run.optimizer.state_dict() if run.optimizer else {}
+    if run.sparsifier is not None:
+        model_sd = nan_format.encode_state_dict(model_sd, run.sparsifier.masks)
+        if opt_sd:
+            opt_sd = nan_format.encode_optimizer_state(opt_sd, run.optimizer, run.model, run.sparsifier.masks)
+    return {
+        "model": model_sd,
+        "optimizer": opt_sd,
+        "lr_scheduler": run.scheduler.state_dict() if run.scheduler else {},
+        "global_step": run.step,
+        "rng": _rng_state(run.device),
+        "params": run.params.to_dict(),
+    }
+
+
+def save(run: Run) -> Path:
+    path = ckpt.checkpoint_path(run.model_dir, run.step)
+    ckpt.save_checkpoint(checkpoint_state(run), path)
+    ckpt.prune_checkpoints(run.model_dir, run.params.runconfig.keep_checkpoints)
+    run.history["last_checkpoint"] = path
+    return path
+
+
+def train_step(run: Run) -> torch.Tensor:
+    """One optimizer step at ``run.step``; returns the mean loss as a (device) tensor."""
+    p, rc = run.params, run.params.runconfig
+    accum = p.optimizer.grad_accum_steps
+    inp = p.train_input
+    x, y = data.get_batch(
+        run.train_tokens, inp.batch_size, inp.max_sequence_length,
+        seed=rc.seed, step=run.step, shuffle=inp.shuffle,
+    )
+    run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=run.device)
+    for xs, ys in zip(x.chunk(accum), y.chunk(accum)):
+        xs, ys = xs.to(run.device, non_blocking=True), ys.to(run.device, non_blocking=True)
+        with run.autocast():
+            _, loss = run.forward(xs, ys)
+        (loss / accum).backward()
+        total += loss.detach()
+    if run.sparsifier is not None:
+        run.sparsifier.mask_gradients()  # before clipping, so pruned entries do not count in the norm
+    if p.optimizer.max_gradient_norm:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), p.optimizer.max_gradient_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    return total / accum
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean token loss and perplexity over ``eval_steps`` batches of the eval split."""
+    inp = run.params.eval_input
+    run.model.eval()
+    loss_sum, tokens = 0.0, 0
+    for x, y in data.eval_batches(run.eval_tokens, inp.batch_size, inp.max_sequence_length, run.params.runconfig.eval_steps):
+        x, y = x.to(run.device), y.to(run.device)
+        with run.autocast():
+            _, loss = run.model(x, y)
+        loss_sum += float(loss) * y.numel()
+        tokens += y.numel()
+    mean = loss_sum / max(tokens, 1)
+    record = {"kind": "eval", "step": run.step, "eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
+    run.metrics.write(record)
+    run.history["eval"] = record
+    return record
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable | None = None) -> dict[str, Any]:
+    """Train from ``run.step`` to ``max_steps``, logging, evaluating and checkpointing."""
+    rc, inp = run.params.runconfig, run.params.train_input
+    tokens_per_step = inp.batch_size * inp.max_sequence_length
+    peak = peak_flops(run.device)
+    start_step = run.step
+    if run.sparsifier is not None:
+        _log_sparsity(run)
+    t_start = t_log = time.perf_counter()
+    step_log = run.step
+    bar = progress(initial=run.step, total=rc.max_steps) if progress else None
+    loss = None
+    while run.step < rc.max_steps:
+        loss_t = train_step(run)
+        if run.step % rc.log_steps == 0 or run.step == rc.max_steps:
+            loss = float(loss_t)
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss became {loss} at step {run.step}; no checkpoint written for it")
+            now = time.perf_counter()
+            tps = (run.step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
+            t_log, step_log = now, run.step
+            record = _train_record(run, loss, tps, tokens_per_step, peak)
+            run.metrics.write(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            else:
+                log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", run.step, rc.max_steps, loss, record["lr"], tps)
+        if bar is not None:
+            bar.update(1)
+        if rc.checkpoint_steps and run.step % rc.checkpoint_steps == 0 and run.step != rc.max_steps:
+            save(run)
+        if do_eval and eval_frequency and run.step % eval_frequency == 0 and run.step != rc.max_steps:
+            evaluate(run)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    if run.step > start_step or ckpt.latest_checkpoint(run.model_dir) is None:
+        save(run)
+    if do_eval:
+        evaluate(run)
+    run.history.update(
+        steps_run=run.step - start_step, start_step=start_step, elapsed_s=elapsed, final_loss=loss,
+        tokens_per_s=(run.step - start_step) * tokens_per_step / max(elapsed, 1e-9),
+    )
+    return run.history
+
+
+def _train_record(run: Run, loss: float, tps: float, tokens_per_step: int, peak: float | None) -> dict[str, Any]:
+    f = run.flops
+    record = {
+        "kind": "train", "step": run.step, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+        "tokens": run.step * tokens_per_step, "tokens_per_s": tps,
+        "flops_per_step": f["sparse"] * tokens_per_step, "flops_per_step_dense": f["dense"] * tokens_per_step,
+        "flops_total": f["sparse"] * tokens_per_step * run.step,
+        "flops_total_dense": f["dense"] * tokens_per_step * run.step, "flops_ratio": f["ratio"],
+    }
+    if peak:
+        # MFU counts the FLOPs the hardware actually executes: dense, since a GPU skips no zeros.
+        record["mfu"] = f["dense"] * tps / peak
+    return record
+
+
+def _log_sparsity(run: Run) -> None:
+    for s in run.sparsifier.group_stats():
+        run.metrics.scalar(f"sparsity/{s['group']}/target", s["target"], run.step)
+    for s in run.sparsifier.stats():
+        run.metrics.scalar(f"sparsity/{s['name']}/actual", s["actual"], run.step)
+    run.metrics.write({"kind": "sparsity", "step": run.step, "groups": run.sparsifier.group_stats(), "flops_per_token": run.flops})

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny model config (2 layers, width 32) and a small text corpus."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "train_input": {"source": "text", "batch_size": 4, "max_sequence_length": 32},
+    "eval_input": {"source": "text", "batch_size": 4, "max_sequence_length": 32},
+    "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2, "max_position_embeddings": 64},
+    "optimizer": {"optimizer_type": "AdamW", "learning_rate": 0.003, "weight_decay_rate": 0.1, "max_gradient_norm": 1.0},
+    "runconfig": {"max_steps": 4, "log_steps": 1, "eval_steps": 2, "seed": 3, "progress": False},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A directory of small text files, enough for train and eval splits."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    src = sorted((ROOT / "src" / "sparsetrain").rglob("*.py"))
+    for i in range(40):
+        text = src[i % len(src)].read_text()
+        (d / f"doc_{i:03d}.txt").write_text(f"# document {i}\n" + text)
+    return d
+
+
+@pytest.fixture
+def tiny_params(corpus: Path):
+    """A factory: tiny_params(**section_overrides) -> params dict using the small corpus."""
+
+    def make(**sections) -> dict:
+        p = copy.deepcopy(TINY)
+        for inp in ("train_input", "eval_input"):
+            p[inp]["data_path"] = str(corpus)
+        for name, values in sections.items():
+            if values is None:
+                p.pop(name, None)
+            elif isinstance(values, dict) and isinstance(p.get(name), dict):
+                p[name].update(values)
+            else:
+                p[name] = values
+        return p
+
+    return make
+
+
+@pytest.fixture
+def write_params(tmp_path: Path):
+    def write(params: dict, name: str = "params.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        return path
+
+    return write

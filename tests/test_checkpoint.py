@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from sparsetrain import checkpoint as ckpt
+from sparsetrain.errors import CheckpointError
+
+
+def state(step=1):
+    return {"model": {"w": torch.ones(3)}, "optimizer": {}, "global_step": step, "params": {"a": None}}
+
+
+def test_save_load_list_prune(tmp_path):
+    for s in (10, 2, 30):
+        ckpt.save_checkpoint(state(s), ckpt.checkpoint_path(tmp_path, s))
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 10, 30]
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint_30.mdl"
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["global_step"] == 30
+    ckpt.prune_checkpoints(tmp_path, 2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [10, 30]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(state(1), ckpt.checkpoint_path(tmp_path, 1))
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(state(2), ckpt.checkpoint_path(tmp_path, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1.mdl"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_bytes(b""), "corrupt or truncated"),
+        (lambda p: p.write_bytes(b"garbage" * 10), "corrupt or truncated"),
+        (lambda p: torch.save({"x": 1}, p), "not a sparsetrain checkpoint"),
+        (lambda p: p.write_bytes(pickle.dumps({"model": Evil(), "global_step": 1})), "checkpoint_9.mdl"),
+        (lambda p: torch.save({"model": {}, "global_step": 1, "evil": Evil()}, p), "refused to load"),
+    ],
+)
+def test_bad_checkpoints_are_one_line_errors(tmp_path, make, message):
+    path = tmp_path / "checkpoint_9.mdl"
+    make(path)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_checkpoint(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint_1.mdl"
+    ckpt.save_checkpoint(state(1), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        ckpt.load_checkpoint(path)
+
+
+def test_shape_mismatch_names_tensor(tmp_path):
+    with pytest.raises(CheckpointError, match=r"w is \(3,\), the model built from params has \(4,\)"):
+        ckpt.check_model_state({"w": torch.ones(3)}, {"w": torch.ones(4)}, tmp_path / "c.mdl")
+    with pytest.raises(CheckpointError, match="missing v"):
+        ckpt.check_model_state({"w": torch.ones(3)}, {"w": torch.ones(3), "v": torch.ones(1)}, tmp_path / "c.mdl")
