@@ -1,3 +1,27 @@
-"""sparsetrain: weight-sparse pre-training of GPT-style language models, then dense fine-tuning."""
+"""sparsetrain: weight-sparse pre-training of GPT-style language models, then dense fine-tuning.
+
+    import sparsetrain
+    sparsifier = sparsetrain.sparsify(model, {"sparsity": 0.75}, optimizer)
+
+``sparsify`` and the NaN checkpoint functions are imported lazily so that ``import sparsetrain``
+stays cheap for the command line.
+"""
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "sparsify": "sparsetrain.sparsity.sparsifier",
+    "Sparsifier": "sparsetrain.sparsity.sparsifier",
+    "save_sparse_checkpoint": "sparsetrain.checkpoint",
+    "load_sparse_checkpoint": "sparsetrain.checkpoint",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sparsetrain' has no attribute {name!r}")

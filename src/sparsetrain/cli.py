@@ -54,7 +54,39 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, type=Path, help="directory for the shards and meta.json")
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     _add_debug(pr)
+
+    pl = sub.add_parser("plan", help="dry run: which weights a params file sparsifies, and the FLOPs")
+    pl.add_argument("--params", "-p", required=True, type=Path)
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    pl.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
+    _add_debug(pl)
+
+    ins = sub.add_parser("inspect", help="per-tensor NaN (pruned) counts and sparsity of a checkpoint")
+    ins.add_argument("checkpoint", type=Path)
+    ins.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
+    _add_debug(ins)
+
+    fin = sub.add_parser("finalize", help="NaN -> 0: a dense checkpoint for other tools")
+    fin.add_argument("-i", "--input", required=True, type=Path, help="sparse checkpoint")
+    fin.add_argument("-o", "--output", required=True, type=Path, help=".mdl (same layout) or .safetensors (weights)")
+    _add_debug(fin)
     return parser
+
+
+def tool(args: argparse.Namespace) -> int:
+    from sparsetrain import tools
+    from sparsetrain.params import load_params
+
+    if args.command == "plan":
+        report = tools.plan(load_params(args.params, args.overrides))
+        print(json.dumps(report, indent=2) if args.json else tools.format_plan(report))
+    elif args.command == "inspect":
+        report = tools.inspect(args.checkpoint)
+        print(json.dumps(report, indent=2) if args.json else tools.format_inspect(report))
+    else:
+        result = tools.finalize(args.input, args.output)
+        print(f"wrote dense checkpoint {result['output']} (step {result['global_step']}, NaN -> 0)")
+    return 0
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> int:
@@ -188,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return generate(args)
         if args.command == "prepare":
             return prepare(args)
+        if args.command in ("plan", "inspect", "finalize"):
+            return tool(args)
         raise AssertionError(args.command)
     except UserError as e:
         if args.debug:

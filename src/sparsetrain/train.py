@@ -212,21 +212,20 @@ def setup(
 
 
 def _masks_to_keep(params: Params, state: dict | None, masks: dict, path: Path | None) -> dict:
-    """Stored masks are kept when the run's sparsity block is the one they were made with."""
-    if not masks:
-        return {}
-    if params.sparsity is None:
+    """Masks recovered from the checkpoint's NaNs; none (dense fine-tuning) without a block.
+
+    With a block, :func:`~sparsetrain.sparsity.sparsifier.sparsify` keeps each stored mask whose
+    pruned count the block still asks for, makes it dense at ``sparsity: 0.0``, and draws a new
+    one otherwise.
+    """
+    if masks and params.sparsity is None:
         pruned = sum(int((~m).sum()) for m in masks.values())
         log.info(
             "%s is sparse (%d pruned weights in %d tensors) and the params have no sparsity block: "
             "dense fine-tuning, pruned weights start at 0 and all weights train", path, pruned, len(masks),
         )
         return {}
-    stored = (state or {}).get("params", {}).get("sparsity")
-    if stored == params.sparsity:
-        return masks
-    log.info("%s: the sparsity block differs from the checkpoint's; masks are drawn anew from its weights", path)
-    return {}
+    return masks
 
 
 def _load_training_state(run: Run, state: dict, path: Path) -> None:

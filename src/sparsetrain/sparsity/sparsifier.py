@@ -1,0 +1,423 @@
+"""Bind sparsity masks to a model and its optimizers, and keep pruned weights at zero.
+
+    sparsifier = sparsify(model, params["sparsity"], optimizer)
+
+The invariant (after creation and after EVERY ``optimizer.step()``, for any torch optimizer,
+with or without weight decay): pruned weights are exactly zero, their gradients are zero, and
+every optimizer-state tensor of the weight's shape (Adam's moments, momentum buffers, Adagrad's
+sums, ...) is zero at pruned positions, so neither momentum nor decay can revive a pruned weight.
+It is enforced by hooks, with no call to forget:
+
+- a post-accumulate-grad hook on each sparsified parameter zeroes pruned gradients as soon as
+  backward writes them, so gradient clipping sees the sparse gradient norm;
+- an optimizer step pre-hook zeroes any gradient written since (a DDP reducer copying reduced
+  gradients back, a user assigning ``.grad``), so nothing pruned leaks into the step;
+- an optimizer step post-hook zeroes pruned weights and same-shape state tensors.
+
+Pruned weights are physically zero in memory: the model runs unmodified (no forward hooks, so
+``torch.compile`` sees a plain model), and a checkpoint written after any step is sparse.
+
+Call ``sparsify`` after the model is on its device and after wrapping it (DDP); masks are bound to
+the parameter objects when they are drawn and rebound by name at ``attach``. Masks are the same
+on every DDP rank (``topk`` of identical weights, ``random`` from a name hash). Sharded
+parameters (FSDP) are not supported. Optimizers that evaluate a closure several times per step
+(LBFGS) see pruned weights only at zero when each step ends.
+
+Unstructured sparsity on a GPU buys no speed: the masked model costs a dense model's FLOPs. It buys
+fidelity to the reference results and smaller checkpoints (see ``sparsetrain.sparsity.nan_format``).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsetrain.errors import CheckpointError
+from sparsetrain.sparsity.config import GroupSettings, SparsityConfig, parse_sparsity, select_parameters
+from sparsetrain.sparsity.masks import make_mask, num_pruned
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def sparsify(
+    model: nn.Module,
+    block: Mapping[str, Any] | SparsityConfig | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> Sparsifier:
+    """Draw (or take) the masks of ``model``'s selected parameters, zero pruned weights, and
+    attach to ``optimizer`` if given.
+
+    ``masks`` supplies existing masks, e.g. recovered from a NaN checkpoint: a selected parameter
+    found there keeps that mask (resuming never re-draws or compounds it), unless its group asks
+    for ``sparsity: 0.0`` (the weight becomes dense) or for a different number of pruned entries
+    (a new mask is drawn from the current weights, with a warning). No block gives a sparsifier
+    with no masks: dense training.
+    """
+    config = block if isinstance(block, SparsityConfig) or block is None else parse_sparsity(block)
+    if config is None and masks:
+        log.info("sparsity: no sparsity block; the %d sparse tensors given train dense (dense fine-tuning)", len(masks))
+        masks = None
+    settings = select_for_model(model, config) if config is not None else {}
+    params = dict(model.named_parameters())
+    given = _check_given(masks or {}, params, settings)
+    chosen: dict[str, torch.Tensor] = {}
+    for name, group in settings.items():
+        chosen[name] = _mask_for(name, params[name], group, given.get(name))
+    sparsifier = Sparsifier(model, chosen, settings, config)
+    if chosen:
+        log.info("sparsity: %s", sparsifier.summary())
+        _warn_from_zeros(chosen, settings)
+    if optimizer is not None:
+        sparsifier.attach(optimizer)
+    return sparsifier
+
+
+class Sparsifier:
+    """Masks of a model's sparsified parameters (True = kept) and the hooks that enforce them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        masks: dict[str, torch.Tensor],
+        settings: dict[str, GroupSettings],
+        config: SparsityConfig | None = None,
+    ) -> None:
+        self.model = model
+        self.masks = masks
+        self.settings = settings
+        self.config = config
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._step_handles: list[Any] = []
+        self._grad_handles: list[Any] = []
+        self._bound: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._cast: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._hooked = False
+        self._masked_grads: dict[int, tuple[weakref.ref, int]] = {}
+        self._bind()
+        self.apply()
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Enforce the masks at every step of ``optimizer`` and clear its existing state now."""
+        self._bind()
+        if any(opt is optimizer for opt in self._optimizers):
+            return
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if self._bound and not any(id(p) in in_optimizer for p, _ in self._bound):
+            log.warning(
+                "sparsity: the optimizer holds none of the %d sparsified parameters; was the "
+                "model wrapped or moved after sparsify()?",
+                len(self._bound),
+            )
+        self._optimizers.append(optimizer)
+        self._step_handles.append(optimizer.register_step_pre_hook(self._before_step))
+        self._step_handles.append(optimizer.register_step_post_hook(self._after_step))
+        self.apply()
+
+    def detach(self) -> None:
+        """Remove every hook; the masks stay, the weights are no longer kept at zero."""
+        for handle in self._step_handles + self._grad_handles:
+            handle.remove()
+        self._step_handles.clear()
+        self._grad_handles.clear()
+        self._optimizers.clear()
+        self._hooked = False
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero pruned weights, gradients and same-shape optimizer state (NaN included)."""
+        for p, mask in self._bound:
+            pruned = ~mask
+            p.masked_fill_(pruned, 0)
+            if p.grad is not None and not p.grad.is_sparse:
+                p.grad.masked_fill_(pruned, 0)
+            for state in self._states(p):
+                state.masked_fill_(pruned.to(state.device), 0)
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        grads, masks = [], []
+        for i, (p, _) in enumerate(self._bound):
+            grad = p.grad
+            if grad is None or grad.is_sparse or self._still_masked(i, grad):
+                continue
+            grads.append(grad)
+            masks.append(self._mask_like(i, grad))
+        if grads:
+            with torch.no_grad():
+                torch._foreach_mul_(grads, masks)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        tensors, masks = [], []
+        for i, (p, _) in enumerate(self._bound):
+            tensors.append(p)
+            masks.append(self._mask_like(i, p))
+            state = optimizer.state.get(p)
+            if state:
+                for value in state.values():
+                    if _same_shape_float(value, p):
+                        tensors.append(value)
+                        masks.append(self._mask_like(i, value))
+        if tensors:
+            with torch.no_grad():
+                torch._foreach_mul_(tensors, masks)
+
+    def _grad_hook(self, index: int):
+        def hook(p: torch.Tensor) -> None:
+            grad = p.grad
+            if grad is not None and not grad.is_sparse:
+                grad.mul_(self._mask_like(index, grad))
+                self._masked_grads[index] = (weakref.ref(grad), grad._version)
+
+        return hook
+
+    def _still_masked(self, index: int, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` is the tensor the grad hook masked, unchanged since (saves a pass)."""
+        seen = self._masked_grads.get(index)
+        return seen is not None and seen[0]() is grad and seen[1] == grad._version
+
+    def _mask_like(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        """Mask ``index`` as 0/1 in ``tensor``'s dtype and device, cast once and cached."""
+        key = (index, tensor.dtype, tensor.device)
+        cast = self._cast.get(key)
+        if cast is None:
+            cast = self._bound[index][1].to(device=tensor.device, dtype=tensor.dtype)
+            self._cast[key] = cast
+        return cast
+
+    def _states(self, p: nn.Parameter) -> list[torch.Tensor]:
+        found = []
+        for optimizer in self._optimizers:
+            state = optimizer.state.get(p)
+            if state:
+                found += [v for v in state.values() if _same_shape_float(v, p)]
+        return found
+
+    def _bind(self) -> None:
+        """(Re)bind each mask to the model's current parameter object of that name."""
+        params = dict(self.model.named_parameters())
+        bound = []
+        for name, mask in self.masks.items():
+            p = params.get(name)
+            if p is None:
+                raise ValueError(f"sparsity: parameter {name!r} is no longer in the model")
+            if p.shape != mask.shape:
+                raise ValueError(
+                    f"sparsity: parameter {name!r} has shape {tuple(p.shape)}, its mask "
+                    f"{tuple(mask.shape)}; was the model sharded after sparsify()?"
+                )
+            if mask.device != p.device or mask.dtype != torch.bool:
+                mask = mask.to(device=p.device, dtype=torch.bool)
+                self.masks[name] = mask
+            bound.append((p, mask))
+        same = len(bound) == len(self._bound) and all(
+            p is q and m is n for (p, m), (q, n) in zip(bound, self._bound, strict=True)
+        )
+        if same and self._hooked:
+            return
+        self._bound = bound
+        self._cast.clear()
+        self._masked_grads.clear()
+        for handle in self._grad_handles:
+            handle.remove()
+        self._grad_handles = [
+            p.register_post_accumulate_grad_hook(self._grad_hook(i))
+            for i, (p, _) in enumerate(bound)
+            if p.requires_grad
+        ]
+        self._hooked = True
+
+    # -- state and statistics -----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks (on the CPU) and the resolved sparsity block."""
+        return {
+            "version": STATE_VERSION,
+            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "config": None if self.config is None else self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take the masks of ``state`` (same parameter names and shapes) and apply them."""
+        masks = state.get("masks")
+        if not isinstance(masks, Mapping):
+            raise CheckpointError("sparsity state: no 'masks' mapping; not a sparsifier state")
+        missing = sorted(set(self.masks) - set(masks))
+        extra = sorted(set(masks) - set(self.masks))
+        if missing or extra:
+            raise CheckpointError(
+                f"sparsity state: masks do not match the sparsified parameters "
+                f"(missing: {', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'})"
+            )
+        for name, mask in masks.items():
+            if tuple(mask.shape) != tuple(self.masks[name].shape):
+                raise CheckpointError(
+                    f"sparsity state: mask of {name!r} has shape {tuple(mask.shape)}, the "
+                    f"parameter {tuple(self.masks[name].shape)}"
+                )
+        for name, mask in masks.items():
+            self.masks[name] = mask.to(dtype=torch.bool)
+        self._bind()
+        self._cast.clear()
+        self.apply()
+
+    @torch.no_grad()
+    def stats(self) -> list[dict[str, Any]]:
+        """Per sparsified parameter: name, group, target sparsity, mask sparsity, actual fraction
+        of exact zeros in the weight, numel, kept (entries the mask keeps)."""
+        params = dict(self.model.named_parameters())
+        rows = []
+        for name, mask in self.masks.items():
+            numel = mask.numel()
+            kept = int(mask.sum().item())
+            zeros = int((params[name] == 0).sum().item())
+            rows.append(
+                {
+                    "name": name,
+                    "group": self.settings[name].group,
+                    "target": self.settings[name].sparsity,
+                    "mask": (numel - kept) / numel if numel else 0.0,
+                    "actual": zeros / numel if numel else 0.0,
+                    "numel": numel,
+                    "kept": kept,
+                }
+            )
+        return rows
+
+    def group_stats(self) -> list[dict[str, Any]]:
+        """``stats`` summed per group (in config order): group, target, mask, actual, tensors,
+        numel, kept; fractions weighted by tensor size."""
+        groups: dict[str, dict[str, Any]] = {}
+        for row in self.stats():
+            g = groups.setdefault(
+                row["group"],
+                {"group": row["group"], "target": row["target"], "tensors": 0, "numel": 0, "kept": 0, "zeros": 0.0},
+            )
+            g["tensors"] += 1
+            g["numel"] += row["numel"]
+            g["kept"] += row["kept"]
+            g["zeros"] += row["actual"] * row["numel"]
+        for g in groups.values():
+            numel = max(g["numel"], 1)
+            g["mask"] = (g["numel"] - g["kept"]) / numel
+            g["actual"] = g.pop("zeros") / numel
+        order = [g.group for g in self.config.groups] if self.config is not None else []
+        return sorted(groups.values(), key=lambda g: order.index(g["group"]) if g["group"] in order else len(order))
+
+    def pruned_fractions(self) -> dict[str, float]:
+        """Parameter name -> fraction of its entries the mask prunes (for FLOP accounting)."""
+        return {name: 1.0 - int(mask.sum().item()) / max(mask.numel(), 1) for name, mask in self.masks.items()}
+
+    def mask_gradients(self) -> None:
+        """Zero pruned gradients now. Backward and the step already do; a no-op unless a
+        gradient was written outside backward since."""
+        self._before_step(None, (), {})
+
+    def summary(self) -> str:
+        """One line: tensors, parameters covered, and the fraction pruned among them."""
+        total = sum(p.numel() for p in self.model.parameters())
+        covered = sum(m.numel() for m in self.masks.values())
+        kept = sum(int(m.sum().item()) for m in self.masks.values())
+        pruned = covered - kept
+        share = pruned / covered if covered else 0.0
+        return (
+            f"{len(self.masks)} tensors, {covered:,} of {total:,} parameters, "
+            f"{pruned:,} pruned ({share:.1%} of them, {pruned / max(total, 1):.1%} of the model)"
+        )
+
+
+def _same_shape_float(value: Any, p: torch.Tensor) -> bool:
+    return isinstance(value, torch.Tensor) and value.shape == p.shape and value.is_floating_point()
+
+
+def select_for_model(model: nn.Module, config: SparsityConfig) -> dict[str, GroupSettings]:
+    """``select_parameters`` on every name of every parameter, embeddings and ties detected."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    embedding_params = {
+        id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()
+    }
+    names_of: dict[int, list[str]] = {}
+    for name, p in named:
+        names_of.setdefault(id(p), []).append(name)
+    tied = {
+        name
+        for key, names in names_of.items()
+        if key in embedding_params or (len(names) > 1 and any("embed" in n.lower() for n in names))
+        for name in names
+    }
+    return select_parameters(config, named, tied)
+
+
+def _check_given(
+    masks: Mapping[str, torch.Tensor],
+    params: Mapping[str, nn.Parameter],
+    settings: Mapping[str, GroupSettings],
+) -> dict[str, torch.Tensor]:
+    for name, mask in masks.items():
+        if name not in params:
+            raise CheckpointError(f"sparsity mask for {name!r}: the model has no such parameter")
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise CheckpointError(
+                f"sparsity mask for {name!r}: shape {tuple(mask.shape)}, the parameter {tuple(params[name].shape)}"
+            )
+    unused = [name for name in masks if name not in settings]
+    if unused:
+        log.warning(
+            "sparsity: %d stored mask(s) belong to parameters the sparsity block does not select; they train dense: %s",
+            len(unused),
+            ", ".join(unused[:10]) + (", ..." if len(unused) > 10 else ""),
+        )
+    return {name: mask.to(torch.bool) for name, mask in masks.items() if name in settings}
+
+
+def _mask_for(name: str, param: torch.Tensor, group: GroupSettings, given: torch.Tensor | None) -> torch.Tensor:
+    if given is None:
+        return make_mask(name, param, group)
+    given = given.to(param.device)
+    if group.init_method == "from_zeros":
+        return given
+    pruned = given.numel() - int(given.sum().item())
+    wanted = num_pruned(given.numel(), group.sparsity)
+    if pruned == wanted:
+        return given
+    if group.sparsity == 0.0:
+        log.info("sparsity: %s is made dense (sparsity 0.0)", name)
+        return torch.ones_like(given)
+    log.warning(
+        "sparsity: stored mask of %s prunes %d of %d entries, the block asks for %d (sparsity %g); "
+        "drawing a new %s mask from the current weights",
+        name,
+        pruned,
+        given.numel(),
+        wanted,
+        group.sparsity,
+        group.init_method,
+    )
+    return make_mask(name, param, group)
+
+
+def _warn_from_zeros(masks: Mapping[str, torch.Tensor], settings: Mapping[str, GroupSettings]) -> None:
+    """One warning when ``from_zeros`` masks are far from the block's stated sparsity."""
+    off = []
+    for name, mask in masks.items():
+        group = settings[name]
+        if group.init_method == "from_zeros" and mask.numel():
+            found = 1.0 - int(mask.sum().item()) / mask.numel()
+            if abs(found - group.sparsity) > 0.01:
+                off.append(f"{name} {found:.1%}")
+    if off:
+        log.warning(
+            "sparsity: from_zeros found other fractions of zeros than the block's sparsity in "
+            "%d tensor(s) (the masks follow the weights): %s",
+            len(off),
+            ", ".join(off[:5]) + (", ..." if len(off) > 5 else ""),
+        )

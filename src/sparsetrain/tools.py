@@ -1,0 +1,139 @@
+"""``plan``, ``inspect`` and ``finalize``: look at a config or a checkpoint without training.
+
+The ``--json`` shapes are stable, for scripts:
+
+plan:    {"parameters": [{"name", "shape", "numel", "group", "sparsity", "init_method", "pruned", "kept"}],
+          "dense": [names], "flops_per_token": {"dense", "sparse", "ratio"}}
+inspect: {"global_step", "tensors": [{"name", "shape", "numel", "nan", "zero", "sparsity"}],
+          "total": {"numel", "nan", "sparsity"}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsetrain import checkpoint as ckpt
+from sparsetrain.errors import CheckpointError
+from sparsetrain.flops import flops_report
+from sparsetrain.params import Params
+from sparsetrain.sparsity import nan_format
+from sparsetrain.sparsity.config import parse_sparsity
+from sparsetrain.sparsity.masks import num_pruned
+from sparsetrain.sparsity.sparsifier import select_for_model
+
+
+def _vocab_size(params: Params) -> int:
+    """The model's vocabulary without training a tokenizer: a dry run must be instant."""
+    if params.model.vocab_size is not None:
+        return params.model.vocab_size
+    inp = params.train_input
+    if inp.source == "shards":
+        from sparsetrain.data import read_shard_meta
+
+        return int(read_shard_meta(Path(inp.data_path), inp.section)["vocab_size"])
+    if inp.tokenizer == "byte":
+        return 256
+    if inp.tokenizer == "bpe":
+        return inp.bpe_vocab_size  # an upper bound: the trained BPE may come out smaller
+    from sparsetrain.data import load_tokenizer
+
+    return load_tokenizer(inp, None).vocab_size
+
+
+def plan(params: Params) -> dict[str, Any]:
+    """Every sparsified parameter with its settings and counts, the dense ones, FLOPs per token."""
+    from sparsetrain.model import GPT
+
+    cfg = dataclasses.replace(params.model, vocab_size=_vocab_size(params))
+    with torch.device("meta"):  # shapes only: no memory, even for gpt3-xl
+        model = GPT(cfg)
+    config = parse_sparsity(params.sparsity)
+    settings = select_for_model(model, config) if config is not None else {}
+    rows, dense, fractions = [], [], {}
+    for name, p in model.named_parameters():
+        s = settings.get(name)
+        if s is None:
+            dense.append(name)
+            continue
+        pruned = num_pruned(p.numel(), s.sparsity)
+        fractions[name] = pruned / p.numel()
+        rows.append({
+            "name": name, "shape": list(p.shape), "numel": p.numel(), "group": s.group,
+            "sparsity": s.sparsity, "init_method": s.init_method, "pruned": pruned, "kept": p.numel() - pruned,
+        })
+    flops = flops_report(cfg, params.train_input.max_sequence_length, fractions)
+    return {"parameters": rows, "dense": dense, "flops_per_token": flops}
+
+
+def format_plan(report: dict[str, Any]) -> str:
+    rows = report["parameters"]
+    lines = [f"{'parameter':<34} {'shape':<14} {'group':<16} {'sparsity':>8} {'init':<10} {'kept':>12}"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['name']:<34} {shape:<14} {r['group']:<16} {r['sparsity']:>8.3f} {r['init_method']:<10} {r['kept']:>12,}")
+    total = sum(r["numel"] for r in rows)
+    pruned = sum(r["pruned"] for r in rows)
+    lines.append(f"{len(rows)} sparsified tensors: {pruned:,} of {total:,} entries pruned ({pruned / max(total, 1):.1%})")
+    lines.append(f"left dense ({len(report['dense'])}): {', '.join(report['dense'])}")
+    f = report["flops_per_token"]
+    lines.append(f"training FLOPs per token: dense {f['dense']:.4g}, sparse {f['sparse']:.4g}, ratio {f['ratio']:.2f}x")
+    return "\n".join(lines)
+
+
+def inspect(path: Path) -> dict[str, Any]:
+    """Per-tensor NaN (pruned) and zero counts of a checkpoint's model state."""
+    state = ckpt.load_checkpoint(path)
+    tensors, seen = [], set()
+    total_numel = total_nan = 0
+    for name, t in state["model"].items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:  # a tied weight stored under two names: count it once
+            continue
+        seen.add(key)
+        floating = t.is_floating_point()
+        nan = int(torch.isnan(t).sum()) if floating else 0
+        tensors.append({
+            "name": name, "shape": list(t.shape), "numel": t.numel(), "nan": nan,
+            "zero": int((t == 0).sum()), "sparsity": nan / t.numel() if t.numel() else 0.0,
+        })
+        total_numel += t.numel()
+        total_nan += nan
+    total = {"numel": total_numel, "nan": total_nan, "sparsity": total_nan / max(total_numel, 1)}
+    return {"global_step": state["global_step"], "tensors": tensors, "total": total}
+
+
+def format_inspect(report: dict[str, Any]) -> str:
+    lines = [f"global step {report['global_step']}", f"{'tensor':<34} {'shape':<14} {'numel':>12} {'nan':>12} {'zero':>10} {'sparsity':>8}"]
+    for t in report["tensors"]:
+        shape = "x".join(map(str, t["shape"]))
+        lines.append(f"{t['name']:<34} {shape:<14} {t['numel']:>12,} {t['nan']:>12,} {t['zero']:>10,} {t['sparsity']:>8.3f}")
+    tot = report["total"]
+    lines.append(f"total: {tot['numel']:,} entries, {tot['nan']:,} NaN (pruned), sparsity {tot['sparsity']:.3f}")
+    return "\n".join(lines)
+
+
+def finalize(src: Path, out: Path) -> dict[str, Any]:
+    """NaN -> 0 everywhere: a dense checkpoint for other tools (``.safetensors``: weights only)."""
+    state = ckpt.load_checkpoint(src)
+    dense = nan_format.densify(state)
+    out = Path(out)
+    if out.resolve() == Path(src).resolve():
+        raise CheckpointError(f"{out}: finalize would overwrite its input; choose another -o path")
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        weights = {k: v.contiguous().clone() for k, v in dense["model"].items() if isinstance(v, torch.Tensor)}
+        meta = {"global_step": str(state["global_step"]), "format": "sparsetrain-dense"}
+        if "params" in state:
+            meta["params"] = json.dumps(state["params"])
+        save_file(weights, str(out), metadata=meta)
+    else:
+        ckpt.save_checkpoint(dense, out)
+    return {"input": str(src), "output": str(out), "global_step": state["global_step"]}
