@@ -41,7 +41,7 @@ def main() -> None:
     rows = [run(level, args.out, args.config) for level in args.levels]
     print("| sparsity | final eval loss | training-FLOP ratio (dense / sparse) | wall time |")
     print("|---|---|---|---|")
-    for r in rows:
+    for r in rows:  # wall time is only meaningful on an otherwise idle machine
         print(f"| {r['level']:g} | {r['eval_loss']:.4f} | {r['flops_ratio']:.2f}x | {r['wall_s']:.0f} s |")
 
 

@@ -279,10 +279,12 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-state", "torch-state"])
 @pytest.mark.parametrize("opt", OPTIMIZERS, ids=list(OPTIMIZERS))
-def test_pruned_weights_and_state_stay_zero_every_step(tmp_path, tiny_params, opt):
+def test_pruned_weights_and_state_stay_zero_every_step(tmp_path, tiny_params, opt, packed):
     s = 0.75
-    params = params_from_dict(make_params(tiny_params, {"sparsity": s}, optimizer=OPTIMIZERS[opt], runconfig={"max_steps": 10}))
+    optimizer = {**OPTIMIZERS[opt], "packed_state": packed}
+    params = params_from_dict(make_params(tiny_params, {"sparsity": s}, optimizer=optimizer, runconfig={"max_steps": 10}))
     run = setup(params, tmp_path / "run", evaluate=False, write_metrics=False)
     named = dict(run.model.named_parameters())
     assert sorted(run.sparsifier.masks) == sorted(DEFAULT_SPARSE)
@@ -292,16 +294,19 @@ def test_pruned_weights_and_state_stay_zero_every_step(tmp_path, tiny_params, op
         assert int((~m).sum()) == expected_pruned(n, s), n
         assert (start[n][~m] == 0).all(), f"{n}: pruned weights not zero after setup"
     state_keys = set()
+    order = [p for g in run.optimizer.param_groups for p in g["params"]]
     for step in range(1, 11):
         loss = train_step(run)
         assert torch.isfinite(loss)
+        # The state as checkpoints see it (a packed optimizer unpacks to the torch layout).
+        unpacked = run.optimizer.state_dict()["state"]
         for n, m in masks.items():
             p = named[n]
             assert torch.equal(run.sparsifier.masks[n].cpu(), m), f"step {step}: {n}'s mask changed"
             assert (p.detach()[~m] == 0).all(), f"step {step}: pruned entries of {n} came back"
             if p.grad is not None:
                 assert (p.grad[~m] == 0).all(), f"step {step}: pruned gradient of {n} not zero"
-            state = run.optimizer.state[p]
+            state = unpacked.get(next(i for i, q in enumerate(order) if q is p), {})
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:
                     state_keys.add(key)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sparsetrain.errors import UserError
+from sparsetrain.params import PRESETS
 
 log = logging.getLogger("sparsetrain")
 MODES = ("train", "eval", "train_and_eval")
@@ -70,7 +71,34 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("-i", "--input", required=True, type=Path, help="sparse checkpoint")
     fin.add_argument("-o", "--output", required=True, type=Path, help=".mdl (same layout) or .safetensors (weights)")
     _add_debug(fin)
+
+    bench = sub.add_parser("bench", help="measure training speed and memory (dense vs sparse vs reference)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    bt = bsub.add_parser("train", help="training step: plain-loop reference, our dense, our sparse; one process")
+    bt.add_argument("--preset", default="gpt2-small", choices=sorted(PRESETS))
+    bt.add_argument("--batch_size", type=int, default=16)
+    bt.add_argument("--seq_len", type=int, default=1024)
+    bt.add_argument("--sparsity", type=float, default=0.75)
+    bt.add_argument("--structure", default="unstructured")
+    bt.add_argument("--steps", type=int, default=20, help="timed steps")
+    bt.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    bt.add_argument("--compile", default="auto", type=_bool_or_auto, help="auto | true | false")
+    bt.add_argument("--device", default="auto")
+    bt.add_argument("--no_reference", action="store_true", help="skip the plain-loop reference")
+    bt.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="params override for our dense and sparse runs, e.g. runconfig.attention=cudnn")
+    bt.add_argument("--json", action="store_true")
+    _add_debug(bt)
     return parser
+
+
+def _bool_or_auto(text: str) -> str | bool:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "auto":
+        return "auto"
+    raise argparse.ArgumentTypeError("expected auto, true or false")
 
 
 def tool(args: argparse.Namespace) -> int:
@@ -95,6 +123,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> int:
     from sparsetrain.params import dump_params, load_params
 
     params = load_params(args.params, args.overrides)
+    _check_sparsity_names(params, args.params)
     model_dir = _prepare_model_dir(args.model_dir)
     setup_logging(model_dir)
     do_train = mode != "eval"
@@ -118,6 +147,19 @@ def run_mode(mode: str, args: argparse.Namespace) -> int:
         run.metrics.close()
     print(format_summary(run, history))
     return 0
+
+
+def _check_sparsity_names(params, path: Path) -> None:
+    """Resolve the sparsity patterns on the model's shapes (meta device) before any data is read."""
+    if params.sparsity is None:
+        return
+    from sparsetrain.errors import ConfigError
+    from sparsetrain.tools import plan
+
+    try:
+        plan(params)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _progress_factory(enabled: bool):
@@ -222,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return prepare(args)
         if args.command in ("plan", "inspect", "finalize"):
             return tool(args)
+        if args.command == "bench":
+            from sparsetrain.bench import main_bench
+
+            return main_bench(args)
         raise AssertionError(args.command)
     except UserError as e:
         if args.debug:

@@ -75,7 +75,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Pre-norm GPT decoder; ``forward(idx, targets)`` returns ``(logits, loss)``."""
+    """Pre-norm GPT decoder: ``forward(idx)`` returns logits, ``forward(idx, targets)`` the loss.
+
+    With targets only the loss leaves the model, so a compiled graph never has to keep the
+    (batch, seq, vocab) logits alive as an output.
+    """
 
     def __init__(self, cfg: ModelParams) -> None:
         super().__init__()
@@ -108,9 +112,7 @@ class GPT(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape
         if T > self.cfg.max_position_embeddings:
             raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings {self.cfg.max_position_embeddings}")
@@ -119,10 +121,10 @@ class GPT(nn.Module):
         for block in self.layers:
             x = block(x)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        if targets is None:
+            return logits
+        # Under autocast cross_entropy computes in fp32 by itself.
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
     @torch.no_grad()
     def generate(
@@ -132,7 +134,7 @@ class GPT(nn.Module):
         """Sample ``max_new_tokens`` continuations of ``idx`` (B, T)."""
         for _ in range(max_new_tokens):
             context = idx[:, -self.cfg.max_position_embeddings :]
-            logits = self(context)[0][:, -1, :].float()
+            logits = self(context)[:, -1, :].float()
             if temperature <= 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -103,6 +103,9 @@ class OptimizerParams:
     momentum: float = _f(0.0, "SGD momentum", min=0.0)
     nesterov: bool = _f(False, "SGD Nesterov momentum")
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step; must divide batch_size", min=1)
+    packed_state: bool = _f(
+        True, "with a sparsity block: keep the optimizer state of sparsified weights for kept entries only"
+    )
 
 
 SCHEDULERS = ("Linear", "CosineDecay", "Constant")
@@ -122,6 +125,13 @@ class RunConfig:
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
     compile: str | bool = _f("auto", "torch.compile the model: auto (on CUDA only) | true | false")
+    compile_mode: str = _f(
+        "default", "torch.compile mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    )
+    attention: str = _f(
+        "auto", "scaled-dot-product attention kernel to prefer: auto (PyTorch's choice) | flash | cudnn | efficient | math",
+        choices=("auto", "flash", "cudnn", "efficient", "math"),
+    )
     progress: bool = _f(True, "show a progress bar on the terminal")
 
 

@@ -42,6 +42,15 @@ log = logging.getLogger("sparsetrain")
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
+def _sdp_order() -> list:
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+SDP_ORDER = _sdp_order()
+
+
 class TrainingError(UserError):
     """Training cannot go on (e.g. the loss became non-finite)."""
 
@@ -68,9 +77,19 @@ class Run:
     history: dict[str, Any] = field(default_factory=dict)
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast where asked for, with the preferred attention kernel first in line."""
+        stack = contextlib.ExitStack()
         if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
+        backend = self.params.runconfig.attention
+        if backend != "auto":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            first = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                     "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+            order = [first, *(b for b in SDP_ORDER if b != first)]
+            stack.enter_context(sdpa_kernel(order, set_priority=True))
+        return stack
 
     @property
     def precision(self) -> str:
@@ -106,8 +125,15 @@ def lr_at(lr: float | list, step: int, max_steps: int) -> float:
     raise AssertionError("unreachable")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerParams, device: torch.device) -> torch.optim.Optimizer:
-    """Weight decay on matrices only: not on norms, biases or embeddings (tied head included)."""
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimizerParams, device: torch.device, packed: bool = False
+) -> torch.optim.Optimizer:
+    """Weight decay on matrices only: not on norms, biases or embeddings (tied head included).
+
+    ``packed``: a :class:`~sparsetrain.sparsity.packed_optim.PackedOptimizer` of the same kind,
+    whose state for sparsified weights (masks handed over by the sparsifier) holds kept entries
+    only; its checkpoints have the torch optimizer's layout.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
@@ -117,6 +143,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerParams, device: torch.
     ]
     fused = {"fused": True} if device.type == "cuda" else {}
     # The schedule sets absolute values through LambdaLR, so the base lr is 1.0.
+    if packed:
+        from sparsetrain.sparsity.packed_optim import PackedOptimizer
+
+        kind = cfg.optimizer_type.lower()
+        if kind == "sgd":
+            return PackedOptimizer(groups, kind="sgd", lr=1.0, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused)
+        return PackedOptimizer(groups, kind=kind, lr=1.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
     if cfg.optimizer_type == "AdamW":
         return torch.optim.AdamW(groups, lr=1.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
     if cfg.optimizer_type == "Adam":
@@ -192,7 +225,8 @@ def setup(
         tokenizer=tokenizer, train_tokens=train_tokens, eval_tokens=eval_tokens, loaded_from=path,
     )
     if train:
-        run.optimizer = build_optimizer(model, params.optimizer, device)
+        packed = params.sparsity is not None and params.optimizer.packed_state
+        run.optimizer = build_optimizer(model, params.optimizer, device, packed=packed)
         schedule = params.optimizer.learning_rate
         run.scheduler = torch.optim.lr_scheduler.LambdaLR(
             run.optimizer, lambda s: lr_at(schedule, s, rc.max_steps)
@@ -206,7 +240,7 @@ def setup(
     seq = params.train_input.max_sequence_length
     run.flops = flops_report(cfg, seq, run.sparsifier.pruned_fractions() if run.sparsifier else None)
     if _use_compile(rc.compile, device):
-        run.forward = torch.compile(model)
+        run.forward = torch.compile(model, mode=None if rc.compile_mode == "default" else rc.compile_mode)
     run.metrics = MetricsWriter(model_dir, enabled=write_metrics)
     return run
 
@@ -278,13 +312,17 @@ def train_step(run: Run) -> torch.Tensor:
         run.train_tokens, inp.batch_size, inp.max_sequence_length,
         seed=rc.seed, step=run.step, shuffle=inp.shuffle,
     )
+    if run.device.type == "cuda":
+        # Pinned host memory makes the copy truly asynchronous: the CPU keeps queueing work
+        # instead of waiting for the previous step to drain before the copy can start.
+        x, y = x.pin_memory(), y.pin_memory()
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
     for xs, ys in zip(x.chunk(accum), y.chunk(accum)):
         xs, ys = xs.to(run.device, non_blocking=True), ys.to(run.device, non_blocking=True)
         with run.autocast():
-            _, loss = run.forward(xs, ys)
+            loss = run.forward(xs, ys)
         (loss / accum).backward()
         total += loss.detach()
     if run.sparsifier is not None:
@@ -306,7 +344,7 @@ def evaluate(run: Run) -> dict[str, float]:
     for x, y in data.eval_batches(run.eval_tokens, inp.batch_size, inp.max_sequence_length, run.params.runconfig.eval_steps):
         x, y = x.to(run.device), y.to(run.device)
         with run.autocast():
-            _, loss = run.model(x, y)
+            loss = run.model(x, y)
         loss_sum += float(loss) * y.numel()
         tokens += y.numel()
     mean = loss_sum / max(tokens, 1)

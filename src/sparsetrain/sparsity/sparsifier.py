@@ -14,6 +14,11 @@ It is enforced by hooks, with no call to forget:
   gradients back, a user assigning ``.grad``), so nothing pruned leaks into the step;
 - an optimizer step post-hook zeroes pruned weights and same-shape state tensors.
 
+An optimizer with a ``set_masks`` method (``sparsetrain.sparsity.packed_optim.PackedOptimizer``)
+is handed the masks on ``attach`` (and again whenever they change): it keeps state for kept
+entries only and writes pruned weights as zeros itself, so the post-step pass skips the
+parameters it enforces; gradients are still masked as above.
+
 Pruned weights are physically zero in memory: the model runs unmodified (no forward hooks, so
 ``torch.compile`` sees a plain model), and a checkpoint written after any step is sparse.
 
@@ -102,6 +107,7 @@ class Sparsifier:
         self._cast: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._hooked = False
         self._masked_grads: dict[int, tuple[weakref.ref, int]] = {}
+        self._enforced: dict[int, set[int]] = {}  # id(optimizer) -> indices of _bound it enforces
         self._bind()
         self.apply()
 
@@ -122,16 +128,29 @@ class Sparsifier:
         self._optimizers.append(optimizer)
         self._step_handles.append(optimizer.register_step_pre_hook(self._before_step))
         self._step_handles.append(optimizer.register_step_post_hook(self._after_step))
+        self._hand_masks(optimizer)
         self.apply()
 
     def detach(self) -> None:
         """Remove every hook; the masks stay, the weights are no longer kept at zero."""
         for handle in self._step_handles + self._grad_handles:
             handle.remove()
+        for optimizer in self._optimizers:
+            if id(optimizer) in self._enforced:
+                optimizer.set_masks({p: None for p, _ in self._bound})
+        self._enforced.clear()
         self._step_handles.clear()
         self._grad_handles.clear()
         self._optimizers.clear()
         self._hooked = False
+
+    def _hand_masks(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give an optimizer that enforces masks itself (``set_masks``) the current masks."""
+        set_masks = getattr(optimizer, "set_masks", None)
+        if not callable(set_masks):
+            return
+        taken = {id(p) for p in set_masks({p: mask for p, mask in self._bound}) or ()}
+        self._enforced[id(optimizer)] = {i for i, (p, _) in enumerate(self._bound) if id(p) in taken}
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -158,7 +177,10 @@ class Sparsifier:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         tensors, masks = [], []
+        enforced = self._enforced.get(id(optimizer), ())
         for i, (p, _) in enumerate(self._bound):
+            if i in enforced:
+                continue
             tensors.append(p)
             masks.append(self._mask_like(i, p))
             state = optimizer.state.get(p)
@@ -175,7 +197,9 @@ class Sparsifier:
         def hook(p: torch.Tensor) -> None:
             grad = p.grad
             if grad is not None and not grad.is_sparse:
-                grad.mul_(self._mask_like(index, grad))
+                mask = self._bound[index][1]
+                # The bool mask itself (1 byte per entry): no float copy of it is kept for this.
+                grad.mul_(mask if mask.device == grad.device else self._mask_like(index, grad))
                 self._masked_grads[index] = (weakref.ref(grad), grad._version)
 
         return hook
@@ -235,6 +259,8 @@ class Sparsifier:
             if p.requires_grad
         ]
         self._hooked = True
+        for optimizer in self._optimizers:
+            self._hand_masks(optimizer)
 
     # -- state and statistics -----------------------------------------------------------------
 

@@ -1,0 +1,223 @@
+"""``sparsetrain bench train``: dense vs sparse training steps (and a plain-loop reference), one process.
+
+Everything is measured in one invocation, so the ratios are one measurement on one machine state:
+
+1. the plain PyTorch reference loop of ``benchmarks/reference_loop.py`` (nanoGPT's settings),
+   when the repository's ``benchmarks/`` folder is there;
+2. our dense training step: :func:`sparsetrain.train.train_step` on a run built by
+   :func:`sparsetrain.train.setup`, i.e. the normal training path with its real data pipeline;
+3. the same with a ``sparsity:`` block (default heuristic, ``topk``) at ``--sparsity``.
+
+Step times come from CUDA events around ``--steps`` steps after ``--warmup`` steps (which absorb
+``torch.compile``); MFU uses the dense FLOPs of SPEC §5 against the device's peak bf16 rate.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsetrain.params import PRESETS, apply_overrides, params_from_dict
+from sparsetrain.sparsity.config import parse_sparsity
+from sparsetrain.sparsity.sparsifier import select_for_model
+
+REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_loop.py"
+BENCH_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT does, for both sides
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """Median-free plain timing: total time of ``steps`` consecutive steps (ms/step), last loss."""
+    for _ in range(warmup):
+        loss = step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1000.0 / steps, float(loss)
+
+
+def _params(preset: str, batch_size: int, seq_len: int, sparsity: float | None, compile_: str | bool, device: str,
+            overrides: tuple[str, ...] = ()) -> Any:
+    model = {"preset": preset, "use_bias": False, "vocab_size": BENCH_VOCAB,
+             "max_position_embeddings": max(seq_len, PRESETS[preset]["max_position_embeddings"])}
+    if preset == "gpt2-tiny":
+        model["vocab_size"] = 256
+    inp = {"source": "stdlib", "tokenizer": "byte", "batch_size": batch_size, "max_sequence_length": seq_len}
+    raw = {
+        "train_input": inp, "eval_input": inp, "model": model,
+        "optimizer": {"optimizer_type": "AdamW", "learning_rate": 6e-4, "weight_decay_rate": 0.1, "beta2": 0.95},
+        "runconfig": {"max_steps": 10**9, "progress": False, "compile": compile_, "device": device},
+    }
+    if sparsity is not None:
+        raw["sparsity"] = {"sparsity": sparsity, "init_method": "topk"}
+    return params_from_dict(apply_overrides(raw, overrides))
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params: set[int] | None = None) -> int:
+    """Bytes of the optimizer's state tensors (of the parameters whose ids are in ``params``, or all)."""
+    total = 0
+    for p, state in optimizer.state.items():
+        if params is not None and id(p) not in params:
+            continue
+        total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+def run_ours(preset, batch_size, seq_len, sparsity, steps, warmup, compile_, device, overrides=()) -> dict[str, Any]:
+    """Our training step through the normal path (setup + train_step)."""
+    from sparsetrain import train as tr
+
+    params = _params(preset, batch_size, seq_len, sparsity, compile_, device, tuple(overrides))
+    with tempfile.TemporaryDirectory() as tmp:
+        run = tr.setup(params, Path(tmp), train=True, evaluate=False, write_metrics=False)
+        _reset_memory(run.device)
+        ms, loss = _time_steps(lambda: tr.train_step(run), steps, warmup, run.device)
+        result = {"ms_per_step": ms, "loss": loss, "peak_memory_bytes": _peak_memory(run.device)}
+        # The weights the default heuristic sparsifies, in both runs: their state is what packing saves.
+        selected = select_for_model(run.model, parse_sparsity({"sparsity": 0.5}))
+        ids = {id(p) for n, p in run.model.named_parameters() if n in selected}
+        result["optimizer_state_bytes"] = optimizer_state_bytes(run.optimizer)
+        packed = getattr(run.optimizer, "state_bytes", None)
+        # A packed optimizer also counts its bitmasks and tile offsets, which live beside the state.
+        result["sparse_weights_state_bytes"] = packed()["masked"] if packed else optimizer_state_bytes(run.optimizer, ids)
+        result["flops_per_token"] = run.flops
+        result["device"] = str(run.device)
+    return result
+
+
+def _batches(preset: str, batch_size: int, seq_len: int, device: torch.device):
+    """The reference reads the same batches as our step, through the same host-to-device path."""
+    from sparsetrain import data
+
+    params = _params(preset, batch_size, seq_len, None, False, str(device))
+    tokenizer = data.load_tokenizer(params.train_input, None)
+    stream = data.load_tokens(params.train_input, tokenizer, None)
+    step = 0
+    while True:
+        x, y = data.get_batch(stream, batch_size, seq_len, seed=0, step=step, shuffle=True)
+        if device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        step += 1
+
+
+def run_reference(preset, batch_size, seq_len, steps, warmup, device, compile_) -> dict[str, Any] | None:
+    """The plain-loop reference of benchmarks/reference_loop.py, if this is a repository checkout."""
+    if not REFERENCE.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("sparsetrain_reference_loop", REFERENCE)
+    ref = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = ref  # dataclasses look their module up there
+    spec.loader.exec_module(ref)
+    p = PRESETS[preset]
+    vocab = 256 if preset == "gpt2-tiny" else BENCH_VOCAB
+    cfg = ref.RefConfig(n_layer=p["num_hidden_layers"], n_head=p["num_heads"], n_embd=p["hidden_size"],
+                        block_size=max(seq_len, p["max_position_embeddings"]), vocab_size=vocab)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    use_compile = dev.type == "cuda" if compile_ == "auto" else bool(compile_)
+    step, model = ref.make_step(cfg, dev, compile=use_compile)
+    batches = _batches(preset, batch_size, seq_len, dev)
+    _reset_memory(dev)
+    ms, loss = _time_steps(lambda: step(*next(batches)), steps, warmup, dev)
+    result = {"ms_per_step": ms, "loss": loss, "peak_memory_bytes": _peak_memory(dev)}
+    return result
+
+
+def bench_train(
+    preset: str, batch_size: int, seq_len: int, sparsity: float, *, steps: int = 20, warmup: int = 10,
+    reference: bool = True, compile_: str | bool = "auto", device: str = "auto", structure: str = "unstructured",
+    overrides: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Run reference, dense and sparse; return their figures and ratios."""
+    if structure != "unstructured":
+        raise ValueError(f"--structure {structure!r}: only 'unstructured' is available in this version")
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results: dict[str, Any] = {"preset": preset, "batch_size": batch_size, "seq_len": seq_len, "sparsity": sparsity}
+    if dev.startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name()
+    results["torch"] = torch.__version__
+    if reference:
+        results["reference"] = run_reference(preset, batch_size, seq_len, steps, warmup, dev, compile_)
+    results["dense"] = run_ours(preset, batch_size, seq_len, None, steps, warmup, compile_, dev, overrides)
+    results["sparse"] = run_ours(preset, batch_size, seq_len, sparsity, steps, warmup, compile_, dev, overrides)
+    add_rates(results, batch_size * seq_len, dev)
+    return results
+
+
+def add_rates(results: dict[str, Any], tokens_per_step: int, device: str) -> None:
+    from sparsetrain.train import peak_flops
+
+    peak = peak_flops(torch.device(device))
+    dense_flops = results["dense"]["flops_per_token"]["dense"]
+    for key in ("reference", "dense", "sparse"):
+        r = results.get(key)
+        if not r:
+            continue
+        r["tokens_per_s"] = tokens_per_step / (r["ms_per_step"] / 1000.0)
+        r["mfu"] = dense_flops * r["tokens_per_s"] / peak if peak else None
+    d, s, ref = results["dense"], results["sparse"], results.get("reference")
+    results["ratios"] = {
+        "sparse_step_time_over_dense": s["ms_per_step"] / d["ms_per_step"],
+        "dense_tokens_per_s_over_reference": d["tokens_per_s"] / ref["tokens_per_s"] if ref else None,
+        "sparse_weight_state_bytes_over_dense": (
+            s["sparse_weights_state_bytes"] / d["sparse_weights_state_bytes"]
+            if d["sparse_weights_state_bytes"] else None
+        ),
+        "sparse_peak_memory_over_dense": (
+            s["peak_memory_bytes"] / d["peak_memory_bytes"] if s["peak_memory_bytes"] and d["peak_memory_bytes"] else None
+        ),
+        "flops_ratio_dense_over_sparse": s["flops_per_token"]["ratio"],
+    }
+
+
+def format_results(r: dict[str, Any]) -> str:
+    gib = 1024**3
+    lines = [f"{r['preset']}  batch {r['batch_size']}  seq {r['seq_len']}  sparsity {r['sparsity']}  "
+             f"{r.get('gpu', 'cpu')}  torch {r['torch']}",
+             f"{'':<10} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'peak mem':>10} {'opt state':>10}"]
+    for key in ("reference", "dense", "sparse"):
+        x = r.get(key)
+        if not x:
+            continue
+        mfu = f"{x['mfu']:.1%}" if x.get("mfu") else "-"
+        mem = f"{x['peak_memory_bytes'] / gib:.2f}G" if x.get("peak_memory_bytes") else "-"
+        st = f"{x['optimizer_state_bytes'] / gib:.2f}G" if x.get("optimizer_state_bytes") else "-"
+        lines.append(f"{key:<10} {x['ms_per_step']:>9.2f} {x['tokens_per_s']:>11,.0f} {mfu:>7} {mem:>10} {st:>10}")
+    for k, v in r["ratios"].items():
+        lines.append(f"{k:<40} {v:.3f}" if v is not None else f"{k:<40} -")
+    return "\n".join(lines)
+
+
+def main_bench(args: Any) -> int:
+    res = bench_train(args.preset, args.batch_size, args.seq_len, args.sparsity, steps=args.steps, warmup=args.warmup,
+                      reference=not args.no_reference, compile_=args.compile, device=args.device, structure=args.structure,
+                      overrides=tuple(args.overrides))
+    print(json.dumps(res, indent=2) if args.json else format_results(res))
+    return 0

@@ -1,0 +1,592 @@
+"""AdamW / Adam / SGD whose state for a sparsified weight holds its kept entries only.
+
+    optimizer = PackedOptimizer(groups, kind="adamw", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    sparsifier = sparsify(model, params["sparsity"], optimizer)   # hands over the masks
+
+With a torch optimizer, the state of a weight at 75% sparsity is as large as for a dense one
+(Adam: two moments of the weight's shape), three quarters of it zeros that the sparsifier
+re-zeroes after every step. ``PackedOptimizer`` keeps, for each parameter whose mask it was given
+(:meth:`PackedOptimizer.set_masks`; the :class:`~sparsetrain.sparsity.sparsifier.Sparsifier`
+calls it on ``attach``), the state as 1-D tensors of the kept entries (in the flat order of the
+weight), plus a bitmask (n/8 bytes) and one int32 offset per tile of ``block`` entries for the GPU
+kernel: at 75% sparsity and fp32 about 0.27x the bytes of torch's state (Adam and SGD alike). It
+enforces the mask itself: pruned weights are written exactly 0 by every step, so the sparsifier
+skips its post-step pass for those parameters (it still masks gradients, so clipping sees the
+sparse norm).
+
+- The math equals torch's ``AdamW`` / ``Adam`` (L2 decay added to the gradient) / ``SGD``
+  (momentum buffer = first gradient, dampening, Nesterov) to float rounding; parameters without a
+  mask are stepped by the torch optimizer itself (``fused=True`` on CUDA unless the group says
+  ``fused: False``), with the usual dense state.
+- On CUDA, with Triton, one kernel launch per parameter group and step for all its masked
+  parameters (:mod:`sparsetrain.kernels.packed_step`); elsewhere, and with ``impl="torch"``, a
+  plain-torch reference (``masked_select`` / update / ``masked_scatter_``, one host sync per
+  tensor on CUDA) that is also the kernel's oracle.
+- ``state_dict()`` has exactly the layout of the torch optimizer of that kind (dense-shaped state,
+  0 at pruned positions), so NaN checkpoints (:mod:`sparsetrain.sparsity.nan_format`) are the same
+  and checkpoints move both ways between ``torch.optim.AdamW`` and ``PackedOptimizer``.
+  ``load_state_dict`` takes that layout and packs it with the masks; given before the masks, the
+  state stays dense until :meth:`set_masks` packs it.
+
+Not supported on masked parameters: ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``,
+sparse gradients (unmasked parameters get whatever torch supports).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from sparsetrain.kernels import has_triton
+
+BLOCK = 1024
+KINDS = ("adamw", "adam", "sgd")
+_TORCH = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+_PACKED_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+_HYPER = {
+    "adamw": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"),
+    "adam": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"),
+    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"),
+}
+_UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _scalar_dtype() -> torch.dtype:
+    """torch's dtype for a CPU ``step`` tensor (``optimizer._get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class PackedMask:
+    """A boolean mask (True = kept) and its GPU layout: a bitmask and per-tile packed offsets.
+
+    ``mask`` is the caller's tensor (referenced, not copied: the sparsifier holds it anyway);
+    ``bits`` (uint8, bit j of byte i = flat entry 8 i + j kept, padded with 0 to whole tiles) and
+    ``offsets`` (int32, kept entries before each tile of ``block`` entries) are what the kernel reads.
+    """
+
+    def __init__(self, mask: torch.Tensor, block: int = BLOCK) -> None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"PackedMask: mask must be bool, got {mask.dtype}")
+        if block % 8 or block & (block - 1):
+            raise ValueError(f"PackedMask: block {block} is not a power of two >= 8")
+        self.mask = mask
+        self.block = block
+        self.numel = mask.numel()
+        tiles = -(-self.numel // block)
+        padded = torch.zeros(tiles * block, dtype=torch.bool, device=mask.device)
+        padded[: self.numel] = mask.reshape(-1)
+        counts = padded.view(tiles, block).sum(1)
+        offsets = counts.cumsum(0) - counts
+        self.kept = int(counts.sum().item()) if tiles else 0
+        self.offsets = offsets.to(torch.int32 if self.kept < 2**31 else torch.int64)
+        weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=mask.device)
+        self.bits = (padded.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the optimizer's own mask layout (bits + offsets; the bool mask is shared)."""
+        return self.bits.numel() * self.bits.element_size() + self.offsets.numel() * self.offsets.element_size()
+
+    def pack(self, dense: torch.Tensor) -> torch.Tensor:
+        """The kept entries of ``dense`` (the weight's shape), 1-D, in flat order."""
+        return dense.masked_select(self.mask.to(dense.device))
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """A dense tensor of the mask's shape: ``packed`` at kept positions, 0 elsewhere."""
+        out = torch.zeros(self.mask.shape, dtype=packed.dtype, device=packed.device)
+        return out.masked_scatter_(self.mask.to(packed.device), packed)
+
+
+# -- reference steps (plain torch; the oracle of the kernels) --------------------------------------
+
+
+@torch.no_grad()
+def adam_reference(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> None:
+    """One AdamW (``decoupled``) / Adam step of the kept entries of ``p`` with packed moments, in
+    place, operation by operation as torch's single-tensor Adam; pruned entries of ``p`` become 0.
+    ``step`` is the step count after this step (1 on the first)."""
+    param = p.masked_select(mask)
+    g = grad.masked_select(mask)
+    if weight_decay != 0:
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(param, alpha=weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+    p.zero_().masked_scatter_(mask, param)
+
+
+@torch.no_grad()
+def sgd_reference(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    mask: torch.Tensor,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    first: bool,
+) -> None:
+    """One SGD step of the kept entries of ``p`` with a packed momentum buffer, in place, as torch's
+    single-tensor SGD (``first``: the buffer becomes the gradient); pruned entries become 0."""
+    param = p.masked_select(mask)
+    g = grad.masked_select(mask)
+    if weight_decay != 0:
+        g = g.add(param, alpha=weight_decay)
+    if momentum != 0:
+        if momentum_buffer is None:
+            raise ValueError("packed SGD step: momentum needs a momentum buffer")
+        if first:
+            momentum_buffer.copy_(g)
+        else:
+            momentum_buffer.mul_(momentum).add_(g, alpha=1 - dampening)
+        g = g.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
+    param.add_(g, alpha=-lr)
+    p.zero_().masked_scatter_(mask, param)
+
+
+# -- the optimizer -------------------------------------------------------------------------------
+
+
+class PackedOptimizer(torch.optim.Optimizer):
+    """AdamW / Adam / SGD with packed state for masked parameters (see the module docstring).
+
+    Arguments mirror the torch optimizer of ``kind``: ``lr``, ``betas``, ``eps``, ``weight_decay``
+    (default 1e-2 for AdamW, 0 otherwise) for Adam(W); ``lr``, ``momentum``, ``dampening``,
+    ``weight_decay``, ``nesterov`` for SGD; ``foreach`` and ``fused`` apply to unmasked
+    parameters (``fused=None``: fused on CUDA). The parameter groups hold exactly the torch
+    optimizer's keys. ``impl`` picks the masked step: ``"auto"`` (Triton kernel for CUDA
+    parameters when Triton is there, else the reference), ``"triton"`` (the kernel; an error
+    without Triton), ``"torch"`` (the reference). ``block`` is the kernel's tile size.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        kind: str = "adamw",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | None = None,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        *,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        impl: str = "auto",
+        block: int = BLOCK,
+    ) -> None:
+        kind = str(kind).lower()
+        if kind not in KINDS:
+            raise ValueError(f"PackedOptimizer: kind {kind!r} is not one of {', '.join(KINDS)}")
+        if impl not in ("auto", "triton", "torch"):
+            raise ValueError(f"PackedOptimizer: impl {impl!r} is not one of auto, triton, torch")
+        if impl == "triton" and not has_triton():
+            raise RuntimeError("PackedOptimizer: impl='triton' but Triton is not installed")
+        if block % 8 or block & (block - 1):
+            raise ValueError(f"PackedOptimizer: block {block} is not a power of two >= 8")
+        self.kind = kind
+        self.impl = impl
+        self.block = block
+        self._packs: dict[torch.Tensor, PackedMask] = {}
+        self._inner: torch.optim.Optimizer | None = None
+        self._inner_pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self._launches: dict[tuple, Any] = {}  # kernel tables, see _launch_for
+        super().__init__(params, self._torch_defaults(lr, betas, eps, weight_decay, momentum, dampening, nesterov, foreach, fused))
+
+    def _torch_defaults(self, lr, betas, eps, weight_decay, momentum, dampening, nesterov, foreach, fused) -> dict:
+        """The torch optimizer's own defaults (validated by it): groups get exactly its keys."""
+        options: dict[str, Any] = {"lr": lr, "foreach": foreach, "fused": fused}
+        if self.kind == "sgd":
+            options.update(momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay or 0.0)
+        else:
+            options.update(betas=tuple(betas), eps=eps, weight_decay=(1e-2 if self.kind == "adamw" else 0.0) if weight_decay is None else weight_decay)
+        probe = _TORCH[self.kind]([torch.zeros(1, requires_grad=True)], **options)
+        return dict(probe.defaults)
+
+    # -- masks ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_masks(self, masks: Mapping[torch.Tensor, torch.Tensor | None]) -> list[torch.Tensor]:
+        """Take over the masks (True = kept) of the given parameters; ``None`` drops a mask.
+
+        Existing state is repacked (entries the new mask prunes are dropped, newly kept ones start
+        from the dense state, i.e. 0 where the old mask pruned), pruned weights are zeroed now.
+        Parameters this optimizer does not hold are ignored. Returns the parameters whose mask
+        this optimizer now enforces (pruned weights and state kept at zero by every step). The
+        mask tensor is referenced, not copied: change a mask by passing a new tensor (as the
+        sparsifier does), never in place."""
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        enforced = []
+        for p, mask in masks.items():
+            if id(p) not in held:
+                continue
+            old = self._packs.get(p)
+            if mask is not None:
+                if tuple(mask.shape) != tuple(p.shape):
+                    raise ValueError(f"PackedOptimizer.set_masks: mask of shape {tuple(mask.shape)} for a parameter of shape {tuple(p.shape)}")
+                mask = mask.to(device=p.device, dtype=torch.bool)
+                if old is not None and old.mask is mask and old.block == self.block:
+                    enforced.append(p)
+                    continue
+            state = self.state.get(p)
+            if old is not None:
+                del self._packs[p]
+                if state:
+                    self.state[p] = self._unpacked(state, old)
+            self._inner = None
+            self._launches.clear()
+            if mask is None:
+                continue
+            pack = PackedMask(mask, self.block)
+            self._packs[p] = pack
+            p.masked_fill_(~mask, 0)
+            if self.state.get(p):
+                self._pack_state(p, self.state[p], pack)
+            enforced.append(p)
+        return enforced
+
+    def masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Parameter -> the mask this optimizer enforces."""
+        return {p: pack.mask for p, pack in self._packs.items()}
+
+    def _pack_state(self, p: torch.Tensor, state: dict[str, Any], pack: PackedMask) -> None:
+        for key in _PACKED_KEYS[self.kind]:
+            value = state.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"PackedOptimizer: state {key!r} of shape {tuple(getattr(value, 'shape', ()))} "
+                    f"for a parameter of shape {tuple(p.shape)}"
+                )
+            state[key] = pack.pack(value.to(device=p.device, dtype=p.dtype)).contiguous()
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and (step.device.type != "cpu" or step.dtype != _scalar_dtype()):
+            state["step"] = torch.tensor(float(step), dtype=_scalar_dtype())
+
+    def _unpacked(self, state: Mapping[str, Any], pack: PackedMask) -> dict[str, Any]:
+        keys = _PACKED_KEYS[self.kind]
+        return {
+            key: pack.unpack(value) if key in keys and isinstance(value, torch.Tensor) else value
+            for key, value in state.items()
+        }
+
+    # -- step ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._packs:
+            for index, group in enumerate(self.param_groups):
+                self._step_group(index, group)
+        inner = self._dense_optimizer()
+        if inner is not None:
+            for group, inner_group in self._inner_pairs:
+                for key in _HYPER[self.kind]:
+                    if key in group:
+                        inner_group[key] = group[key]
+            inner.step()
+        return loss
+
+    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+        """Step the masked parameters of one group: the kernel in one launch per (dtype, device,
+        step count) where it applies, the reference for the rest."""
+        fast, checked = [], False
+        for p in group["params"]:
+            pack = self._packs.get(p)
+            grad = p.grad
+            if pack is None or grad is None:
+                continue
+            if not checked:
+                _check_supported(group)
+                checked = True
+            if grad.is_sparse:
+                raise RuntimeError("PackedOptimizer does not support sparse gradients")
+            if self._kernel_fits(p, grad, pack):
+                fast.append((p, pack))
+            else:
+                self._step_reference(p, grad, group, pack)
+        if fast:
+            self._step_kernel(index, group, fast)
+
+    def _options(self, group: dict[str, Any]) -> dict[str, Any]:
+        if self.kind == "sgd":
+            return dict(
+                lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+                weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
+            )
+        beta1, beta2 = group["betas"]
+        return dict(
+            lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), decoupled=self.kind == "adamw",
+        )
+
+    def _adam_state(self, p: torch.Tensor, pack: PackedMask) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["exp_avg"] = torch.zeros(pack.kept, dtype=p.dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(pack.kept, dtype=p.dtype, device=p.device)
+        return state
+
+    def _momentum_buffer(self, p: torch.Tensor, pack: PackedMask, momentum: float) -> tuple[torch.Tensor | None, bool]:
+        """(buffer, first): as torch, no state at all without momentum; a new buffer is filled
+        by the step (``first``)."""
+        if momentum == 0:
+            return None, False
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is not None:
+            return buf, False
+        buf = torch.empty(pack.kept, dtype=p.dtype, device=p.device)
+        state["momentum_buffer"] = buf
+        return buf, True
+
+    def _step_reference(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], pack: PackedMask) -> None:
+        if torch.is_complex(p):
+            raise NotImplementedError("PackedOptimizer: complex masked parameters are not supported")
+        options = self._options(group)
+        if self.kind == "sgd":
+            buf, first = self._momentum_buffer(p, pack, options["momentum"])
+            sgd_reference(p, grad, buf, pack.mask, first=first, **options)
+            return
+        state = self._adam_state(p, pack)
+        state["step"] += 1
+        adam_reference(
+            p, grad, state["exp_avg"], state["exp_avg_sq"], pack.mask, step=float(state["step"].item()), **options
+        )
+
+    def _step_kernel(self, index: int, group: dict[str, Any], items: list[tuple[torch.Tensor, PackedMask]]) -> None:
+        from sparsetrain.kernels import packed_step
+
+        options = self._options(group)
+        buckets: dict[tuple, list] = {}
+        if self.kind == "sgd":
+            for p, pack in items:
+                buf, first = self._momentum_buffer(p, pack, options["momentum"])
+                buckets.setdefault((first, p.dtype, p.device), []).append((p, pack, (p, p.grad, buf)))
+            for (first, _, _), members in buckets.items():
+                rows = [row for _, _, row in members]
+                packed_step.sgd_launch(self._launch_for(index, members), rows, first=first, check=False, **options)
+            return
+        states = [self._adam_state(p, pack) for p, pack in items]
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        counts = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
+        for (p, pack), state, count in zip(items, states, counts, strict=True):
+            row = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            buckets.setdefault((float(count), p.dtype, p.device), []).append((p, pack, row))
+        for (count, _, _), members in buckets.items():
+            rows = [row for _, _, row in members]
+            packed_step.adam_launch(self._launch_for(index, members), rows, step=count, check=False, **options)
+
+    def _launch_for(self, index: int, members: list) -> Any:
+        """The kernel's fixed tables for these parameters (cached until the masks change)."""
+        key = (index, tuple(id(p) for p, _, _ in members))
+        launch = self._launches.get(key)
+        if launch is None:
+            from sparsetrain.kernels import packed_step
+
+            if len(self._launches) > 64:
+                self._launches.clear()
+            packs = [pack for _, pack, _ in members]
+            launch = packed_step.Launch(
+                [pack.numel for pack in packs], [pack.bits for pack in packs], [pack.offsets for pack in packs], self.block
+            )
+            self._launches[key] = launch
+        return launch
+
+    def _kernel_fits(self, p: torch.Tensor, grad: torch.Tensor, pack: PackedMask) -> bool:
+        """Whether this parameter takes the Triton path."""
+        if self.impl == "torch" or not p.is_cuda:
+            return False
+        if not has_triton():
+            if self.impl == "triton":
+                raise RuntimeError("PackedOptimizer: impl='triton' but Triton is not installed")
+            return False
+        fits = (
+            p.dtype in _KERNEL_DTYPES
+            and grad.dtype == p.dtype
+            and grad.device == p.device
+            and p.is_contiguous()
+            and grad.is_contiguous()
+            and pack.block == self.block
+            and 0 < pack.numel <= 2**31 - 1 - 2 * self.block  # the kernels index in int32
+        )
+        if not fits and self.impl == "triton" and pack.numel:
+            raise RuntimeError(
+                f"PackedOptimizer: impl='triton' needs a contiguous float32 / bfloat16 / float16 parameter "
+                f"and gradient of one dtype, got {p.dtype} / {grad.dtype}"
+            )
+        return fits
+
+    def _dense_optimizer(self) -> torch.optim.Optimizer | None:
+        """The torch optimizer of the unmasked parameters, sharing this optimizer's state."""
+        if self._inner is not None:
+            return self._inner
+        groups, pairs, auto = [], [], []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p not in self._packs]
+            if not params:
+                continue
+            inner_group = {key: value for key, value in group.items() if key != "params"}
+            inner_group["params"] = params
+            if group.get("fused") is None and not group.get("foreach") and _fused_ok(params):
+                inner_group["fused"] = True
+                auto.append(inner_group)
+            groups.append(inner_group)
+            pairs.append(group)
+        if not groups:
+            self._inner_pairs = []
+            return None
+        try:
+            inner = _TORCH[self.kind](groups)
+        except (RuntimeError, ValueError, TypeError):
+            if not auto:
+                raise
+            for inner_group in auto:  # a torch without this fused step: its default instead
+                inner_group["fused"] = None
+            inner = _TORCH[self.kind](groups)
+        inner.state = self.state
+        self._inner_pairs = list(zip(pairs, inner.param_groups, strict=True))
+        for inner_group in inner.param_groups:
+            on_device = inner_group.get("fused") or inner_group.get("capturable")
+            for p in inner_group["params"]:
+                step = self.state[p].get("step") if p in self.state else None
+                if isinstance(step, torch.Tensor):
+                    if on_device and step.device != p.device:
+                        self.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+                    elif not on_device and step.device.type != "cpu":
+                        self.state[p]["step"] = torch.tensor(float(step), dtype=_scalar_dtype())
+        self._inner = inner
+        return inner
+
+    # -- groups and state dicts ----------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._inner = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout for this kind: masked parameters' state unpacked to the weight's shape
+        (0 at pruned positions), on the parameter's device."""
+        state_dict = super().state_dict()
+        if self._packs:
+            index = self._param_index()
+            for p, pack in self._packs.items():
+                i = index.get(id(p))
+                if i is not None and i in state_dict["state"]:
+                    state_dict["state"][i] = self._unpacked(state_dict["state"][i], pack)
+        return state_dict
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load torch's layout for this kind (NaN already turned to 0): state of masked
+        parameters is packed with their masks; before :meth:`set_masks`, it stays dense."""
+        required = {"sgd": ("momentum", "nesterov"), "adamw": ("betas", "eps"), "adam": ("betas", "eps")}[self.kind]
+        for group in state_dict.get("param_groups", []):
+            missing = [key for key in required if key not in group]
+            if missing:
+                raise ValueError(
+                    f"PackedOptimizer({self.kind!r}).load_state_dict: a parameter group lacks "
+                    f"{', '.join(missing)}; is it the state of another kind of optimizer?"
+                )
+        super().load_state_dict(state_dict)
+        self._inner = None
+        for p, pack in self._packs.items():
+            state = self.state.get(p)
+            if state:
+                self._pack_state(p, state, pack)
+
+    def _param_index(self) -> dict[int, int]:
+        index: dict[int, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+        return index
+
+    # -- memory --------------------------------------------------------------------------------
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state now: ``masked`` (packed state, bitmasks and offsets of masked
+        parameters), ``dense`` (state of the other parameters) and ``total``."""
+        masked = dense = 0
+        for p in self._params():
+            size = _tensor_bytes(self.state.get(p, {}))
+            pack = self._packs.get(p)
+            if pack is not None:
+                masked += size + pack.nbytes
+            else:
+                dense += size
+        return {"masked": masked, "dense": dense, "total": masked + dense}
+
+    def dense_equivalent_bytes(self) -> dict[str, int]:
+        """What torch's optimizer would hold for the same state (same keys as :meth:`state_bytes`):
+        each packed tensor at the weight's full size, no bitmask."""
+        masked = dense = 0
+        keys = _PACKED_KEYS[self.kind]
+        for p in self._params():
+            state = self.state.get(p, {})
+            pack = self._packs.get(p)
+            if pack is None:
+                dense += _tensor_bytes(state)
+                continue
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    masked += p.numel() * value.element_size() if key in keys else value.numel() * value.element_size()
+        return {"masked": masked, "dense": dense, "total": masked + dense}
+
+    def _params(self) -> list[torch.Tensor]:
+        seen, out = set(), []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+def _check_supported(group: Mapping[str, Any]) -> None:
+    unsupported = [key for key in _UNSUPPORTED if group.get(key)]
+    if unsupported:
+        raise NotImplementedError(f"PackedOptimizer: {', '.join(unsupported)} not supported on masked parameters")
+
+
+def _tensor_bytes(state: Mapping[str, Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def _fused_ok(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused step applies to all of ``params`` (CUDA floating tensors)."""
+    return bool(params) and all(
+        p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) for p in params
+    )
