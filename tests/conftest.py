@@ -69,3 +69,24 @@ def write_params(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention on a small, shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def logs(caplog):
+    """``caplog`` that also sees ``sparsetrain`` records (the CLI's logging setup stops propagation)."""
+    import logging
+
+    logger = logging.getLogger("sparsetrain")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="sparsetrain")
+    yield caplog
+    logger.removeHandler(caplog.handler)

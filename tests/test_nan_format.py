@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import logging
 
 import pytest
 import torch
@@ -19,25 +18,9 @@ from sparsetrain.sparsity.nan_format import (
 )
 from sparsetrain.sparsity.sparsifier import sparsify
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BLOCK = {"sparsity": 0.5, "param_name_patterns": {"0": {"init_method": "random", "seed": 9}, "2": {"sparsity": 0.75}}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def logs(caplog):
-    """``caplog`` that also sees ``sparsetrain`` records when a logging setup stopped their propagation."""
-    logger = logging.getLogger("sparsetrain")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="sparsetrain")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def _model(seed: int = 0) -> nn.Sequential:

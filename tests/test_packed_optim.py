@@ -20,6 +20,8 @@ from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.packed_optim import BLOCK, PackedMask, PackedOptimizer, adam_reference, sgd_reference
 from sparsetrain.sparsity.sparsifier import sparsify
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB, CONTEXT, BATCH = 61, 16, 4
 KINDS = ("adamw", "adam", "sgd")
 TORCH = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -37,14 +39,6 @@ SPARSITY = {
     "param_name_patterns": {"mlp.fc": {"sparsity": 0.9}, "attn.qkv": {"sparsity": 0.5}, "proj": {}},
 }
 UNIFORM_75 = {"sparsity": 0.75, "init_method": "random", "seed": 2}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(device: str = "cpu") -> GPT:
@@ -357,16 +351,27 @@ def _step_both(variant: str, step: int, reference: list, kernel: list, mask, pac
     packed_step = _kernel_module()
     if variant.startswith("adam"):
         options = dict(
-            step=float(step), lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8,
-            weight_decay=0.0 if variant == "adam_no_decay" else 0.1, decoupled=variant == "adamw",
+            step=float(step),
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.95,
+            eps=1e-8,
+            weight_decay=0.0 if variant == "adam_no_decay" else 0.1,
+            decoupled=variant == "adamw",
         )
         adam_reference(reference[0], grad.to(reference[0].dtype), reference[1], reference[2], mask, **options)
-        packed_step.adam_step(kernel[0], grad, kernel[1], kernel[2], pack.bits, pack.offsets, block=pack.block, **options)
+        packed_step.adam_step(
+            kernel[0], grad, kernel[1], kernel[2], pack.bits, pack.offsets, block=pack.block, **options
+        )
         return
     momentum = 0.0 if variant == "sgd_plain" else 0.9
     options = dict(
-        lr=0.1, momentum=momentum, dampening=0.3 if variant == "sgd_dampening" else 0.0,
-        weight_decay=0.1, nesterov=variant == "sgd_nesterov", first=step == 1,
+        lr=0.1,
+        momentum=momentum,
+        dampening=0.3 if variant == "sgd_dampening" else 0.0,
+        weight_decay=0.1,
+        nesterov=variant == "sgd_nesterov",
+        first=step == 1,
     )
     ref_buf, kernel_buf = (reference[1], kernel[1]) if momentum else (None, None)
     sgd_reference(reference[0], grad.to(reference[0].dtype), ref_buf, mask, **options)
@@ -416,7 +421,9 @@ def test_kernel_half_precision_rounds_once(variant, dtype):
         grad = torch.randn(shape, device="cuda").to(dtype)
         _step_both(variant, step, reference, kernel, mask, pack, grad)
         for i, (a, b) in enumerate(zip(kernel, reference)):
-            torch.testing.assert_close(a.float(), b.to(dtype).float(), rtol=8e-3, atol=1e-5, msg=f"tensor {i}, step {step}")
+            torch.testing.assert_close(
+                a.float(), b.to(dtype).float(), rtol=8e-3, atol=1e-5, msg=f"tensor {i}, step {step}"
+            )
 
 
 @cuda

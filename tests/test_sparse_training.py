@@ -26,16 +26,15 @@ from sparsetrain.train import build_optimizer, setup, train_step
 L, D, SEQ, BATCH = 2, 32, 32, 4
 KINDS = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
 DEFAULT_SPARSE = [f"layers.{i}.{k}" for i in range(L) for k in KINDS]
-NUMEL = {"attn.qkv.weight": 3 * D * D, "attn.proj.weight": D * D, "mlp.fc.weight": 4 * D * D, "mlp.proj.weight": 4 * D * D}
+NUMEL = {
+    "attn.qkv.weight": 3 * D * D,
+    "attn.proj.weight": D * D,
+    "mlp.fc.weight": 4 * D * D,
+    "mlp.proj.weight": 4 * D * D,
+}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model is far faster on one thread (and immune to a busy machine's spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -118,7 +117,9 @@ def check_nan_checkpoint(state: dict, expected: dict[str, int]) -> None:
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 continue
             if name in expected and value.shape == model[name].shape:
-                assert torch.equal(torch.isnan(value), torch.isnan(model[name])), f"{name} {key}: NaN elsewhere than the weight"
+                assert torch.equal(torch.isnan(value), torch.isnan(model[name])), (
+                    f"{name} {key}: NaN elsewhere than the weight"
+                )
             else:
                 assert nans(value) == 0, f"{name} {key}: NaN in the state of a dense tensor"
 
@@ -156,12 +157,23 @@ def digest(path: Path) -> str:
 @pytest.mark.parametrize("init_method", ["topk", "random"])
 def test_sparse_run_writes_nan_checkpoint(tmp_path, tiny_params, write_params, s, init_method):
     d = tmp_path / "run"
-    train(write_params, make_params(tiny_params, {"sparsity": s, "init_method": init_method}, runconfig={"max_steps": 3}), d)
+    train(
+        write_params,
+        make_params(tiny_params, {"sparsity": s, "init_method": init_method}, runconfig={"max_steps": 3}),
+        d,
+    )
     state = load(d / "checkpoint_3.mdl")
     check_nan_checkpoint(state, {n: expected_pruned(n, s) for n in DEFAULT_SPARSE})
     # Embeddings, the tied head, norms and biases are untouched by the heuristic.
-    for name in ("embed_tokens.weight", "embed_positions.weight", "lm_head.weight", "norm_f.weight",
-                 "layers.0.norm_1.weight", "layers.1.attn.qkv.bias", "layers.0.mlp.fc.bias"):
+    for name in (
+        "embed_tokens.weight",
+        "embed_positions.weight",
+        "lm_head.weight",
+        "norm_f.weight",
+        "layers.0.norm_1.weight",
+        "layers.1.attn.qkv.bias",
+        "layers.0.mlp.fc.bias",
+    ):
         assert name in state["model"] and nans(state["model"][name]) == 0, name
     # The optimizer really holds moments for every sparsified weight (the check above is not vacuous).
     by_name = optimizer_state_by_name(state)
@@ -172,8 +184,12 @@ def test_sparse_run_writes_nan_checkpoint(tmp_path, tiny_params, write_params, s
 
 def test_default_heuristic_skips_untied_lm_head(tmp_path, tiny_params, write_params):
     d = tmp_path / "run"
-    p = make_params(tiny_params, {"type": "sideband", "sparsity": 0.5}, model={"share_embedding_weights": False},
-                    runconfig={"max_steps": 1})
+    p = make_params(
+        tiny_params,
+        {"type": "sideband", "sparsity": 0.5},
+        model={"share_embedding_weights": False},
+        runconfig={"max_steps": 1},
+    )
     train(write_params, p, d)
     state = load(d / "checkpoint_1.mdl")
     assert not torch.equal(state["model"]["lm_head.weight"], state["model"]["embed_tokens.weight"])
@@ -182,9 +198,13 @@ def test_default_heuristic_skips_untied_lm_head(tmp_path, tiny_params, write_par
 
 def test_random_masks_depend_on_name_and_sparsity_seed_not_on_model_init(tmp_path, tiny_params, write_params):
     """§2: a random pattern depends only on (seed, name, shape, sparsity)."""
+
     def masks(model_seed: int, sparsity_seed: int, d: str) -> dict[str, torch.Tensor]:
-        p = make_params(tiny_params, {"sparsity": 0.5, "init_method": "random", "seed": sparsity_seed},
-                        runconfig={"max_steps": 1, "seed": model_seed})
+        p = make_params(
+            tiny_params,
+            {"sparsity": 0.5, "init_method": "random", "seed": sparsity_seed},
+            runconfig={"max_steps": 1, "seed": model_seed},
+        )
         train(write_params, p, tmp_path / d, name=f"{d}.yaml")
         state = load(tmp_path / d / "checkpoint_1.mdl")
         return {n: torch.isnan(state["model"][n]) for n in DEFAULT_SPARSE}
@@ -202,8 +222,12 @@ def test_random_masks_depend_on_name_and_sparsity_seed_not_on_model_init(tmp_pat
 
 @pytest.mark.parametrize("init_method", ["topk", "random"])
 def test_resume_keeps_masks_and_reproduces_straight_run(tmp_path, tiny_params, write_params, init_method):
-    p = make_params(tiny_params, {"sparsity": 0.5, "init_method": init_method}, model={"dropout_rate": 0.1},
-                    runconfig={"max_steps": 6, "checkpoint_steps": 3})
+    p = make_params(
+        tiny_params,
+        {"sparsity": 0.5, "init_method": init_method},
+        model={"dropout_rate": 0.1},
+        runconfig={"max_steps": 6, "checkpoint_steps": 3},
+    )
     params = write_params(p)
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     assert cli("train", "--params", params, "--model_dir", straight) == 0
@@ -258,12 +282,22 @@ def test_eval_and_generate_from_sparse_checkpoint(tmp_path, tiny_params, write_p
 def test_from_zeros_keeps_the_imported_pattern(tmp_path, tiny_params, write_params):
     """§2 from_zeros: warm-starting from a pruned (NaN) checkpoint keeps exactly its pattern."""
     pre, new = tmp_path / "pre", tmp_path / "new"
-    train(write_params, make_params(tiny_params, {"sparsity": 0.5, "init_method": "random"}, runconfig={"max_steps": 2}),
-          pre, name="pre.yaml")
+    train(
+        write_params,
+        make_params(tiny_params, {"sparsity": 0.5, "init_method": "random"}, runconfig={"max_steps": 2}),
+        pre,
+        name="pre.yaml",
+    )
     src = load(pre / "checkpoint_2.mdl")
     block = {"sparsity": 0.5, "init_method": "from_zeros"}
-    train(write_params, make_params(tiny_params, block, runconfig={"max_steps": 2}), new,
-          "--checkpoint_path", pre / "checkpoint_2.mdl", name="new.yaml")
+    train(
+        write_params,
+        make_params(tiny_params, block, runconfig={"max_steps": 2}),
+        new,
+        "--checkpoint_path",
+        pre / "checkpoint_2.mdl",
+        name="new.yaml",
+    )
     out = load(new / "checkpoint_2.mdl")
     check_nan_checkpoint(out, {n: expected_pruned(n, 0.5) for n in DEFAULT_SPARSE})
     for n in DEFAULT_SPARSE:
@@ -273,7 +307,13 @@ def test_from_zeros_keeps_the_imported_pattern(tmp_path, tiny_params, write_para
 # -- 3. the in-memory invariant ------------------------------------------------------------------
 
 OPTIMIZERS = {
-    "sgd-nesterov": {"optimizer_type": "SGD", "momentum": 0.9, "nesterov": True, "learning_rate": 0.1, "weight_decay_rate": 0.1},
+    "sgd-nesterov": {
+        "optimizer_type": "SGD",
+        "momentum": 0.9,
+        "nesterov": True,
+        "learning_rate": 0.1,
+        "weight_decay_rate": 0.1,
+    },
     "adam-l2": {"optimizer_type": "Adam", "learning_rate": 0.01, "weight_decay_rate": 0.1},
     "adamw": {"optimizer_type": "AdamW", "learning_rate": 0.01, "weight_decay_rate": 0.1},
 }
@@ -284,7 +324,9 @@ OPTIMIZERS = {
 def test_pruned_weights_and_state_stay_zero_every_step(tmp_path, tiny_params, opt, packed):
     s = 0.75
     optimizer = {**OPTIMIZERS[opt], "packed_state": packed}
-    params = params_from_dict(make_params(tiny_params, {"sparsity": s}, optimizer=optimizer, runconfig={"max_steps": 10}))
+    params = params_from_dict(
+        make_params(tiny_params, {"sparsity": s}, optimizer=optimizer, runconfig={"max_steps": 10})
+    )
     run = setup(params, tmp_path / "run", evaluate=False, write_metrics=False)
     named = dict(run.model.named_parameters())
     assert sorted(run.sparsifier.masks) == sorted(DEFAULT_SPARSE)
@@ -319,8 +361,12 @@ def test_pruned_weights_and_state_stay_zero_every_step(tmp_path, tiny_params, op
 
 def test_topk_prunes_smallest_initial_magnitudes(tmp_path, tiny_params):
     dense = setup(params_from_dict(make_params(tiny_params)), tmp_path / "dense", evaluate=False, write_metrics=False)
-    sparse = setup(params_from_dict(make_params(tiny_params, {"sparsity": 0.5})), tmp_path / "sparse",
-                   evaluate=False, write_metrics=False)
+    sparse = setup(
+        params_from_dict(make_params(tiny_params, {"sparsity": 0.5})),
+        tmp_path / "sparse",
+        evaluate=False,
+        write_metrics=False,
+    )
     w0 = dict(dense.model.named_parameters())
     for n in DEFAULT_SPARSE:
         m = sparse.sparsifier.masks[n].cpu()
@@ -339,8 +385,14 @@ def test_dense_finetuning_from_sparse_checkpoint(tmp_path, tiny_params, write_pa
     pruned = {n: torch.isnan(load(sparse_ckpt)["model"][n]) for n in DEFAULT_SPARSE}
     assert all(int(m.sum()) == expected_pruned(n, 0.75) for n, m in pruned.items())
 
-    train(write_params, make_params(tiny_params, None, runconfig={"max_steps": 3}), fine,
-          "--checkpoint_path", sparse_ckpt, name="fine.yaml")
+    train(
+        write_params,
+        make_params(tiny_params, None, runconfig={"max_steps": 3}),
+        fine,
+        "--checkpoint_path",
+        sparse_ckpt,
+        name="fine.yaml",
+    )
     assert [s for s, _ in ckpt.list_checkpoints(fine)] == [3], "a warm start restarts at step 0"
     state = load(fine / "checkpoint_3.mdl")
     assert state["global_step"] == 3
@@ -486,20 +538,32 @@ def _layers(kinds, s):
 
 FORMS = {
     "default": ({"sparsity": 0.5}, _layers(KINDS, 0.5)),
-    "str": ({"type": "static", "sparsity": 0.5, "param_name_patterns": "mlp.*weight"}, _layers(("mlp.fc.weight", "mlp.proj.weight"), 0.5)),
+    "str": (
+        {"type": "static", "sparsity": 0.5, "param_name_patterns": "mlp.*weight"},
+        _layers(("mlp.fc.weight", "mlp.proj.weight"), 0.5),
+    ),
     "list": (
         {"sparsity": 0.3, "init_method": "random", "param_name_patterns": ["mlp.*weight", "attn.proj.*weight"]},
         _layers(("mlp.fc.weight", "mlp.proj.weight", "attn.proj.weight"), 0.3),
     ),
     "dict": (
-        {"param_name_patterns": {"mlp.*weight": {"sparsity": 0.5},
-                                 "attn.*weight": {"sparsity": HALF_TO_EVEN, "init_method": "random"}}},
-        {**_layers(("mlp.fc.weight", "mlp.proj.weight"), 0.5), **_layers(("attn.qkv.weight", "attn.proj.weight"), HALF_TO_EVEN)},
+        {
+            "param_name_patterns": {
+                "mlp.*weight": {"sparsity": 0.5},
+                "attn.*weight": {"sparsity": HALF_TO_EVEN, "init_method": "random"},
+            }
+        },
+        {
+            **_layers(("mlp.fc.weight", "mlp.proj.weight"), 0.5),
+            **_layers(("attn.qkv.weight", "attn.proj.weight"), HALF_TO_EVEN),
+        },
     ),
     "dict-first-match-and-top-level": (
         {"sparsity": 0.25, "param_name_patterns": {r"layers\.0\.mlp.*weight": {"sparsity": 0.75}, "mlp.*weight": {}}},
-        {**{f"layers.0.{k}": 0.75 for k in ("mlp.fc.weight", "mlp.proj.weight")},
-         **{f"layers.1.{k}": 0.25 for k in ("mlp.fc.weight", "mlp.proj.weight")}},
+        {
+            **{f"layers.0.{k}": 0.75 for k in ("mlp.fc.weight", "mlp.proj.weight")},
+            **{f"layers.1.{k}": 0.25 for k in ("mlp.fc.weight", "mlp.proj.weight")},
+        },
     ),
 }
 
@@ -552,10 +616,14 @@ BAD = {
     "unknown-type": ({"sparsity": 0.5, "type": "dynamic_magic"}, ["sparsity.type", "dynamic_magic"]),
     "unknown-init": ({"sparsity": 0.5, "init_method": "magnitude"}, ["sparsity.init_method", "magnitude"]),
     "bad-regex": ({"sparsity": 0.5, "param_name_patterns": "mlp[("}, ["sparsity.param_name_patterns", "mlp[("]),
-    "no-match": ({"sparsity": 0.5, "param_name_patterns": "decoder.*weight"},
-                 ["param_name_patterns", "decoder.*weight", "embed_tokens.weight", "attn.qkv.weight", "mlp.fc.weight"]),
-    "unknown-group-key": ({"sparsity": 0.5, "param_name_patterns": {"mlp.*weight": {"sparsity": 0.5, "bogus_key": 1}}},
-                          ["param_name_patterns", "bogus_key"]),
+    "no-match": (
+        {"sparsity": 0.5, "param_name_patterns": "decoder.*weight"},
+        ["param_name_patterns", "decoder.*weight", "embed_tokens.weight", "attn.qkv.weight", "mlp.fc.weight"],
+    ),
+    "unknown-group-key": (
+        {"sparsity": 0.5, "param_name_patterns": {"mlp.*weight": {"sparsity": 0.5, "bogus_key": 1}}},
+        ["param_name_patterns", "bogus_key"],
+    ),
     "patterns-int": ({"sparsity": 0.5, "param_name_patterns": 5}, ["sparsity.param_name_patterns"]),
     "sparsity-nan": ({"sparsity": float("nan")}, ["sparsity.sparsity"]),
     "sparsity-percent": ({"sparsity": 50}, ["sparsity.sparsity", "0.5"]),
@@ -583,7 +651,9 @@ def test_bad_sparsity_block_is_one_line_exit_2(tmp_path, tiny_params, write_para
     block, fragments = BAD[case]
     d = tmp_path / "run"
     capsys.readouterr()
-    rc = cli("train", "--params", write_params(make_params(tiny_params, block, runconfig={"max_steps": 1})), "--model_dir", d)
+    rc = cli(
+        "train", "--params", write_params(make_params(tiny_params, block, runconfig={"max_steps": 1})), "--model_dir", d
+    )
     assert rc == 2
     _check_error(capsys.readouterr().err, fragments, only_line=case != "no-match")
     assert not ckpt.list_checkpoints(d)

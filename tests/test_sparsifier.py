@@ -12,6 +12,8 @@ from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.sparsity.masks import num_pruned, random_mask, topk_mask
 from sparsetrain.sparsity.sparsifier import Sparsifier, sparsify
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB, WIDTH, CONTEXT = 13, 8, 6
 
 
@@ -66,25 +68,6 @@ MATRICES = [
     for i in range(2)
     for s in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a small, shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def logs(caplog):
-    """``caplog`` that also sees ``sparsetrain`` records when a logging setup stopped their propagation."""
-    logger = logging.getLogger("sparsetrain")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="sparsetrain")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def _model(seed: int = 0, **kwargs) -> TinyGPT:

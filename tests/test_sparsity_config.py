@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from torch import nn
@@ -35,16 +33,6 @@ class TinyGPT(nn.Module):
         self.lm_head = nn.Linear(d, vocab, bias=False)
         if tied:
             self.lm_head.weight = self.embed_tokens.weight
-
-
-@pytest.fixture
-def logs(caplog):
-    """``caplog`` that also sees ``sparsetrain`` records when a logging setup stopped their propagation."""
-    logger = logging.getLogger("sparsetrain")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="sparsetrain")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def _layer_names(*suffixes: str, n_layer: int = 2) -> list[str]:
