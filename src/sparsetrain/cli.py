@@ -118,34 +118,40 @@ def tool(args: argparse.Namespace) -> int:
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> int:
+    from sparsetrain import distributed
     from sparsetrain import train as tr
     from sparsetrain.metrics import setup_logging
     from sparsetrain.params import dump_params, load_params
 
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; rank 0 talks and writes
     params = load_params(args.params, args.overrides)
     _check_sparsity_names(params, args.params)
     model_dir = _prepare_model_dir(args.model_dir)
-    setup_logging(model_dir)
+    setup_logging(model_dir if main_rank else None, verbose=main_rank)
     do_train = mode != "eval"
     run = tr.setup(params, model_dir, checkpoint_path=args.checkpoint_path, train=do_train, evaluate=True)
-    _write_text(model_dir / "params.yaml", dump_params(params, args.overrides))
-    log.info(
-        "model: %s parameters on %s (%s%s); %s",
-        f"{sum(p.numel() for p in run.model.parameters()):,}", run.device, run.precision,
-        ", compiled" if run.forward is not run.model else "",
-        f"resuming at step {run.step}" if run.step else "starting at step 0",
-    )
     try:
+        if main_rank:
+            _write_text(model_dir / "params.yaml", dump_params(params, args.overrides))
+        log.info(
+            "model: %s parameters on %s (%s%s%s); %s",
+            f"{sum(p.numel() for p in run.model.parameters()):,}", run.device, run.precision,
+            ", compiled" if params.runconfig.compile is True or (params.runconfig.compile == "auto" and run.device.type == "cuda") else "",
+            f", DDP x{run.dist.world_size}" if run.dist.active else "",
+            f"resuming at step {run.step}" if run.step else "starting at step 0",
+        )
         if mode == "eval":
             if run.loaded_from is None:
                 raise UserError(f"{model_dir}: no checkpoint to evaluate; train first or pass --checkpoint_path")
             history = {"eval": tr.evaluate(run), "steps_run": 0, "start_step": run.step}
         else:
             history = tr.fit(run, do_eval=True, eval_frequency=params.runconfig.eval_frequency if mode == "train_and_eval" else 0,
-                             progress=_progress_factory(params.runconfig.progress))
+                             progress=_progress_factory(params.runconfig.progress and main_rank))
     finally:
         run.metrics.close()
-    print(format_summary(run, history))
+        distributed.shutdown(run.dist)
+    if main_rank:
+        print(format_summary(run, history))
     return 0
 
 

@@ -128,6 +128,10 @@ class RunConfig:
     compile_mode: str = _f(
         "default", "torch.compile mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     )
+    distributed: str = _f(
+        "auto", "under torchrun: auto (DDP when more than one process) | none | ddp",
+        choices=("auto", "none", "ddp"),
+    )
     attention: str = _f(
         "auto", "scaled-dot-product attention kernel to prefer: auto (PyTorch's choice) | flash | cudnn | efficient | math",
         choices=("auto", "flash", "cudnn", "efficient", "math"),

@@ -28,6 +28,7 @@ import torch
 
 from sparsetrain import checkpoint as ckpt
 from sparsetrain import data
+from sparsetrain import distributed as dist
 from sparsetrain.errors import CheckpointError, ConfigError, UserError
 from sparsetrain.flops import flops_report
 from sparsetrain.metrics import MetricsWriter
@@ -75,6 +76,8 @@ class Run:
     metrics: MetricsWriter | None = None
     flops: dict[str, float] = field(default_factory=dict)
     history: dict[str, Any] = field(default_factory=dict)
+    dist: dist.DistInfo = field(default_factory=dist.DistInfo)
+    ddp: Any = None  # the DistributedDataParallel wrapper, when there is one
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast where asked for, with the preferred attention kernel first in line."""
@@ -190,7 +193,16 @@ def setup(
     """Build tokenizer, data, model, optimizer and sparsity; load a checkpoint if there is one."""
     rc = params.runconfig
     device = resolve_device(rc.device)
-    torch.manual_seed(rc.seed)
+    info = dist.init(rc.distributed, device)
+    device = dist.local_device(device, info)
+    if train:
+        per_rank = dist.rank_slice(params.train_input.batch_size, info)
+        if (per_rank.stop - per_rank.start) % params.optimizer.grad_accum_steps:
+            raise ConfigError(
+                f"optimizer.grad_accum_steps: {params.optimizer.grad_accum_steps} does not divide the "
+                f"{per_rank.stop - per_rank.start} sequences each of {info.world_size} processes gets"
+            )
+    torch.manual_seed(rc.seed)  # the same on every rank: identical initial weights
     tokenizer = data.load_tokenizer(_split(params.train_input, "train"), model_dir)
     cfg = params.model
     if cfg.vocab_size is None:
@@ -222,7 +234,7 @@ def setup(
 
     run = Run(
         params=params, model_dir=Path(model_dir), device=device, model=model, forward=model,
-        tokenizer=tokenizer, train_tokens=train_tokens, eval_tokens=eval_tokens, loaded_from=path,
+        tokenizer=tokenizer, train_tokens=train_tokens, eval_tokens=eval_tokens, loaded_from=path, dist=info,
     )
     if train:
         packed = params.sparsity is not None and params.optimizer.packed_state
@@ -237,11 +249,20 @@ def setup(
         run.sparsifier = sparsify(model, params.sparsity, run.optimizer, masks={k: v.to(device) for k, v in masks.items()})
     if state is not None and full_resume:
         run.step = int(state["global_step"])
+    if info.active:
+        if run.sparsifier is not None:
+            dist.check_masks_agree(run.sparsifier.masks, info, device)
+        from torch.nn.parallel import DistributedDataParallel
+
+        run.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.forward = run.ddp
+        if info.rank:  # each rank its own dropout stream; rank 0 keeps the checkpointed one
+            torch.manual_seed(rc.seed * 1_000_003 + info.rank * 7_919 + run.step)
     seq = params.train_input.max_sequence_length
     run.flops = flops_report(cfg, seq, run.sparsifier.pruned_fractions() if run.sparsifier else None)
     if _use_compile(rc.compile, device):
-        run.forward = torch.compile(model, mode=None if rc.compile_mode == "default" else rc.compile_mode)
-    run.metrics = MetricsWriter(model_dir, enabled=write_metrics)
+        run.forward = torch.compile(run.forward, mode=None if rc.compile_mode == "default" else rc.compile_mode)
+    run.metrics = MetricsWriter(model_dir, enabled=write_metrics and info.is_main)
     return run
 
 
@@ -296,9 +317,12 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run) -> Path:
+    """Rank 0 writes the checkpoint (DDP keeps every rank's weights and state identical)."""
     path = ckpt.checkpoint_path(run.model_dir, run.step)
-    ckpt.save_checkpoint(checkpoint_state(run), path)
-    ckpt.prune_checkpoints(run.model_dir, run.params.runconfig.keep_checkpoints)
+    if run.dist.is_main:
+        ckpt.save_checkpoint(checkpoint_state(run), path)
+        ckpt.prune_checkpoints(run.model_dir, run.params.runconfig.keep_checkpoints)
+    dist.barrier(run.dist)
     run.history["last_checkpoint"] = path
     return path
 
@@ -308,10 +332,14 @@ def train_step(run: Run) -> torch.Tensor:
     p, rc = run.params, run.params.runconfig
     accum = p.optimizer.grad_accum_steps
     inp = p.train_input
+    # The global batch, the same on every rank; each rank trains on its own rows of it.
     x, y = data.get_batch(
         run.train_tokens, inp.batch_size, inp.max_sequence_length,
         seed=rc.seed, step=run.step, shuffle=inp.shuffle,
     )
+    if run.dist.active:
+        rows = dist.rank_slice(inp.batch_size, run.dist)
+        x, y = x[rows], y[rows]
     if run.device.type == "cuda":
         # Pinned host memory makes the copy truly asynchronous: the CPU keeps queueing work
         # instead of waiting for the previous step to drain before the copy can start.
@@ -319,11 +347,14 @@ def train_step(run: Run) -> torch.Tensor:
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
-    for xs, ys in zip(x.chunk(accum), y.chunk(accum)):
+    for i, (xs, ys) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
         xs, ys = xs.to(run.device, non_blocking=True), ys.to(run.device, non_blocking=True)
-        with run.autocast():
-            loss = run.forward(xs, ys)
-        (loss / accum).backward()
+        # DDP all-reduces gradients on the last micro-batch only.
+        sync = run.ddp.no_sync() if run.ddp is not None and i < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with run.autocast():
+                loss = run.forward(xs, ys)
+            (loss / accum).backward()
         total += loss.detach()
     if run.sparsifier is not None:
         run.sparsifier.mask_gradients()  # before clipping, so pruned entries do not count in the norm
@@ -341,12 +372,19 @@ def evaluate(run: Run) -> dict[str, float]:
     inp = run.params.eval_input
     run.model.eval()
     loss_sum, tokens = 0.0, 0
+    # Every rank walks the same global batches and scores its own rows: N processes evaluate
+    # exactly the tokens one process would.
+    rows = dist.rank_slice(inp.batch_size, run.dist, "eval_input") if run.dist.active else slice(None)
     for x, y in data.eval_batches(run.eval_tokens, inp.batch_size, inp.max_sequence_length, run.params.runconfig.eval_steps):
-        x, y = x.to(run.device), y.to(run.device)
+        x, y = x[rows].to(run.device), y[rows].to(run.device)
+        if y.numel() == 0:  # a short final batch may leave this rank no rows
+            continue
         with run.autocast():
             loss = run.model(x, y)
         loss_sum += float(loss) * y.numel()
         tokens += y.numel()
+    loss_sum, tokens = dist.total([loss_sum, float(tokens)], run.dist, run.device)
+    tokens = int(tokens)
     mean = loss_sum / max(tokens, 1)
     record = {"kind": "eval", "step": run.step, "eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
     run.metrics.write(record)
@@ -376,7 +414,7 @@ def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable 
     while run.step < rc.max_steps:
         loss_t = train_step(run)
         if run.step % rc.log_steps == 0 or run.step == rc.max_steps:
-            loss = float(loss_t)
+            loss = float(dist.mean(loss_t, run.dist))
             if not math.isfinite(loss):
                 raise TrainingError(f"loss became {loss} at step {run.step}; no checkpoint written for it")
             now = time.perf_counter()
