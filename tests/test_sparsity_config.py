@@ -175,7 +175,7 @@ BAD_BLOCKS = [
     ({"sparsity": 0.3, "seed": False}, "sparsity.seed: expected an integer"),
     ({"sparsity": 0.3, "sparsty": 0.3}, "sparsity.sparsty: unknown key; did you mean 'sparsity'?"),
     ({"sparsity": 0.3, "init": "topk"}, "sparsity.init: unknown key; did you mean 'init_method'?"),
-    ({"sparsity": 0.3, "structure": "2:4"}, "sparsity.structure: not supported yet"),
+    ({"sparsity": 0.3, "update": {"freq": 10}}, "sparsity.update: not supported yet"),
     ({"sparsity": 0.3, "param_name_patterns": 5}, "sparsity.param_name_patterns: expected a regex string"),
     ({"sparsity": 0.3, "param_name_patterns": []}, "sparsity.param_name_patterns: empty list"),
     ({"sparsity": 0.3, "param_name_patterns": {}}, "sparsity.param_name_patterns: empty mapping"),

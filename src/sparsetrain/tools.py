@@ -2,8 +2,15 @@
 
 The ``--json`` shapes are stable, for scripts:
 
-plan:    {"parameters": [{"name", "shape", "numel", "group", "sparsity", "init_method", "pruned", "kept"}],
+plan:    {"parameters": [{"name", "shape", "numel", "group", "sparsity", "init_method", "pruned", "kept",
+                          "structure"}],
           "dense": [names], "flops_per_token": {"dense", "sparse", "ratio"}}
+         "structure" is "unstructured", "block" or "N:M" (e.g. "2:4"). Block rows add
+         "block_size": [rows, cols], "blocks" (partial edge blocks included), "pruned_blocks"
+         (exactly round(sparsity * blocks)) and "pruned_exact": "pruned" is exact except for
+         topk blocks on a shape with partial edge blocks (it depends on which blocks the weights
+         pick): then it is an estimate that prunes the smallest (edge) blocks first, as topk does
+         on freshly initialised weights, and "pruned_exact" is false.
 inspect: {"global_step", "tensors": [{"name", "shape", "numel", "nan", "zero", "sparsity"}],
           "total": {"numel", "nan", "sparsity"}}
 """
@@ -23,7 +30,13 @@ from sparsetrain.flops import flops_report
 from sparsetrain.params import Params
 from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.config import parse_sparsity
-from sparsetrain.sparsity.masks import num_pruned
+from sparsetrain.sparsity.masks import (
+    block_grid,
+    check_structure,
+    expected_pruned,
+    num_pruned_blocks,
+    settings_block,
+)
 from sparsetrain.sparsity.sparsifier import select_for_model
 
 
@@ -60,25 +73,45 @@ def plan(params: Params) -> dict[str, Any]:
         if s is None:
             dense.append(name)
             continue
-        pruned = num_pruned(p.numel(), s.sparsity)
+        check_structure(name, p.shape, s)
+        pruned, exact = expected_pruned(name, p.shape, s)
         fractions[name] = pruned / p.numel()
-        rows.append({
+        row = {
             "name": name, "shape": list(p.shape), "numel": p.numel(), "group": s.group,
             "sparsity": s.sparsity, "init_method": s.init_method, "pruned": pruned, "kept": p.numel() - pruned,
-        })
+            "structure": s.structure,
+        }
+        if s.structure == "block":
+            block = settings_block(s)
+            grid = block_grid(p.shape, block)
+            row.update({
+                "block_size": list(block), "blocks": grid[0] * grid[1],
+                "pruned_blocks": num_pruned_blocks(p.shape, s.sparsity, block), "pruned_exact": exact,
+            })
+        rows.append(row)
     flops = flops_report(cfg, params.train_input.max_sequence_length, fractions)
     return {"parameters": rows, "dense": dense, "flops_per_token": flops}
 
 
 def format_plan(report: dict[str, Any]) -> str:
     rows = report["parameters"]
-    lines = [f"{'parameter':<34} {'shape':<14} {'group':<16} {'sparsity':>8} {'init':<10} {'kept':>12}"]
+    lines = [f"{'parameter':<34} {'shape':<14} {'group':<16} {'sparsity':>8} {'init':<10} {'structure':<16} {'kept':>12}"]
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
-        lines.append(f"{r['name']:<34} {shape:<14} {r['group']:<16} {r['sparsity']:>8.3f} {r['init_method']:<10} {r['kept']:>12,}")
+        structure = r.get("structure", "unstructured")
+        if structure == "block":
+            structure = "block {}x{}".format(*r["block_size"])
+        approx = "~" if r.get("pruned_exact") is False else ""
+        kept = f"{approx}{r['kept']:,}"
+        lines.append(
+            f"{r['name']:<34} {shape:<14} {r['group']:<16} {r['sparsity']:>8.3f} {r['init_method']:<10} "
+            f"{structure:<16} {kept:>12}"
+        )
     total = sum(r["numel"] for r in rows)
     pruned = sum(r["pruned"] for r in rows)
     lines.append(f"{len(rows)} sparsified tensors: {pruned:,} of {total:,} entries pruned ({pruned / max(total, 1):.1%})")
+    if any(r.get("pruned_exact") is False for r in rows):
+        lines.append("~ topk blocks with partial edge blocks: the entry count depends on which blocks are kept (estimate)")
     lines.append(f"left dense ({len(report['dense'])}): {', '.join(report['dense'])}")
     f = report["flops_per_token"]
     lines.append(f"training FLOPs per token: dense {f['dense']:.4g}, sparse {f['sparse']:.4g}, ratio {f['ratio']:.2f}x")

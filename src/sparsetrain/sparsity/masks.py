@@ -11,16 +11,44 @@ Counts are exact: a tensor of n entries at sparsity s has exactly ``round(s * n)
   positions are the first ``round(s * n)`` entries of one permutation, so for a given name and
   seed a higher sparsity prunes a superset of a lower one.
 - ``from_zeros`` keeps the entries that are neither exactly zero nor NaN, for importing an already
-  pruned model; it ignores the sparsity setting.
+  pruned model; it ignores the sparsity setting (and the structure: the zeros are taken as found).
+
+Structured masks (``settings.structure``, see ``sparsetrain.sparsity.config``):
+
+- ``block``: the weight is viewed as a matrix ``(shape[0], numel / shape[0])`` (a 1-D tensor as
+  one row) and cut into ``(rows, cols)`` blocks from the top-left corner; the last block row and
+  column are partial when a dimension is not a multiple of the block size. Exactly
+  ``round(s * number_of_blocks)`` whole blocks are pruned; blocks are numbered row-major over the
+  block grid. ``topk`` keeps the blocks of largest Frobenius norm (summed in float64; a block
+  holding a NaN counts as the smallest; ties keep the lower block index); ``random`` prunes the
+  first blocks of one permutation of the block indices seeded like ``random`` (so again a higher
+  sparsity prunes a superset). With partial edge blocks the pruned entry count depends on which
+  blocks are pruned, so the entry-level sparsity can differ slightly from ``s``.
+- ``N:M``: along the last (input) dimension, each run of M consecutive entries keeps exactly N;
+  the last dimension must be a multiple of M (else a ConfigError naming the parameter and its
+  shape). ``topk`` keeps the N largest ``|w|`` of each group (ties: lower index; NaN smallest);
+  ``random`` keeps N of each group from a generator seeded like ``random``.
+
+``block_layout`` gives the live blocks of any mask (a block is live when it keeps any entry),
+``layout_to_mask`` expands a layout back, ``is_block_structured`` / ``is_nm_structured`` check a
+mask (e.g. one recovered from a NaN checkpoint), and ``mask_fits`` says whether a given mask is
+one the settings could have drawn (structure and exact counts).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from sparsetrain.sparsity.config import GroupSettings
+from sparsetrain.errors import ConfigError
+from sparsetrain.sparsity.config import DEFAULT_BLOCK_SIZE, GroupSettings
+
+BlockSize = int | Sequence[int]
 
 
 def num_pruned(numel: int, sparsity: float) -> int:
@@ -76,12 +104,282 @@ def mask_from_nan(tensor: torch.Tensor) -> torch.Tensor:
     return ~torch.isnan(tensor.detach())
 
 
+# -- block structure -------------------------------------------------------------------------------
+
+
+def as_block(block: BlockSize) -> tuple[int, int]:
+    """``(rows, cols)`` of a block size given as an int (square) or a pair of positive ints."""
+    if isinstance(block, numbers.Integral):
+        block = (block, block)
+    rows, cols = (int(b) for b in block)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"block size must be positive, got {(rows, cols)}")
+    return rows, cols
+
+
+def matrix_shape(shape: torch.Size | Sequence[int]) -> tuple[int, int]:
+    """The matrix a weight is cut into blocks as: ``(shape[0], rest)``; a 1-D tensor is one row."""
+    shape = tuple(shape)
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    return shape[0], math.prod(shape[1:])
+
+
+def block_grid(shape: torch.Size | Sequence[int], block: BlockSize) -> tuple[int, int]:
+    """Number of block rows and block columns, partial edge blocks included."""
+    rows, cols = matrix_shape(shape)
+    br, bc = as_block(block)
+    return -(-rows // br), -(-cols // bc)
+
+
+def num_pruned_blocks(shape: torch.Size | Sequence[int], sparsity: float, block: BlockSize) -> int:
+    """Exact number of pruned blocks: ``round(sparsity * number_of_blocks)``, half to even."""
+    grid_rows, grid_cols = block_grid(shape, block)
+    return num_pruned(grid_rows * grid_cols, sparsity)
+
+
+def layout_to_mask(layout: torch.Tensor, block: BlockSize, shape: torch.Size | Sequence[int]) -> torch.Tensor:
+    """Expand a ``(block_rows, block_cols)`` bool layout to an entry mask of ``shape``."""
+    br, bc = as_block(block)
+    rows, cols = matrix_shape(shape)
+    if tuple(layout.shape) != block_grid(shape, (br, bc)):
+        raise ValueError(
+            f"layout of shape {tuple(layout.shape)} does not fit a {tuple(shape)} weight in {br}x{bc} "
+            f"blocks (expected {block_grid(shape, (br, bc))})"
+        )
+    mask = layout.to(torch.bool).repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
+    return mask[:rows, :cols].reshape(shape)
+
+
+def _blocked(tensor: torch.Tensor, block: tuple[int, int], fill) -> torch.Tensor:
+    """``tensor`` as a matrix padded with ``fill`` to whole blocks, viewed ``(R, br, C, bc)``."""
+    br, bc = block
+    rows, cols = matrix_shape(tensor.shape)
+    grid_rows, grid_cols = block_grid(tensor.shape, block)
+    matrix = tensor.reshape(rows, cols)
+    matrix = F.pad(matrix, (0, grid_cols * bc - cols, 0, grid_rows * br - rows), value=fill)
+    return matrix.reshape(grid_rows, br, grid_cols, bc)
+
+
+def block_layout(mask: torch.Tensor, block: BlockSize) -> torch.Tensor:
+    """Bool ``(block_rows, block_cols)``: True where the block keeps any entry (a live block)."""
+    blocks = _blocked(mask.detach().to(torch.uint8), as_block(block), 0)
+    return blocks.amax(dim=(1, 3)).to(torch.bool)
+
+
+def is_block_structured(mask: torch.Tensor, block: BlockSize) -> bool:
+    """Whether every block of ``mask`` is wholly kept or wholly pruned."""
+    block = as_block(block)
+    return torch.equal(layout_to_mask(block_layout(mask, block), block, mask.shape), mask.to(torch.bool))
+
+
+def block_norms(weight: torch.Tensor, block: BlockSize) -> torch.Tensor:
+    """Frobenius norm of each block, float64 ``(block_rows, block_cols)``; NaN where a block holds a NaN."""
+    blocks = _blocked(weight.detach().to(torch.float64), as_block(block), 0.0)
+    return blocks.square().sum(dim=(1, 3)).sqrt()
+
+
+def _layout_keeping(order: torch.Tensor, kept: int, grid: tuple[int, int], device) -> torch.Tensor:
+    layout = torch.zeros(grid[0] * grid[1], dtype=torch.bool, device=device)
+    layout[order[:kept]] = True
+    return layout.view(grid)
+
+
+def block_topk_layout(weight: torch.Tensor, sparsity: float, block: BlockSize) -> torch.Tensor:
+    """Live blocks of ``block_topk_mask``: the largest-norm blocks, lower index first among ties."""
+    norms = block_norms(weight, block)
+    grid = tuple(norms.shape)
+    flat = norms.reshape(-1)
+    flat = flat.masked_fill(torch.isnan(flat), -1.0)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    kept = flat.numel() - num_pruned(flat.numel(), sparsity)
+    return _layout_keeping(order, kept, grid, weight.device)
+
+
+def block_topk_mask(weight: torch.Tensor, sparsity: float, block: BlockSize) -> torch.Tensor:
+    """Keep the blocks of largest Frobenius norm; exactly ``round(s * blocks)`` blocks pruned."""
+    return layout_to_mask(block_topk_layout(weight, sparsity, block), block, weight.shape)
+
+
+def block_random_layout(
+    name: str, shape: torch.Size | Sequence[int], sparsity: float, seed: int, block: BlockSize
+) -> torch.Tensor:
+    """Live blocks of ``block_random_mask`` (on the CPU): depends on (seed, name, grid, sparsity)."""
+    grid = block_grid(shape, block)
+    n = grid[0] * grid[1]
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(name_seed(name, seed))
+    pruned = torch.randperm(n, generator=generator)[: num_pruned(n, sparsity)]
+    layout = torch.ones(n, dtype=torch.bool)
+    layout[pruned] = False
+    return layout.view(grid)
+
+
+def block_random_mask(
+    name: str,
+    shape: torch.Size | Sequence[int],
+    sparsity: float,
+    seed: int,
+    block: BlockSize,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Whole random blocks, exactly ``round(s * blocks)`` pruned, from the stable name hash."""
+    shape = torch.Size(shape)
+    return layout_to_mask(block_random_layout(name, shape, sparsity, seed, block), block, shape).to(device)
+
+
+# -- N:M structure ---------------------------------------------------------------------------------
+
+
+def check_nm_shape(name: str, shape: torch.Size | Sequence[int], n: int, m: int) -> None:
+    """ConfigError unless the last dimension of ``shape`` is a multiple of M."""
+    shape = tuple(shape)
+    if not shape or shape[-1] % m:
+        last = shape[-1] if shape else None
+        raise ConfigError(
+            f"sparsity.structure {n}:{m}: parameter {name!r} of shape {shape} has last (input) dimension "
+            f"{last}, not a multiple of {m}; N:M groups run along that dimension. Leave this parameter "
+            f"out, or give it structure: block or unstructured in its own group"
+        )
+
+
+def _magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """``|w|`` for ranking: float64 weights stay float64, others become float32; NaN -> -1."""
+    magnitude = weight.detach().abs()
+    magnitude = magnitude.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    return magnitude.masked_fill(torch.isnan(magnitude), -1.0)
+
+
+def _nm_keep(order: torch.Tensor, n: int, shape: torch.Size) -> torch.Tensor:
+    mask = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+    mask.scatter_(1, order[:, :n], True)
+    return mask.view(shape)
+
+
+def _check_nm(n: int, m: int, shape: torch.Size) -> None:
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+    if not shape or shape[-1] % m:
+        raise ValueError(f"N:M {n}:{m}: the last dimension of {tuple(shape)} is not a multiple of {m}")
+
+
+def nm_topk_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In each run of M consecutive entries along the last dimension keep the N largest ``|w|``."""
+    _check_nm(n, m, weight.shape)
+    magnitude = _magnitude(weight).reshape(-1, m)
+    order = torch.sort(magnitude, dim=1, descending=True, stable=True).indices
+    return _nm_keep(order, n, weight.shape)
+
+
+def nm_random_mask(
+    name: str,
+    shape: torch.Size | Sequence[int],
+    n: int,
+    m: int,
+    seed: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """N random entries kept in each run of M along the last dimension, from the stable name hash."""
+    shape = torch.Size(shape)
+    _check_nm(n, m, shape)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(name_seed(name, seed))
+    keys = torch.rand(shape.numel() // m, m, generator=generator)
+    order = torch.sort(keys, dim=1, descending=True, stable=True).indices
+    return _nm_keep(order, n, shape).to(device)
+
+
+def is_nm_structured(mask: torch.Tensor, n: int, m: int, exact: bool = True) -> bool:
+    """Whether each run of M along the last dimension keeps exactly N (``exact``) or at most N."""
+    if not mask.ndim or mask.shape[-1] % m:
+        return False
+    kept = mask.detach().to(torch.int32).reshape(-1, m).sum(dim=1)
+    return bool((kept == n).all() if exact else (kept <= n).all())
+
+
+# -- dispatch --------------------------------------------------------------------------------------
+
+
+def settings_block(settings: GroupSettings) -> tuple[int, int]:
+    """The block size of a ``block`` group (the default when the settings carry none)."""
+    return tuple(settings.block_size) if settings.block_size is not None else (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
+
+
+def check_structure(name: str, shape: torch.Size | Sequence[int], settings: GroupSettings) -> None:
+    """ConfigError when the parameter's shape cannot take the group's structure (N:M only)."""
+    nm = settings.nm
+    if nm is not None and settings.init_method != "from_zeros":
+        check_nm_shape(name, shape, *nm)
+
+
 def make_mask(name: str, weight: torch.Tensor, settings: GroupSettings) -> torch.Tensor:
     """The mask of one parameter under its group's settings, on the weight's device."""
-    if settings.init_method == "topk":
-        return topk_mask(weight, settings.sparsity)
-    if settings.init_method == "random":
-        return random_mask(name, weight.shape, settings.sparsity, settings.seed, weight.device)
     if settings.init_method == "from_zeros":
         return from_zeros_mask(weight)
-    raise ValueError(f"unknown init_method {settings.init_method!r}")
+    if settings.init_method not in ("topk", "random"):
+        raise ValueError(f"unknown init_method {settings.init_method!r}")
+    topk = settings.init_method == "topk"
+    if settings.structure == "unstructured":
+        if topk:
+            return topk_mask(weight, settings.sparsity)
+        return random_mask(name, weight.shape, settings.sparsity, settings.seed, weight.device)
+    if settings.structure == "block":
+        block = settings_block(settings)
+        if topk:
+            return block_topk_mask(weight, settings.sparsity, block)
+        return block_random_mask(name, weight.shape, settings.sparsity, settings.seed, block, weight.device)
+    nm = settings.nm
+    if nm is None:
+        raise ValueError(f"unknown structure {settings.structure!r}")
+    check_nm_shape(name, weight.shape, *nm)
+    if topk:
+        return nm_topk_mask(weight, *nm)
+    return nm_random_mask(name, weight.shape, *nm, settings.seed, weight.device)
+
+
+def mask_fits(mask: torch.Tensor, settings: GroupSettings) -> bool:
+    """Whether ``mask`` is one these settings could have drawn: the right structure and exactly
+    the right count (pruned entries, pruned blocks, or N kept of each M). ``from_zeros`` takes
+    any mask. For resuming from a NaN checkpoint: a mask that fits is kept as it is."""
+    if settings.init_method == "from_zeros":
+        return True
+    mask = mask.to(torch.bool)
+    if settings.structure == "unstructured":
+        return mask.numel() - int(mask.sum()) == num_pruned(mask.numel(), settings.sparsity)
+    if settings.structure == "block":
+        block = settings_block(settings)
+        if not is_block_structured(mask, block):
+            return False
+        layout = block_layout(mask, block)
+        return layout.numel() - int(layout.sum()) == num_pruned(layout.numel(), settings.sparsity)
+    nm = settings.nm
+    return nm is not None and is_nm_structured(mask, *nm)
+
+
+def expected_pruned(name: str, shape: torch.Size | Sequence[int], settings: GroupSettings) -> tuple[int, bool]:
+    """``(pruned entries, exact)`` the settings give a parameter of ``shape`` before any weight
+    is seen. Exact except for ``topk`` blocks with partial edge blocks, where the count depends
+    on which blocks the weights pick: then the estimate prunes the smallest blocks first (what
+    ``topk`` does on freshly initialised weights, whose block norms grow with the block's area
+    far faster than they vary at random). For ``from_zeros`` it is the stated target."""
+    shape = torch.Size(shape)
+    numel = shape.numel()
+    if settings.structure != "block" or settings.init_method == "from_zeros":
+        return num_pruned(numel, settings.sparsity), True
+    block = settings_block(settings)
+    grid = block_grid(shape, block)
+    rows, cols = matrix_shape(shape)
+    blocks = grid[0] * grid[1]
+    pruned_blocks = num_pruned(blocks, settings.sparsity)
+    if rows % block[0] == 0 and cols % block[1] == 0:
+        return pruned_blocks * block[0] * block[1], True
+    if settings.init_method == "random":
+        layout = block_random_layout(name, shape, settings.sparsity, settings.seed, block)
+        mask = layout_to_mask(layout, block, (rows, cols))
+        return numel - int(mask.sum()), True
+    heights = [min(block[0], rows - i * block[0]) for i in range(grid[0])]
+    widths = [min(block[1], cols - j * block[1]) for j in range(grid[1])]
+    areas = sorted(h * w for h in heights for w in widths)
+    return sum(areas[:pruned_blocks]), False

@@ -44,7 +44,7 @@ from torch import nn
 
 from sparsetrain.errors import CheckpointError
 from sparsetrain.sparsity.config import GroupSettings, SparsityConfig, parse_sparsity, select_parameters
-from sparsetrain.sparsity.masks import make_mask, num_pruned
+from sparsetrain.sparsity.masks import make_mask, mask_fits
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ class Sparsifier:
         self._optimizers: list[torch.optim.Optimizer] = []
         self._step_handles: list[Any] = []
         self._grad_handles: list[Any] = []
-        self._bound: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._bound: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its local mask)
+        self._local_masks: dict[tuple[str, int, int], torch.Tensor] = {}
         self._cast: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._hooked = False
         self._masked_grads: dict[int, tuple[weakref.ref, int]] = {}
@@ -157,17 +158,21 @@ class Sparsifier:
         """Zero pruned weights, gradients and same-shape optimizer state (NaN included)."""
         for p, mask in self._bound:
             pruned = ~mask
-            p.masked_fill_(pruned, 0)
+            _local(p).masked_fill_(pruned, 0)
             if p.grad is not None and not p.grad.is_sparse:
-                p.grad.masked_fill_(pruned, 0)
+                _local(p.grad).masked_fill_(pruned, 0)
             for state in self._states(p):
                 state.masked_fill_(pruned.to(state.device), 0)
 
+    @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
         grads, masks = [], []
         for i, (p, _) in enumerate(self._bound):
             grad = p.grad
-            if grad is None or grad.is_sparse or self._still_masked(i, grad):
+            if grad is None or grad.is_sparse:
+                continue
+            grad = _local(grad)
+            if self._still_masked(i, grad):
                 continue
             grads.append(grad)
             masks.append(self._mask_like(i, grad))
@@ -175,28 +180,31 @@ class Sparsifier:
             with torch.no_grad():
                 torch._foreach_mul_(grads, masks)
 
+    @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
         tensors, masks = [], []
         enforced = self._enforced.get(id(optimizer), ())
         for i, (p, _) in enumerate(self._bound):
             if i in enforced:
                 continue
-            tensors.append(p)
-            masks.append(self._mask_like(i, p))
+            tensors.append(_local(p))
+            masks.append(self._mask_like(i, tensors[-1]))
             state = optimizer.state.get(p)
             if state:
                 for value in state.values():
                     if _same_shape_float(value, p):
-                        tensors.append(value)
-                        masks.append(self._mask_like(i, value))
+                        tensors.append(_local(value))
+                        masks.append(self._mask_like(i, tensors[-1]))
         if tensors:
             with torch.no_grad():
                 torch._foreach_mul_(tensors, masks)
 
     def _grad_hook(self, index: int):
+        @torch.no_grad()
         def hook(p: torch.Tensor) -> None:
             grad = p.grad
             if grad is not None and not grad.is_sparse:
+                grad = _local(grad)
                 mask = self._bound[index][1]
                 # The bool mask itself (1 byte per entry): no float copy of it is kept for this.
                 grad.mul_(mask if mask.device == grad.device else self._mask_like(index, grad))
@@ -223,8 +231,22 @@ class Sparsifier:
         for optimizer in self._optimizers:
             state = optimizer.state.get(p)
             if state:
-                found += [v for v in state.values() if _same_shape_float(v, p)]
+                found += [_local(v) for v in state.values() if _same_shape_float(v, p)]
         return found
+
+    def _local_mask(self, name: str, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The part of ``mask`` that this process's shard of ``p`` holds (FSDP2 DTensors)."""
+        if not _is_dtensor(p):
+            return mask
+        key = (name, id(p), id(mask))
+        local = self._local_masks.get(key)
+        if local is None:
+            from torch.distributed.tensor import distribute_tensor
+
+            # src_data_rank=None: every rank slices its own copy of the full mask, no communication.
+            local = distribute_tensor(mask, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            self._local_masks = {key: local, **{k: v for k, v in self._local_masks.items() if k[0] != name}}
+        return local
 
     def _bind(self) -> None:
         """(Re)bind each mask to the model's current parameter object of that name."""
@@ -242,7 +264,7 @@ class Sparsifier:
             if mask.device != p.device or mask.dtype != torch.bool:
                 mask = mask.to(device=p.device, dtype=torch.bool)
                 self.masks[name] = mask
-            bound.append((p, mask))
+            bound.append((p, self._local_mask(name, p, mask)))
         same = len(bound) == len(self._bound) and all(
             p is q and m is n for (p, m), (q, n) in zip(bound, self._bound, strict=True)
         )
@@ -305,7 +327,10 @@ class Sparsifier:
         for name, mask in self.masks.items():
             numel = mask.numel()
             kept = int(mask.sum().item())
-            zeros = int((params[name] == 0).sum().item())
+            zeros_t = (_local(params[name]) == 0).sum()
+            if _is_dtensor(params[name]):  # a shard: add up the zeros of all ranks
+                torch.distributed.all_reduce(zeros_t)
+            zeros = int(zeros_t.item())
             rows.append(
                 {
                     "name": name,
@@ -361,6 +386,19 @@ class Sparsifier:
         )
 
 
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself, or this process's shard of a DTensor (FSDP2), to modify in place."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
 def _same_shape_float(value: Any, p: torch.Tensor) -> bool:
     return isinstance(value, torch.Tensor) and value.shape == p.shape and value.is_floating_point()
 
@@ -411,20 +449,19 @@ def _mask_for(name: str, param: torch.Tensor, group: GroupSettings, given: torch
     given = given.to(param.device)
     if group.init_method == "from_zeros":
         return given
-    pruned = given.numel() - int(given.sum().item())
-    wanted = num_pruned(given.numel(), group.sparsity)
-    if pruned == wanted:
+    if mask_fits(given, group):
         return given
     if group.sparsity == 0.0:
         log.info("sparsity: %s is made dense (sparsity 0.0)", name)
         return torch.ones_like(given)
+    pruned = given.numel() - int(given.sum().item())
     log.warning(
-        "sparsity: stored mask of %s prunes %d of %d entries, the block asks for %d (sparsity %g); "
+        "sparsity: stored mask of %s (%d of %d entries pruned) does not fit the block's %s at sparsity %g; "
         "drawing a new %s mask from the current weights",
         name,
         pruned,
         given.numel(),
-        wanted,
+        group.structure_label,
         group.sparsity,
         group.init_method,
     )
