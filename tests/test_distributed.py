@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,15 @@ def _launch(nproc: int, params: Path, model_dir: Path, *overrides: str) -> subpr
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(ROOT / "run.py")]
     cmd += ["--mode", "train", "--params", str(params), "--model_dir", str(model_dir), *sets]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    # A session of its own, so that a hung job's worker processes can be killed with it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _records(model_dir: Path, kind: str) -> list[dict]:
@@ -56,26 +65,28 @@ def params(tiny_params, write_params):
     ))
 
 
-def test_ddp_two_processes_match_one(tmp_path, params):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, params, mode):
     one, two = tmp_path / "one", tmp_path / "two"
-    r1, r2 = _launch(1, params, one), _launch(2, params, two)
+    r1, r2 = _launch(1, params, one), _launch(2, params, two, f"runconfig.distributed={mode}")
     assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
-    assert "DDP x2" in r2.stderr and r2.stdout.count("sparsetrain summary") == 1  # rank 0 speaks
+    assert f"{mode.upper()} x2" in r2.stderr and r2.stdout.count("sparsetrain summary") == 1  # rank 0 speaks
     _assert_same_run(one, two, 6)
     e1, e2 = _records(one, "eval")[-1], _records(two, "eval")[-1]
     assert e1["eval_tokens"] == e2["eval_tokens"]
     assert e1["eval_loss"] == pytest.approx(e2["eval_loss"], rel=1e-5)
 
 
-def test_checkpoints_move_between_process_counts(tmp_path, params):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_checkpoints_move_between_process_counts(tmp_path, params, mode):
     straight = tmp_path / "straight"
     assert _launch(1, params, straight).returncode == 0
     for first, second in ((2, 1), (1, 2)):
         d = tmp_path / f"{first}then{second}"
-        r = _launch(first, params, d, "runconfig.max_steps=3")
+        r = _launch(first, params, d, "runconfig.max_steps=3", f"runconfig.distributed={mode}")
         assert r.returncode == 0, r.stderr
-        r = _launch(second, params, d)
+        r = _launch(second, params, d, f"runconfig.distributed={mode}")
         assert r.returncode == 0, r.stderr
         assert "resuming at step 3" in r.stderr
         _assert_same_run(straight, d, 6)

@@ -137,7 +137,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> int:
             "model: %s parameters on %s (%s%s%s); %s",
             f"{sum(p.numel() for p in run.model.parameters()):,}", run.device, run.precision,
             ", compiled" if params.runconfig.compile is True or (params.runconfig.compile == "auto" and run.device.type == "cuda") else "",
-            f", DDP x{run.dist.world_size}" if run.dist.active else "",
+            f", {run.dist.mode.upper()} x{run.dist.world_size}" if run.dist.active else "",
             f"resuming at step {run.step}" if run.step else "starting at step 0",
         )
         if mode == "eval":
@@ -147,8 +147,13 @@ def run_mode(mode: str, args: argparse.Namespace) -> int:
         else:
             history = tr.fit(run, do_eval=True, eval_frequency=params.runconfig.eval_frequency if mode == "train_and_eval" else 0,
                              progress=_progress_factory(params.runconfig.progress and main_rank))
+        if run.sparsifier is not None:  # every rank: with FSDP the statistics gather shards
+            history["sparsity_groups"] = run.sparsifier.group_stats()
     finally:
         run.metrics.close()
+        # Drop the DDP wrapper (its reducer holds the process group) before the group goes:
+        # destroying it afterwards can hang at exit.
+        run.forward, run.ddp = run.model, None
         distributed.shutdown(run.dist)
     if main_rank:
         print(format_summary(run, history))
@@ -209,9 +214,8 @@ def format_summary(run, history: dict) -> str:
         lines.append(f"eval loss        {e['eval_loss']:.4f}  (perplexity {e['perplexity']:.2f}, {e['eval_tokens']:,} tokens)")
     f = run.flops
     lines.append(f"train FLOPs/token dense {f['dense']:.3g}   sparse {f['sparse']:.3g}   ratio {f['ratio']:.2f}x")
-    if run.sparsifier is not None:
-        for g in run.sparsifier.group_stats():
-            lines.append(f"sparsity         {g['group']}: target {g['target']:.3f}, actual {g['actual']:.3f} ({g['tensors']} tensors)")
+    for g in history.get("sparsity_groups", []):
+        lines.append(f"sparsity         {g['group']}: target {g['target']:.3f}, actual {g['actual']:.3f} ({g['tensors']} tensors)")
     if history.get("last_checkpoint"):
         lines.append(f"checkpoint       {history['last_checkpoint']}")
     lines.append("=" * 64)

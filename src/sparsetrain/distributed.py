@@ -31,7 +31,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    mode: str = "none"  # none | ddp
+    mode: str = "none"  # none | ddp | fsdp
 
     @property
     def is_main(self) -> bool:
@@ -50,9 +50,7 @@ def init(setting: str, device: torch.device) -> DistInfo:
     """Join the process group torchrun set up (if any) and return this process's place in it."""
     world = launched_world_size()
     if world == 1:
-        if setting in ("ddp",):
-            return DistInfo(mode="none")  # one process: DDP would only add overhead
-        return DistInfo()
+        return DistInfo()  # one process: DDP or FSDP would only add overhead
     if setting == "none":
         raise ConfigError(
             f"runconfig.distributed: 'none' but launched with {world} processes; use auto or ddp, or launch one process"
@@ -63,7 +61,68 @@ def init(setting: str, device: torch.device) -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, mode="ddp")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, mode="fsdp" if setting == "fsdp" else "ddp")
+
+
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2: shard each transformer block, then the rest (embeddings, final norm, tied head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in getattr(model, "layers", []):
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
+    """Gather FSDP2's sharded model and optimizer state into full CPU tensors (on rank 0; the
+    others get empty dicts). Every rank must call this. The optimizer state comes back in torch's
+    own index-keyed layout, so the checkpoint is the one single-process training writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=options)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for tied in names.values():  # one tensor under every name of a tied weight, as state_dict() does
+        for name in tied[1:]:
+            if tied[0] in model_sd and name in model_sd:
+                model_sd[name] = model_sd[tied[0]]
+    if optimizer is None:
+        return model_sd, {}
+    opt_sd = get_optimizer_state_dict(model, optimizer, options=options)
+    return model_sd, _names_to_indices(opt_sd, model, optimizer) if opt_sd else {}
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full, index-keyed optimizer state (from a checkpoint every rank read) into FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=_indices_to_names(state, model, optimizer),
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _names_to_indices(opt_sd: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    return {
+        "state": {index[n]: v for n, v in opt_sd["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in opt_sd["param_groups"]],
+    }
+
+
+def _indices_to_names(opt_sd: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    names = _param_names(model, optimizer)
+    return {
+        "state": {names[int(i)]: v for i, v in opt_sd["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in opt_sd["param_groups"]],
+    }
 
 
 def local_device(device: torch.device, info: DistInfo) -> torch.device:
@@ -122,4 +181,8 @@ def barrier(info: DistInfo) -> None:
 
 def shutdown(info: DistInfo) -> None:
     if info.active and dist.is_initialized():
+        import gc
+
+        gc.collect()  # collect what still holds the group (DDP reducers, compiled graphs) first
+        dist.barrier()
         dist.destroy_process_group()

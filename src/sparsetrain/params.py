@@ -129,8 +129,8 @@ class RunConfig:
         "default", "torch.compile mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     )
     distributed: str = _f(
-        "auto", "under torchrun: auto (DDP when more than one process) | none | ddp",
-        choices=("auto", "none", "ddp"),
+        "auto", "under torchrun: auto (DDP when more than one process) | none | ddp | fsdp (FSDP2 fully_shard)",
+        choices=("auto", "none", "ddp", "fsdp"),
     )
     attention: str = _f(
         "auto", "scaled-dot-product attention kernel to prefer: auto (PyTorch's choice) | flash | cudnn | efficient | math",

@@ -236,8 +236,17 @@ def setup(
         params=params, model_dir=Path(model_dir), device=device, model=model, forward=model,
         tokenizer=tokenizer, train_tokens=train_tokens, eval_tokens=eval_tokens, loaded_from=path, dist=info,
     )
+    masks = {k: v.to(device) for k, v in masks.items()}
+    if info.mode == "fsdp":
+        # Masks come from the full weights (identical on every rank), then the model is sharded
+        # and the sparsifier binds each rank's slice of them.
+        if params.sparsity is not None:
+            pre = sparsify(model, params.sparsity, masks=masks)
+            masks = dict(pre.masks)
+            pre.detach()
+        dist.shard(model)
     if train:
-        packed = params.sparsity is not None and params.optimizer.packed_state
+        packed = params.sparsity is not None and params.optimizer.packed_state and info.mode != "fsdp"
         run.optimizer = build_optimizer(model, params.optimizer, device, packed=packed)
         schedule = params.optimizer.learning_rate
         run.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -246,16 +255,17 @@ def setup(
         if state is not None and full_resume:
             _load_training_state(run, state, path)
     if params.sparsity is not None:
-        run.sparsifier = sparsify(model, params.sparsity, run.optimizer, masks={k: v.to(device) for k, v in masks.items()})
+        run.sparsifier = sparsify(model, params.sparsity, run.optimizer, masks=masks)
     if state is not None and full_resume:
         run.step = int(state["global_step"])
     if info.active:
         if run.sparsifier is not None:
             dist.check_masks_agree(run.sparsifier.masks, info, device)
-        from torch.nn.parallel import DistributedDataParallel
+        if info.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
 
-        run.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        run.forward = run.ddp
+            run.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            run.forward = run.ddp
         if info.rank:  # each rank its own dropout stream; rank 0 keeps the checkpointed one
             torch.manual_seed(rc.seed * 1_000_003 + info.rank * 7_919 + run.step)
     seq = params.train_input.max_sequence_length
@@ -286,7 +296,11 @@ def _masks_to_keep(params: Params, state: dict | None, masks: dict, path: Path |
 def _load_training_state(run: Run, state: dict, path: Path) -> None:
     try:
         if state.get("optimizer"):
-            run.optimizer.load_state_dict(nan_format.decode_optimizer_state(state["optimizer"]))
+            opt_sd = nan_format.decode_optimizer_state(state["optimizer"])
+            if run.dist.mode == "fsdp":
+                dist.load_optimizer_state(run.model, run.optimizer, opt_sd)
+            else:
+                run.optimizer.load_state_dict(opt_sd)
         if state.get("lr_scheduler"):
             run.scheduler.load_state_dict(state["lr_scheduler"])
     except (ValueError, KeyError, RuntimeError) as e:
@@ -299,9 +313,17 @@ def _use_compile(setting: str | bool, device: torch.device) -> bool:
 
 
 def checkpoint_state(run: Run) -> dict[str, Any]:
-    """The checkpoint dict; pruned positions become NaN (weights and same-shape optimizer state)."""
-    model_sd = run.model.state_dict()
-    opt_sd = run.optimizer.state_dict() if run.optimizer else {}
+    """The checkpoint dict; pruned positions become NaN (weights and same-shape optimizer state).
+
+    Under FSDP every rank must call this (it gathers the shards); only rank 0's result is whole.
+    """
+    if run.dist.mode == "fsdp":
+        model_sd, opt_sd = dist.full_state(run.model, run.optimizer)
+        if not run.dist.is_main:
+            return {}
+    else:
+        model_sd = run.model.state_dict()
+        opt_sd = run.optimizer.state_dict() if run.optimizer else {}
     if run.sparsifier is not None:
         model_sd = nan_format.encode_state_dict(model_sd, run.sparsifier.masks)
         if opt_sd:
@@ -317,10 +339,11 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run) -> Path:
-    """Rank 0 writes the checkpoint (DDP keeps every rank's weights and state identical)."""
+    """Rank 0 writes the checkpoint: one file, whatever the number of processes."""
     path = ckpt.checkpoint_path(run.model_dir, run.step)
+    state = checkpoint_state(run) if run.dist.is_main or run.dist.mode == "fsdp" else None
     if run.dist.is_main:
-        ckpt.save_checkpoint(checkpoint_state(run), path)
+        ckpt.save_checkpoint(state, path)
         ckpt.prune_checkpoints(run.model_dir, run.params.runconfig.keep_checkpoints)
     dist.barrier(run.dist)
     run.history["last_checkpoint"] = path
