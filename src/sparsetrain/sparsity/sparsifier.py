@@ -24,8 +24,10 @@ Pruned weights are physically zero in memory: the model runs unmodified (no forw
 
 Call ``sparsify`` after the model is on its device and after wrapping it (DDP); masks are bound to
 the parameter objects when they are drawn and rebound by name at ``attach``. Masks are the same
-on every DDP rank (``topk`` of identical weights, ``random`` from a name hash). Sharded
-parameters (FSDP) are not supported. Optimizers that evaluate a closure several times per step
+on every DDP rank (``topk`` of identical weights, ``random`` from a name hash). FSDP2
+(``fully_shard``) parameters are DTensors: draw the masks on the full weights first, shard, then
+``sparsify(model, block, optimizer, masks=those)``; each rank then enforces its slice of every
+mask on its local shard, with no communication. Optimizers that evaluate a closure several times per step
 (LBFGS) see pruned weights only at zero when each step ends.
 
 Unstructured sparsity on a GPU buys no speed: the masked model costs a dense model's FLOPs. It buys
