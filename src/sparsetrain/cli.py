@@ -218,6 +218,8 @@ def format_summary(run, history: dict) -> str:
         lines.append(f"sparsity         {g['group']}: target {g['target']:.3f}, actual {g['actual']:.3f} ({g['tensors']} tensors)")
     if history.get("last_checkpoint"):
         lines.append(f"checkpoint       {history['last_checkpoint']}")
+    if history.get("interrupted"):
+        lines.append("interrupted      run the same command again to resume")
     lines.append("=" * 64)
     return "\n".join(lines)
 

@@ -128,6 +128,11 @@ class RunConfig:
     compile_mode: str = _f(
         "default", "torch.compile mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     )
+    nonfinite: str = _f(
+        "stop", "on a non-finite loss or gradient: stop (no checkpoint after it) | skip (drop that step's update)",
+        choices=("stop", "skip"),
+    )
+    max_skipped_steps: int = _f(10, "with nonfinite: skip, stop after more skipped steps than this", min=0)
     distributed: str = _f(
         "auto", "under torchrun: auto (DDP when more than one process) | none | ddp | fsdp (FSDP2 fully_shard)",
         choices=("auto", "none", "ddp", "fsdp"),

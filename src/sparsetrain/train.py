@@ -18,6 +18,8 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +79,8 @@ class Run:
     flops: dict[str, float] = field(default_factory=dict)
     history: dict[str, Any] = field(default_factory=dict)
     dist: dist.DistInfo = field(default_factory=dist.DistInfo)
+    first_bad: torch.Tensor | None = None  # first step with a non-finite loss/gradient (-1: none), on the device
+    skipped: int = 0
     ddp: Any = None  # the DistributedDataParallel wrapper, when there is one
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -339,7 +343,11 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run) -> Path:
-    """Rank 0 writes the checkpoint: one file, whatever the number of processes."""
+    """Rank 0 writes the checkpoint: one file, whatever the number of processes.
+
+    Never after a non-finite step (``nonfinite: stop``): the weights may be poisoned.
+    """
+    check_finite(run)
     path = ckpt.checkpoint_path(run.model_dir, run.step)
     state = checkpoint_state(run) if run.dist.is_main or run.dist.mode == "fsdp" else None
     if run.dist.is_main:
@@ -381,12 +389,56 @@ def train_step(run: Run) -> torch.Tensor:
         total += loss.detach()
     if run.sparsifier is not None:
         run.sparsifier.mask_gradients()  # before clipping, so pruned entries do not count in the norm
+    finite = torch.isfinite(total)
     if p.optimizer.max_gradient_norm:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), p.optimizer.max_gradient_norm)
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), p.optimizer.max_gradient_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        finite &= torch.isfinite(norm)
+    if rc.nonfinite == "skip":
+        if float(dist.mean(finite.float(), run.dist)) < 1.0:  # one host sync per step, in this mode only
+            _skip_step(run)
+            return total / accum
+    else:
+        # No host sync: remember the first bad step on the device; checked before logs and saves.
+        if run.first_bad is None:
+            run.first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
+        run.first_bad = torch.where(~finite & (run.first_bad < 0), run.step + 1, run.first_bad)
     run.optimizer.step()
     run.scheduler.step()
     run.step += 1
     return total / accum
+
+
+def _skip_step(run: Run) -> None:
+    """Drop this step's update (weights and optimizer state untouched); the batch is consumed."""
+    rc = run.params.runconfig
+    run.optimizer.zero_grad(set_to_none=True)
+    run.skipped += 1
+    run.step += 1
+    run.scheduler.step()
+    log.warning("non-finite loss or gradients at step %d: update skipped (%d of at most %d)",
+                run.step, run.skipped, rc.max_skipped_steps)
+    if run.skipped > rc.max_skipped_steps:
+        raise TrainingError(
+            f"runconfig.max_skipped_steps: {run.skipped} steps with non-finite loss or gradients, the limit is "
+            f"{rc.max_skipped_steps} (last at step {run.step}); lower the learning rate or check the data"
+        )
+
+
+def check_finite(run: Run) -> None:
+    """Stop (``nonfinite: stop``) if any step so far had a non-finite loss or gradient."""
+    if run.first_bad is None:
+        return
+    bad = run.first_bad.clone()
+    if run.dist.active:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if int(bad) >= 0:
+        last = ckpt.latest_checkpoint(run.model_dir)
+        raise TrainingError(
+            f"non-finite loss or gradients at step {int(bad)}; stopped without writing a checkpoint after it "
+            f"(last checkpoint: {last or 'none'}); lower the learning rate, or set runconfig.nonfinite: skip"
+        )
 
 
 @torch.no_grad()
@@ -434,27 +486,23 @@ def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable 
     step_log = run.step
     bar = progress(initial=run.step, total=rc.max_steps) if progress else None
     loss = None
-    while run.step < rc.max_steps:
-        loss_t = train_step(run)
-        if run.step % rc.log_steps == 0 or run.step == rc.max_steps:
-            loss = float(dist.mean(loss_t, run.dist))
-            if not math.isfinite(loss):
-                raise TrainingError(f"loss became {loss} at step {run.step}; no checkpoint written for it")
-            now = time.perf_counter()
-            tps = (run.step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
-            t_log, step_log = now, run.step
-            record = _train_record(run, loss, tps, tokens_per_step, peak)
-            run.metrics.write(record)
+    with _Interrupt() as interrupt:
+        while run.step < rc.max_steps:
+            loss_t = train_step(run)
+            logged = run.step % rc.log_steps == 0 or run.step == rc.max_steps
+            if logged:
+                check_finite(run)
+                loss = _log_step(run, loss_t, tokens_per_step, peak, bar, t_log, step_log)
+                t_log, step_log = time.perf_counter(), run.step
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            else:
-                log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", run.step, rc.max_steps, loss, record["lr"], tps)
-        if bar is not None:
-            bar.update(1)
-        if rc.checkpoint_steps and run.step % rc.checkpoint_steps == 0 and run.step != rc.max_steps:
-            save(run)
-        if do_eval and eval_frequency and run.step % eval_frequency == 0 and run.step != rc.max_steps:
-            evaluate(run)
+                bar.update(1)
+            # Under torchrun every rank must stop at the same step: they agree at log steps.
+            if interrupt.requested(run, logged):
+                return _interrupted(run, bar, start_step, t_start, loss, tokens_per_step)
+            if rc.checkpoint_steps and run.step % rc.checkpoint_steps == 0 and run.step != rc.max_steps:
+                save(run)
+            if do_eval and eval_frequency and run.step % eval_frequency == 0 and run.step != rc.max_steps:
+                evaluate(run)
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t_start
@@ -467,6 +515,68 @@ def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable 
         tokens_per_s=(run.step - start_step) * tokens_per_step / max(elapsed, 1e-9),
     )
     return run.history
+
+
+def _log_step(run: Run, loss_t: torch.Tensor, tokens_per_step: int, peak, bar, t_log: float, step_log: int) -> float:
+    rc = run.params.runconfig
+    loss = float(dist.mean(loss_t, run.dist))
+    now = time.perf_counter()
+    tps = (run.step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
+    record = _train_record(run, loss, tps, tokens_per_step, peak)
+    run.metrics.write(record)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+    else:
+        log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", run.step, rc.max_steps, loss, record["lr"], tps)
+    return loss
+
+
+def _interrupted(run: Run, bar, start_step: int, t_start: float, loss, tokens_per_step: int) -> dict[str, Any]:
+    if bar is not None:
+        bar.close()
+    path = save(run)
+    elapsed = time.perf_counter() - t_start
+    log.warning("interrupted at step %d; checkpoint written to %s", run.step, path)
+    run.history.update(
+        steps_run=run.step - start_step, start_step=start_step, elapsed_s=elapsed, final_loss=loss, interrupted=True,
+        tokens_per_s=(run.step - start_step) * tokens_per_step / max(elapsed, 1e-9),
+    )
+    return run.history
+
+
+class _Interrupt:
+    """SIGINT / SIGTERM: finish the step, checkpoint, exit 0. A second signal exits at once
+    (128 + signal number); the atomic checkpoint writes leave earlier files intact either way."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        log.warning("%s received: finishing this step, then writing a checkpoint (send it again to quit now)",
+                    signal.Signals(signum).name)
+
+    def requested(self, run: Run, logged: bool) -> bool:
+        if not run.dist.active:
+            return self.signum is not None
+        if not logged:
+            return False
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=run.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def _train_record(run: Run, loss: float, tps: float, tokens_per_step: int, peak: float | None) -> dict[str, Any]:
