@@ -11,6 +11,8 @@ looks like a checkpoint.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import pickle
 import re
@@ -23,8 +25,72 @@ import torch
 
 from sparsetrain.errors import CheckpointError
 
+log = logging.getLogger("sparsetrain")
+
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.mdl$")
+# The hidden temporary file a save writes before its rename: ``.checkpoint_<step>.mdl.<random>.tmp``.
+TEMP_RE = re.compile(r"^\.checkpoint_\d+\.mdl\..+\.tmp$")
 REQUIRED_KEYS = ("model", "global_step")
+# Optional top-level entries and the type each must have when present.
+OPTIONAL_DICTS = ("optimizer", "lr_scheduler", "rng", "params")
+_WRITE_REASONS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "I/O error",
+}
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, permission denied, ...); a user error (exit 2)
+    that is also an ``OSError`` with the original ``errno``."""
+
+
+def _write_error(path: Path, exc: OSError) -> CheckpointWriteError:
+    code = errno.errorcode.get(exc.errno) if exc.errno is not None else None
+    reason = _WRITE_REASONS.get(exc.errno) or exc.strerror or str(exc) or type(exc).__name__
+    detail = f"{reason} ({code})" if code else reason
+    err = CheckpointWriteError(
+        f"{path}: cannot write checkpoint: {detail}; nothing was written, the earlier checkpoints are intact"
+    )
+    err.errno = exc.errno
+    return err
+
+
+class _Sink:
+    """A file wrapper that remembers the first ``OSError`` of a write: ``torch.save`` turns it into
+    a ``RuntimeError`` without the errno ("unexpected pos ...")."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError that caused ``exc`` (itself, or one in its cause/context chain)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def checkpoint_path(model_dir: Path, step: int) -> Path:
@@ -50,19 +116,56 @@ def latest_checkpoint(model_dir: Path) -> Path | None:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``state`` to ``path`` atomically (temp file + fsync + rename).
+
+    A write that fails (disk full, permission denied, I/O error) raises
+    :class:`CheckpointWriteError` (a user error naming the path and the reason, and an
+    ``OSError``); its temporary file is removed and earlier checkpoints are untouched. Temporary
+    files left by a process killed mid-save are removed after the next successful save.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    sink = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            sink = _Sink(f)
+            torch.save(state, sink)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = sink.error if sink is not None and sink.error is not None else None
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and (cause or _os_error_in(e))):
+            raise _write_error(path, cause or _os_error_in(e)) from None
         raise
     _fsync_dir(path.parent)
+    remove_stale_temp_files(path.parent)
+
+
+def remove_stale_temp_files(model_dir: Path) -> list[Path]:
+    """Delete the hidden temporary files of saves that never finished (a process killed mid-save).
+
+    Only one process writes checkpoints into a ``model_dir``, so after one of its saves has
+    completed, any other temporary checkpoint file there is left over from a dead process.
+    """
+    removed = []
+    try:
+        names = os.listdir(model_dir)
+    except OSError:
+        return removed
+    for name in names:
+        if TEMP_RE.match(name):
+            stale = Path(model_dir) / name
+            try:
+                stale.unlink()
+                removed.append(stale)
+            except OSError:
+                pass
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -99,9 +202,34 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first[:200]})") from None
     if not isinstance(state, dict) or not all(k in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a sparsetrain checkpoint (expected keys {', '.join(REQUIRED_KEYS)})")
-    if not isinstance(state["model"], dict):
-        raise CheckpointError(f"{path}: 'model' is not a state dict")
+    problem = _layout_problem(state)
+    if problem:
+        raise CheckpointError(f"{path}: not a sparsetrain checkpoint ({problem})")
     return state
+
+
+def _layout_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with the layout of a loaded checkpoint dict, or None."""
+    model = state["model"]
+    if not isinstance(model, dict):
+        return "'model' is not a state dict"
+    for key, value in model.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            return f"'model' entry {str(key)[:80]!r} is a {type(value).__name__}, not a tensor"
+    step = state["global_step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"'global_step' is {str(step)[:40]!r}, not a step number"
+    for key in OPTIONAL_DICTS:
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            return f"'{key}' is a {type(state[key]).__name__}, not a dict"
+    opt = state.get("optimizer")
+    if opt and not (isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        return "'optimizer' is not an optimizer state dict (keys state, param_groups)"
+    for key in ("torch", "cuda"):  # the entries a resume restores
+        value = (state.get("rng") or {}).get(key)
+        if value is not None and not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8):
+            return f"'rng.{key}' is not an RNG state (a uint8 tensor)"
+    return None
 
 
 def prune_checkpoints(model_dir: Path, keep: int | None) -> list[Path]:
@@ -109,9 +237,14 @@ def prune_checkpoints(model_dir: Path, keep: int | None) -> list[Path]:
     if not keep:
         return []
     old = [p for _, p in list_checkpoints(model_dir)[:-keep]]
+    deleted = []
     for p in old:
-        p.unlink(missing_ok=True)
-    return old
+        try:
+            p.unlink(missing_ok=True)
+            deleted.append(p)
+        except OSError as e:  # the new checkpoint is safely written: not a reason to stop training
+            log.warning("keep_checkpoints: cannot delete %s (%s)", p, e.strerror or e)
+    return deleted
 
 
 def check_model_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:

@@ -121,11 +121,19 @@ def _has_magic(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
-def _walk_files(root: Path, keep) -> list[Path]:
+def _walk_files(root: Path, keep, section: str | None = None) -> list[Path]:
     """Regular files under ``root``, recursively, that ``keep(name, is_dir)`` accepts (it prunes
-    directories too)."""
+    directories too). With ``section``, a directory that cannot be listed is a ``DataError``
+    naming ``<section>.data_path`` (else it is skipped)."""
+
+    def unreadable(exc: OSError) -> None:
+        if section is not None:
+            raise DataError(
+                f"{section}.data_path: cannot read directory {str(exc.filename or root)!r}: {exc.strerror or exc}"
+            ) from exc
+
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if keep(d, True)]
         for name in filenames:
             path = Path(dirpath, name)
@@ -160,11 +168,13 @@ def _path_files(input: DataInput) -> tuple[Path, list[Path]]:
     if path.is_file():
         return path.parent, [path]
     if path.is_dir():
-        files = _walk_files(path, keep)
+        files = _walk_files(path, keep, sec)
         if not files:
             raise DataError(f"{sec}.data_path: directory {pattern!r} holds no {what}")
         return path, files
     if not _has_magic(pattern):
+        if path.exists():  # a FIFO, socket or device: reading it could block forever
+            raise DataError(f"{sec}.data_path: {pattern!r} is not a regular file or a directory")
         raise DataError(f"{sec}.data_path: {pattern!r} does not exist (give a file, a directory or a glob)")
     parts = path.parts
     fixed = next((i for i, p in enumerate(parts) if _has_magic(p)), len(parts))
@@ -173,7 +183,7 @@ def _path_files(input: DataInput) -> tuple[Path, list[Path]]:
     for match in glob.glob(str(path), recursive=True):
         match_path = Path(match)
         if match_path.is_dir():
-            files.extend(_walk_files(match_path, keep))
+            files.extend(_walk_files(match_path, keep, sec))
         elif match_path.is_file():
             files.append(match_path)
     if not files:
@@ -994,4 +1004,9 @@ def _map_shard(path: Path, dtype: np.dtype, section: str) -> np.ndarray:
         )
     if size == 0:
         return np.empty(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    try:
+        return np.memmap(path, dtype=dtype, mode="r")
+    except OSError as exc:
+        raise DataError(
+            f"{section}.data_path: shard {path} listed in meta.json cannot be read ({exc.strerror or exc})"
+        ) from exc

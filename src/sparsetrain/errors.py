@@ -8,7 +8,14 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """Bad input from the user: config, data path, checkpoint, command-line flag."""
+    """Bad input from the user: config, data path, checkpoint, command-line flag.
+
+    The message is kept to one line: line breaks that came in with user input (a key or a
+    pattern containing a newline) are shown escaped.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class ConfigError(UserError, ValueError):

@@ -31,6 +31,15 @@ def _f(default: Any, doc: str, **meta: Any) -> Any:
     return field(default=default, metadata={"doc": doc, **meta})
 
 
+# Upper bounds on model sizes, far above any real model (GPT-3 175B: width 12288, 96 layers):
+# larger values overflow torch's size arithmetic or take minutes just to build the module tree.
+MAX_WIDTH = 1 << 16
+MAX_LAYERS = 1024
+MAX_FILTER = 1 << 20
+MAX_POSITIONS = 1 << 20
+MAX_VOCAB = 1 << 24
+
+
 @dataclass(kw_only=True)
 class InputParams:
     """Where training or evaluation tokens come from, and how they are batched."""
@@ -43,7 +52,7 @@ class InputParams:
     data_path: str | None = _f(None, "file, directory or glob (text, jsonl); directory (shards)")
     text_field: str = _f("text", "field of each JSON Lines record that holds the document")
     tokenizer: str = _f("byte", "byte | bpe (trained locally, saved in model_dir) | path to tokenizer.json")
-    bpe_vocab_size: int = _f(4096, "vocabulary size of a locally trained BPE", min=257)
+    bpe_vocab_size: int = _f(4096, "vocabulary size of a locally trained BPE", min=257, max=MAX_VOCAB)
     split: str | None = _f(
         None, "train | eval | all; default: train for train_input, eval for eval_input",
         choices=("train", "eval", "all"),
@@ -70,12 +79,12 @@ class ModelParams:
     """A GPT-2 / GPT-3 style decoder. Keys given beside ``preset`` override the preset."""
 
     preset: str | None = _f(None, "named model size", choices=tuple(PRESETS))
-    hidden_size: int = _f(128, "width d", min=1)
-    num_hidden_layers: int = _f(4, "number of transformer blocks", min=1)
-    num_heads: int = _f(4, "attention heads; must divide hidden_size", min=1)
-    filter_size: int | None = _f(None, "MLP inner width; default 4 * hidden_size", min=1)
-    max_position_embeddings: int = _f(256, "longest sequence the model accepts", min=1)
-    vocab_size: int | None = _f(None, "default: the tokenizer's vocabulary size", min=1)
+    hidden_size: int = _f(128, "width d", min=1, max=MAX_WIDTH)
+    num_hidden_layers: int = _f(4, "number of transformer blocks", min=1, max=MAX_LAYERS)
+    num_heads: int = _f(4, "attention heads; must divide hidden_size", min=1, max=MAX_WIDTH)
+    filter_size: int | None = _f(None, "MLP inner width; default 4 * hidden_size", min=1, max=MAX_FILTER)
+    max_position_embeddings: int = _f(256, "longest sequence the model accepts", min=1, max=MAX_POSITIONS)
+    vocab_size: int | None = _f(None, "default: the tokenizer's vocabulary size", min=1, max=MAX_VOCAB)
     dropout_rate: float = _f(0.0, "dropout after embeddings, attention and MLP", min=0.0, max=1.0)
     share_embedding_weights: bool = _f(True, "tie the LM head to the token embedding")
     use_bias: bool = _f(True, "biases in linear layers and layer norms")
@@ -120,7 +129,7 @@ class RunConfig:
     log_steps: int = _f(10, "log metrics every N steps", min=1)
     eval_steps: int | None = _f(None, "batches per evaluation (default: the whole eval split)", min=1)
     eval_frequency: int = _f(0, "in train_and_eval mode, evaluate every N steps (0: only at the end)", min=0)
-    seed: int = _f(0, "seeds initialisation, dropout and batch sampling")
+    seed: int = _f(0, "seeds initialisation, dropout and batch sampling", min=0, max=2**63 - 1)
     keep_checkpoints: int | None = _f(None, "keep only the newest N checkpoints (default: all)", min=1)
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
@@ -171,6 +180,14 @@ SECTIONS: dict[str, type] = {
     "optimizer": OptimizerParams,
     "runconfig": RunConfig,
 }
+
+
+def _key_text(key: Any) -> str:
+    """A key as written in an error message: plain if it is a simple name, else its repr (one line)."""
+    text = str(key)
+    if isinstance(key, str) and text.isprintable() and text.strip() == text and text and len(text) <= 80:
+        return text
+    return repr(key) if len(repr(key)) <= 80 else repr(key)[:77] + "..."
 
 
 def _closest(name: str, valid: typing.Iterable[str]) -> str:
@@ -238,7 +255,7 @@ def build_section(cls: type, raw: Any, where: str, **extra: Any) -> Any:
     values: dict[str, Any] = dict(extra)
     for key, value in raw.items():
         if key not in fields:
-            raise ConfigError(f"{section}.{key}: unknown key{_closest(str(key), fields)}")
+            raise ConfigError(f"{section}.{_key_text(key)}: unknown key{_closest(str(key), fields)}")
         values[key] = _coerce(value, hints[key], f"{section}.{key}")
         _check_range(values[key], fields[key].metadata, f"{section}.{key}")
     return cls(**values)
@@ -248,7 +265,7 @@ def _build_model(raw: Any) -> ModelParams:
     raw = dict(raw or {}) if isinstance(raw, dict) or raw is None else raw
     if isinstance(raw, dict) and raw.get("preset") is not None:
         preset = raw["preset"]
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"model.preset: {preset!r} is not valid; choose one of {', '.join(PRESETS)}")
         raw = {**PRESETS[preset], **raw}
     model = build_section(ModelParams, raw, "model")
@@ -273,7 +290,7 @@ def _check_schedule(lr: float | list) -> None:
             raise ConfigError(f"{where}: expected a mapping with keys {', '.join(keys)}")
         for key in phase:
             if key not in keys:
-                raise ConfigError(f"{where}.{key}: unknown key{_closest(str(key), keys)}")
+                raise ConfigError(f"{where}.{_key_text(key)}: unknown key{_closest(str(key), keys)}")
         kind = phase.get("scheduler")
         if kind not in SCHEDULERS:
             raise ConfigError(f"{where}.scheduler: {kind!r} is not valid; choose one of {', '.join(SCHEDULERS)}")
@@ -300,7 +317,7 @@ def params_from_dict(raw: Any) -> Params:
     valid = [*SECTIONS, "sparsity"]
     for key in raw:
         if key not in valid:
-            raise ConfigError(f"{key}: unknown section{_closest(str(key), valid)}")
+            raise ConfigError(f"{_key_text(key)}: unknown section{_closest(str(key), valid)}")
     train = build_section(InputParams, raw.get("train_input"), "train_input", section="train_input")
     eval_raw = raw.get("eval_input")
     if isinstance(eval_raw, dict) or eval_raw is None:
@@ -352,7 +369,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. runconfig.max_steps=100")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+    except Exception:  # a YAML error, or a constructor failing on a bad tagged value
         parsed = value
     return keys, parsed
 
@@ -388,8 +405,18 @@ def read_yaml(path: Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    except Exception as e:  # safe_load runs no user code: a constructor failed on a bad
+        # tagged value (a date 2001-02-30, "!!int x", "!!int ''") with a plain Python error
+        raise ConfigError(f"{path}: YAML value error: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def load_params(path: str | Path, overrides: typing.Sequence[str] = ()) -> Params:

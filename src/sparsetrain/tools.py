@@ -11,12 +11,13 @@ plan:    {"parameters": [{"name", "shape", "numel", "group", "sparsity", "init_m
          topk blocks on a shape with partial edge blocks (it depends on which blocks the weights
          pick): then it is an estimate that prunes the smallest (edge) blocks first, as topk does
          on freshly initialised weights, and "pruned_exact" is false.
-inspect: {"global_step", "tensors": [{"name", "shape", "numel", "nan", "zero", "sparsity"}],
+inspect: {"global_step", "tensors": [{"name", "shape", "numel", "nan", "zero", "sparsity", "nonfinite"}],
           "total": {"numel", "nan", "sparsity"}}
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from sparsetrain import checkpoint as ckpt
-from sparsetrain.errors import CheckpointError
+from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.flops import flops_report
 from sparsetrain.params import Params
 from sparsetrain.sparsity import nan_format
@@ -48,6 +49,8 @@ def _vocab_size(params: Params) -> int:
     if inp.source == "shards":
         from sparsetrain.data import read_shard_meta
 
+        if not inp.data_path:
+            raise ConfigError(f"{inp.section}.data_path: required with source: shards (the shard directory)")
         return int(read_shard_meta(Path(inp.data_path), inp.section)["vocab_size"])
     if inp.tokenizer == "byte":
         return 256
@@ -118,9 +121,30 @@ def format_plan(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _sparsified_names(state: dict[str, Any]) -> set[str] | None:
+    """Names the checkpoint's own ``sparsity:`` block sparsifies (None: no usable params)."""
+    raw = state.get("params")
+    if not isinstance(raw, dict):
+        return None
+    if not raw.get("sparsity"):
+        return set()
+    from sparsetrain.errors import UserError
+    from sparsetrain.params import params_from_dict
+
+    try:
+        return {r["name"] for r in plan(params_from_dict(copy.deepcopy(raw)))["parameters"]}
+    except (UserError, KeyError, TypeError):
+        return None
+
+
 def inspect(path: Path) -> dict[str, Any]:
-    """Per-tensor NaN (pruned) and zero counts of a checkpoint's model state."""
+    """Per-tensor NaN (pruned) and zero counts of a checkpoint's model state.
+
+    ``nonfinite`` counts values that are not pruning: every inf, and NaN in a tensor the
+    checkpoint's own ``sparsity:`` block does not sparsify (without params: in 1-D tensors).
+    """
     state = ckpt.load_checkpoint(path)
+    sparsified = _sparsified_names(state)
     tensors, seen = [], set()
     total_numel = total_nan = 0
     for name, t in state["model"].items():
@@ -132,9 +156,12 @@ def inspect(path: Path) -> dict[str, Any]:
         seen.add(key)
         floating = t.is_floating_point()
         nan = int(torch.isnan(t).sum()) if floating else 0
+        inf = int(torch.isinf(t).sum()) if floating else 0
+        pruning = name in sparsified if sparsified is not None else t.dim() > 1
         tensors.append({
             "name": name, "shape": list(t.shape), "numel": t.numel(), "nan": nan,
             "zero": int((t == 0).sum()), "sparsity": nan / t.numel() if t.numel() else 0.0,
+            "nonfinite": inf + (0 if pruning else nan),
         })
         total_numel += t.numel()
         total_nan += nan
@@ -146,7 +173,8 @@ def format_inspect(report: dict[str, Any]) -> str:
     lines = [f"global step {report['global_step']}", f"{'tensor':<34} {'shape':<14} {'numel':>12} {'nan':>12} {'zero':>10} {'sparsity':>8}"]
     for t in report["tensors"]:
         shape = "x".join(map(str, t["shape"]))
-        lines.append(f"{t['name']:<34} {shape:<14} {t['numel']:>12,} {t['nan']:>12,} {t['zero']:>10,} {t['sparsity']:>8.3f}")
+        bad = f"  {t['nonfinite']:,} non-finite values that are not pruning" if t.get("nonfinite") else ""
+        lines.append(f"{t['name']:<34} {shape:<14} {t['numel']:>12,} {t['nan']:>12,} {t['zero']:>10,} {t['sparsity']:>8.3f}{bad}")
     tot = report["total"]
     lines.append(f"total: {tot['numel']:,} entries, {tot['nan']:,} NaN (pruned), sparsity {tot['sparsity']:.3f}")
     return "\n".join(lines)

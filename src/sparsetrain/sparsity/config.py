@@ -113,6 +113,7 @@ MAX_NM_M = 64
 NM_TOLERANCE = 1e-3  # a stated sparsity within this of 1 - N/M is taken as 1 - N/M
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 MAX_LISTED_NAMES = 30
+MAX_BLOCK_SIDE = 65536  # larger than any weight dimension we train; keeps index arithmetic in range
 
 
 def parse_nm(structure: str) -> tuple[int, int] | None:
@@ -430,13 +431,14 @@ def _parse_structure(value: Any, where: str) -> str:
 def _parse_block_size(value: Any, where: str) -> tuple[int, int]:
     """A positive int (square blocks) or ``[rows, cols]``."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        if value >= 1:
+        if 1 <= value <= MAX_BLOCK_SIDE:
             return (int(value), int(value))
     elif isinstance(value, (list, tuple)) and len(value) == 2:
-        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in value):
+        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 1 <= v <= MAX_BLOCK_SIDE for v in value):
             return (int(value[0]), int(value[1]))
     raise ConfigError(
-        f"{where}: {value!r} is not valid; expected a positive integer (square blocks) or [rows, cols]"
+        f"{where}: {value!r} is not valid; expected a positive integer (square blocks) or [rows, cols], "
+        f"each at most {MAX_BLOCK_SIDE}"
     )
 
 
@@ -538,7 +540,7 @@ def _settings(values: dict[str, Any], pattern: str | None, where: str, group: bo
 def _compile(pattern: str, where: str) -> None:
     try:
         re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:  # huge repeats, deep nesting
         raise ConfigError(f"{where}: {pattern!r} is not a valid regex: {exc}") from None
 
 
