@@ -299,7 +299,7 @@ def test_kill9_at_random_points_then_resume_matches_uninterrupted_run(tmp_path, 
 class _FailingFile:
     """Wraps the temporary checkpoint file: writes part of the data, then fails like a full disk."""
 
-    def __init__(self, f, exc: OSError, after: int = 4096):
+    def __init__(self, f, exc: BaseException, after: int = 4096):
         self.f, self.exc, self.left = f, exc, after
 
     def write(self, data):
@@ -404,6 +404,20 @@ def test_real_enospc_from_dev_full_is_reported(tmp_path, monkeypatch):
     assert str(e.value).startswith(f"{path}: cannot write checkpoint: disk full (ENOSPC)")
     assert e.value.errno == errno.ENOSPC and "\n" not in str(e.value)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("exc", [SystemExit(143), KeyboardInterrupt()], ids=["SystemExit", "KeyboardInterrupt"])
+def test_signal_exit_inside_a_save_stays_an_exit(exc, tmp_path, monkeypatch):
+    """A signal handler that raises while torch.save is writing: torch reports a RuntimeError
+    ("unexpected pos"); the save removes its temporary file and lets the exit through."""
+    ckpt.save_checkpoint({"model": {"w": torch.ones(3)}, "global_step": 1}, tmp_path / "checkpoint_1.mdl")
+    before = (tmp_path / "checkpoint_1.mdl").read_bytes()
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _FailingFile(real_fdopen(fd, *a, **k), exc, after=100))
+    with pytest.raises(type(exc)):
+        ckpt.save_checkpoint({"model": {"w": torch.randn(100_000)}, "global_step": 2}, tmp_path / "checkpoint_2.mdl")
+    assert os.listdir(tmp_path) == ["checkpoint_1.mdl"]
+    assert (tmp_path / "checkpoint_1.mdl").read_bytes() == before
 
 
 def test_unwritable_model_dir_is_one_line(tmp_path, tiny_params, write_params, capsys, monkeypatch):

@@ -9,11 +9,6 @@ never a traceback.
 The runs are derandomized (the same examples on every CI run, no example database). Set
 ``SPARSETRAIN_FUZZ=explore`` (optionally ``SPARSETRAIN_FUZZ_SCALE=20``) to draw fresh random
 examples, many more of them, when hunting for new failures locally.
-
-Known gaps in files this suite does not own are parked in ``test_faults_pending.py`` and kept
-out of the strategies here (marked "pending"): keys and patterns holding line breaks in the
-``sparsity:`` block, regexes that overflow ``re``, and ``source: shards`` without a
-``data_path`` in ``plan``.
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ import typing
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sparsetrain import params as params_mod
@@ -61,8 +56,7 @@ def assert_one_line(e: BaseException) -> None:
 # Strategies
 # ---------------------------------------------------------------------------------------------
 
-# Printable keys without line breaks (line breaks in keys: see the module docstring, "pending").
-KEY_TEXT = st.text(alphabet=string.ascii_letters + string.digits + "_.-[]*:\"' ", max_size=12)
+KEY_TEXT = st.text(alphabet=string.ascii_letters + string.digits + "_.-[]*:\"' \n", max_size=12)
 WILD_KEY_TEXT = st.text(max_size=12)  # anything, line breaks and control characters included
 
 SCALARS = st.one_of(
@@ -76,7 +70,7 @@ SCALARS = st.one_of(
     st.binary(max_size=6),
     st.dates(),
 )
-HASHABLE_KEYS = st.one_of(KEY_TEXT, st.integers(-3, 3), st.booleans(), st.none(), st.floats(allow_nan=False))
+HASHABLE_KEYS = st.one_of(KEY_TEXT, WILD_KEY_TEXT, st.integers(-3, 3), st.booleans(), st.none(), st.floats(allow_nan=False))
 
 
 def nested(leaves: st.SearchStrategy, keys: st.SearchStrategy = HASHABLE_KEYS) -> st.SearchStrategy:
@@ -152,7 +146,8 @@ PATTERNS = st.one_of(
     st.sampled_from([
         "mlp.*weight", "attn.*weight", "attn.proj.*weight", "weight", "bias", "norm", "embed", "lm_head",
         "layers.0", "layers.1.mlp.fc.weight", ".*", "", "fc_layers.*weight", "nomatch", "(", "[a-", "*",
-        "(?P<x>mlp)", "mlp|attn", "^layers", "weight$", "a{2,1}",
+        "(?P<x>mlp)", "mlp|attn", "^layers", "weight$", "a{2,1}", "mlp\nweight", "a{4294967296}",
+        "(" * 1000 + "a" + ")" * 1000,
     ]),
     st.text(alphabet=string.ascii_letters + ".*()[]|^$?+{}\\0123456789_", max_size=12),
 )
@@ -244,6 +239,8 @@ def _validate(doc) -> None:
 @example({"optimizer": {"learning_rate": [{"scheduler": "Linear", "initial_learning_rate": 0.1, "x\ny": 1}]}})
 @example({"model": {"hidden_size": 10**30, "num_heads": 1}})  # overflowed torch's size arithmetic in plan
 @example({"runconfig": {"seed": -1}})  # numpy refuses negative seeds when drawing batches
+@example({"sparsity": {"spar\nsity": 0.5}})
+@example({"sparsity": {"sparsity": 0.5, "param_name_patterns": "a{4294967296}"}})  # OverflowError in re
 def test_random_params_documents_validate_or_fail_in_one_line(doc):
     _validate(doc)
 
@@ -354,12 +351,6 @@ def _plan_doc(sparsity, model_extra, input_extra, other):
     return doc
 
 
-def _shards_without_path(doc) -> bool:
-    """pending: ``plan`` on ``source: shards`` with no data_path is a TypeError in tools.py."""
-    inp = doc.get("train_input") if isinstance(doc, dict) else None
-    return isinstance(inp, dict) and inp.get("source") == "shards" and inp.get("data_path") is None
-
-
 LOG_PREFIX = "[log] "
 
 
@@ -439,10 +430,11 @@ INPUT_EXTRA = st.fixed_dictionaries(
 @example(sparsity={"sparsity": 0.5, "param_name_patterns": "bias"}, model_extra={}, input_extra={}, other={})
 @example(sparsity={"sparsity": 0.5}, model_extra={"hidden_size": 2**40, "num_heads": 1}, input_extra={}, other={})
 @example(sparsity=None, model_extra={"vocab_size": 2**62}, input_extra={}, other={})
+@example(sparsity=None, model_extra={}, input_extra={"source": "shards"}, other={})  # was a TypeError in plan
+@example(sparsity={"sparsity": 0.5, "param_name_patterns": {"mlp\nweight": {}}}, model_extra={}, input_extra={}, other={})
 @example(sparsity=None, model_extra={}, input_extra={"tokenizer": "bpe", "bpe_vocab_size": 2**62}, other={})
 def test_plan_on_random_configs_exits_0_or_2_with_one_error_line(fuzz_dir, sparsity, model_extra, input_extra, other):
     doc = _plan_doc(sparsity, model_extra, input_extra, other)
-    assume(not _shards_without_path(doc))
     path = fuzz_dir / "plan.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     check_plan(path)
@@ -451,7 +443,6 @@ def test_plan_on_random_configs_exits_0_or_2_with_one_error_line(fuzz_dir, spars
 @fuzz(60)
 @given(doc=PARAMS_DOC)
 def test_plan_on_random_documents(fuzz_dir, doc):
-    assume(not _shards_without_path(doc))
     path = fuzz_dir / "plan_any.yaml"
     try:
         path.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -82,15 +82,25 @@ class _Sink:
             raise
 
 
-def _os_error_in(exc: BaseException) -> OSError | None:
-    """The OSError that caused ``exc`` (itself, or one in its cause/context chain)."""
+def _in_chain(exc: BaseException | None, kinds: type | tuple[type, ...]) -> BaseException | None:
+    """The first exception of ``kinds`` in ``exc``'s cause/context chain (``exc`` included)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
+        if isinstance(exc, kinds):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError that caused ``exc``, if any."""
+    return _in_chain(exc, OSError)
+
+
+def _exit_in(exc: BaseException) -> BaseException | None:
+    """A SystemExit / KeyboardInterrupt (a signal handler's) that caused ``exc``, if any."""
+    return _in_chain(exc, (SystemExit, KeyboardInterrupt))
 
 
 def checkpoint_path(model_dir: Path, step: int) -> Path:
@@ -138,6 +148,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        exit_ = _exit_in(e)
+        if exit_ is not None and exit_ is not e:  # torch.save wraps a SystemExit raised in a write
+            raise exit_ from None
         cause = sink.error if sink is not None and sink.error is not None else None
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and (cause or _os_error_in(e))):
             raise _write_error(path, cause or _os_error_in(e)) from None

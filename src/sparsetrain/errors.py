@@ -10,12 +10,15 @@ from __future__ import annotations
 class UserError(Exception):
     """Bad input from the user: config, data path, checkpoint, command-line flag.
 
-    The message is kept to one line: line breaks that came in with user input (a key or a
-    pattern containing a newline) are shown escaped.
+    The message is kept to one printable line: line breaks and control characters that came in
+    with user input (a key or a pattern containing a newline) are shown escaped.
     """
 
     def __init__(self, message: object = "") -> None:
-        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+        text = str(message)
+        if not text.isprintable():  # line breaks, other separators, terminal escapes: shown escaped
+            text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        super().__init__(text)
 
 
 class ConfigError(UserError, ValueError):

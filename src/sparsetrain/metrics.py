@@ -40,8 +40,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as e:
+            from sparsetrain.errors import UserError
+
+            raise UserError(f"{self._file.name}: cannot write metrics ({e.strerror or e})") from None
         if self._tb is None:
             return
         step = record["step"]

@@ -18,7 +18,9 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -271,7 +273,7 @@ def setup(
             run.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
             run.forward = run.ddp
         if info.rank:  # each rank its own dropout stream; rank 0 keeps the checkpointed one
-            torch.manual_seed(rc.seed * 1_000_003 + info.rank * 7_919 + run.step)
+            torch.manual_seed((rc.seed * 1_000_003 + info.rank * 7_919 + run.step) % 2**63)
     seq = params.train_input.max_sequence_length
     run.flops = flops_report(cfg, seq, run.sparsifier.pruned_fractions() if run.sparsifier else None)
     if _use_compile(rc.compile, device):
@@ -350,10 +352,16 @@ def save(run: Run) -> Path:
     check_finite(run)
     path = ckpt.checkpoint_path(run.model_dir, run.step)
     state = checkpoint_state(run) if run.dist.is_main or run.dist.mode == "fsdp" else None
+    failure: UserError | None = None
     if run.dist.is_main:
-        ckpt.save_checkpoint(state, path)
-        ckpt.prune_checkpoints(run.model_dir, run.params.runconfig.keep_checkpoints)
-    dist.barrier(run.dist)
+        try:
+            ckpt.save_checkpoint(state, path)
+            ckpt.prune_checkpoints(run.model_dir, run.params.runconfig.keep_checkpoints)
+        except UserError as e:
+            failure = e
+    # Every rank learns whether rank 0's write worked, so none waits for a rank that gave up.
+    if dist.total([1.0 if failure else 0.0], run.dist, run.device)[0] > 0:
+        raise failure or TrainingError(f"{path}: rank 0 could not write this checkpoint; see its error")
     run.history["last_checkpoint"] = path
     return path
 
@@ -564,7 +572,10 @@ class _Interrupt:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
-            raise SystemExit(128 + signum)
+            # Exit now, from anywhere (an exception raised here can be swallowed inside torch.save);
+            # checkpoint writes are atomic, and the next save removes a half-written temp file.
+            sys.stderr.write(f"{signal.Signals(signum).name} received again: exiting without a checkpoint\n")
+            os._exit(128 + signum)
         self.signum = signum
         log.warning("%s received: finishing this step, then writing a checkpoint (send it again to quit now)",
                     signal.Signals(signum).name)

@@ -8,10 +8,9 @@
    ``skip`` leaves the weights and the optimizer state untouched, logs a warning naming the step
    and goes on, up to ``runconfig.max_skipped_steps``; no checkpoint is ever poisoned.
 3. ``inspect`` tells NaN at pruned positions apart from non-finite values that are not pruning
-   (interface proposed here: a per-tensor ``nonfinite`` count in ``--json``, and the word
-   "non-finite" beside the tensor's name in the text output).
-4. Regressions found by fuzzing in files owned elsewhere (sparsity/config.py, sparsity/masks.py,
-   tools.py): once fixed, drop the matching exclusions marked "pending" in test_fuzz.py.
+   (a per-tensor ``nonfinite`` count in ``--json``, and the word "non-finite" beside the
+   tensor's name in the text output).
+4. Regressions found by fuzzing (sparsity/config.py, sparsity/masks.py, tools.py).
 """
 
 from __future__ import annotations
@@ -353,3 +352,19 @@ def test_block_size_larger_than_any_weight_is_not_a_crash(tmp_path, tiny_params,
         assert "sparsity.block_size" in error_line(capsys)
     else:
         assert rc == 0
+
+
+@pytest.mark.parametrize("key", ["\x1e", "\x0b", "\x0c", "\x85", "\u2028", "\x1b[2J"],
+                         ids=["RS", "VT", "FF", "NEL", "LS", "ESC"])
+def test_control_characters_in_user_input_are_escaped(key, tmp_path, capsys):
+    # errors.py: UserError escapes only \n and \r; other line separators (str.splitlines splits on
+    # \x1c-\x1e, \x0b, \x0c, \x85, \u2028/9) and terminal escapes reach stderr raw.
+    # Found by `SPARSETRAIN_FUZZ=explore pytest tests/test_fuzz.py` (sparsity={'\x1e': None}).
+    with pytest.raises(UserError) as e:
+        params_from_dict({"sparsity": {key: None}})
+    assert str(e.value).isprintable(), repr(str(e.value))
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"sparsity": {key: None}}))
+    assert cli("plan", "--params", path) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "\x1b" not in err, repr(err)
