@@ -90,3 +90,14 @@ def logs(caplog):
     caplog.set_level(logging.INFO, logger="sparsetrain")
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture(autouse=True)
+def no_stale_log_handlers():
+    """An earlier in-process CLI run leaves a handler on a stream pytest has closed since: drop it."""
+    import logging
+
+    logger = logging.getLogger("sparsetrain")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    yield

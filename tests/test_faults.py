@@ -19,7 +19,6 @@ import builtins
 import errno
 import io
 import json
-import logging
 import os
 import pickle
 import random
@@ -48,15 +47,6 @@ TEMP_RE = re.compile(r"^\.checkpoint_(\d+)\.mdl\..*\.tmp$")
 
 def cli(*args) -> int:
     return main([str(a) for a in args])
-
-
-@pytest.fixture(autouse=True)
-def no_stale_log_handlers():
-    """An earlier in-process run leaves a handler on a stream pytest has closed since: drop it."""
-    logger = logging.getLogger("sparsetrain")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    yield
 
 
 def error_line(capsys, *, only: bool = False) -> str:

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -42,15 +41,6 @@ TEMP_RE = re.compile(r"^\.checkpoint_(\d+)\.mdl\..*\.tmp$")
 
 def cli(*args) -> int:
     return main([str(a) for a in args])
-
-
-@pytest.fixture(autouse=True)
-def no_stale_log_handlers():
-    """An earlier in-process run leaves a handler on a stream pytest has closed since: drop it."""
-    logger = logging.getLogger("sparsetrain")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    yield
 
 
 def error_line(capsys) -> str:
