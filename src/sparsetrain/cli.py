@@ -184,7 +184,7 @@ def _progress_factory(enabled: bool):
 def _prepare_model_dir(model_dir: Path) -> Path:
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
-        probe = model_dir / ".write_test"
+        probe = model_dir / f".write_test.{os.getpid()}"  # per process: torchrun ranks probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as e:
