@@ -15,7 +15,6 @@ Which checkpoint is loaded:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ from sparsetrain.errors import CheckpointError, ConfigError, UserError
 from sparsetrain.flops import flops_report
 from sparsetrain.metrics import MetricsWriter
 from sparsetrain.model import GPT
-from sparsetrain.params import InputParams, OptimizerParams, Params
+from sparsetrain.params import OptimizerParams, Params
 from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.sparsifier import Sparsifier, sparsify
 
@@ -166,10 +165,6 @@ def build_optimizer(
     return torch.optim.SGD(groups, lr=1.0, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-def _split(inp: InputParams, default: str) -> InputParams:
-    return dataclasses.replace(inp, split=inp.split or default)
-
-
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -209,7 +204,7 @@ def setup(
                 f"{per_rank.stop - per_rank.start} sequences each of {info.world_size} processes gets"
             )
     torch.manual_seed(rc.seed)  # the same on every rank: identical initial weights
-    tokenizer = data.load_tokenizer(_split(params.train_input, "train"), model_dir)
+    tokenizer = data.load_tokenizer(params.train_input, model_dir)
     cfg = params.model
     if cfg.vocab_size is None:
         cfg.vocab_size = tokenizer.vocab_size
@@ -219,11 +214,11 @@ def setup(
         )
     train_tokens = eval_tokens = None
     if train:
-        train_tokens = data.load_tokens(_split(params.train_input, "train"), tokenizer, model_dir)
+        train_tokens = data.load_tokens(params.train_input, tokenizer, model_dir)
         data.check_vocab(train_tokens, cfg.vocab_size, "train_input")
         data.check_length(train_tokens, params.train_input.max_sequence_length, "train_input")
     if evaluate:
-        eval_tokens = data.load_tokens(_split(params.eval_input, "eval"), tokenizer, model_dir)
+        eval_tokens = data.load_tokens(params.eval_input, tokenizer, model_dir)
         data.check_vocab(eval_tokens, cfg.vocab_size, "eval_input")
         data.check_length(eval_tokens, params.eval_input.max_sequence_length, "eval_input")
 
@@ -236,7 +231,7 @@ def setup(
         clean, masks = nan_format.decode_state_dict(state["model"])
         model.load_state_dict(clean)
         log.info("loaded %s (step %d)%s", path, state["global_step"], "" if full_resume else " as a warm start at step 0")
-    masks = _masks_to_keep(params, state, masks, path)
+    masks = _masks_to_keep(params, masks, path)
 
     run = Run(
         params=params, model_dir=Path(model_dir), device=device, model=model, forward=model,
@@ -282,7 +277,7 @@ def setup(
     return run
 
 
-def _masks_to_keep(params: Params, state: dict | None, masks: dict, path: Path | None) -> dict:
+def _masks_to_keep(params: Params, masks: dict, path: Path | None) -> dict:
     """Masks recovered from the checkpoint's NaNs; none (dense fine-tuning) without a block.
 
     With a block, :func:`~sparsetrain.sparsity.sparsifier.sparsify` keeps each stored mask whose
@@ -518,9 +513,13 @@ def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable 
         save(run)
     if do_eval:
         evaluate(run)
+    return _finish(run, start_step, elapsed, loss, tokens_per_step)
+
+
+def _finish(run: Run, start_step: int, elapsed: float, loss, tokens_per_step: int, **extra: Any) -> dict[str, Any]:
     run.history.update(
         steps_run=run.step - start_step, start_step=start_step, elapsed_s=elapsed, final_loss=loss,
-        tokens_per_s=(run.step - start_step) * tokens_per_step / max(elapsed, 1e-9),
+        tokens_per_s=(run.step - start_step) * tokens_per_step / max(elapsed, 1e-9), **extra,
     )
     return run.history
 
@@ -545,11 +544,7 @@ def _interrupted(run: Run, bar, start_step: int, t_start: float, loss, tokens_pe
     path = save(run)
     elapsed = time.perf_counter() - t_start
     log.warning("interrupted at step %d; checkpoint written to %s", run.step, path)
-    run.history.update(
-        steps_run=run.step - start_step, start_step=start_step, elapsed_s=elapsed, final_loss=loss, interrupted=True,
-        tokens_per_s=(run.step - start_step) * tokens_per_step / max(elapsed, 1e-9),
-    )
-    return run.history
+    return _finish(run, start_step, elapsed, loss, tokens_per_step, interrupted=True)
 
 
 class _Interrupt:
@@ -606,8 +601,10 @@ def _train_record(run: Run, loss: float, tps: float, tokens_per_step: int, peak:
 
 
 def _log_sparsity(run: Run) -> None:
-    for s in run.sparsifier.group_stats():
+    rows = run.sparsifier.stats()
+    groups = run.sparsifier.group_stats(rows)
+    for s in groups:
         run.metrics.scalar(f"sparsity/{s['group']}/target", s["target"], run.step)
-    for s in run.sparsifier.stats():
+    for s in rows:
         run.metrics.scalar(f"sparsity/{s['name']}/actual", s["actual"], run.step)
-    run.metrics.write({"kind": "sparsity", "step": run.step, "groups": run.sparsifier.group_stats(), "flops_per_token": run.flops})
+    run.metrics.write({"kind": "sparsity", "step": run.step, "groups": groups, "flops_per_token": run.flops})

@@ -346,11 +346,11 @@ class Sparsifier:
             )
         return rows
 
-    def group_stats(self) -> list[dict[str, Any]]:
-        """``stats`` summed per group (in config order): group, target, mask, actual, tensors,
-        numel, kept; fractions weighted by tensor size."""
+    def group_stats(self, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """``stats`` (or the ``rows`` it already returned) summed per group, in config order:
+        group, target, mask, actual, tensors, numel, kept; fractions weighted by tensor size."""
         groups: dict[str, dict[str, Any]] = {}
-        for row in self.stats():
+        for row in self.stats() if rows is None else rows:
             g = groups.setdefault(
                 row["group"],
                 {"group": row["group"], "target": row["target"], "tensors": 0, "numel": 0, "kept": 0, "zeros": 0.0},
