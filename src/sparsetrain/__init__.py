@@ -14,6 +14,8 @@ _LAZY = {
     "Sparsifier": "sparsetrain.sparsity.sparsifier",
     "save_sparse_checkpoint": "sparsetrain.checkpoint",
     "load_sparse_checkpoint": "sparsetrain.checkpoint",
+    "use_block_kernels": "sparsetrain.sparsity.block_linear",
+    "use_dense_kernels": "sparsetrain.sparsity.block_linear",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -62,7 +62,7 @@ def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[fl
 
 
 def _params(preset: str, batch_size: int, seq_len: int, sparsity: float | None, compile_: str | bool, device: str,
-            overrides: tuple[str, ...] = ()) -> Any:
+            overrides: tuple[str, ...] = (), structure: str = "unstructured", block_size: int = 128) -> Any:
     model = {"preset": preset, "use_bias": False, "vocab_size": BENCH_VOCAB,
              "max_position_embeddings": max(seq_len, PRESETS[preset]["max_position_embeddings"])}
     if preset == "gpt2-tiny":
@@ -74,7 +74,9 @@ def _params(preset: str, batch_size: int, seq_len: int, sparsity: float | None, 
         "runconfig": {"max_steps": 10**9, "progress": False, "compile": compile_, "device": device},
     }
     if sparsity is not None:
-        raw["sparsity"] = {"sparsity": sparsity, "init_method": "topk"}
+        raw["sparsity"] = {"sparsity": sparsity, "init_method": "topk", "structure": structure}
+        if structure == "block":
+            raw["sparsity"]["block_size"] = block_size
     return params_from_dict(apply_overrides(raw, overrides))
 
 
@@ -88,11 +90,13 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params: set[int] | N
     return total
 
 
-def run_ours(preset, batch_size, seq_len, sparsity, steps, warmup, compile_, device, overrides=()) -> dict[str, Any]:
+def run_ours(preset, batch_size, seq_len, sparsity, steps, warmup, compile_, device, overrides=(),
+             structure="unstructured", block_size=128) -> dict[str, Any]:
     """Our training step through the normal path (setup + train_step)."""
     from sparsetrain import train as tr
+    from sparsetrain.sparsity.block_linear import BlockSparseLinear
 
-    params = _params(preset, batch_size, seq_len, sparsity, compile_, device, tuple(overrides))
+    params = _params(preset, batch_size, seq_len, sparsity, compile_, device, tuple(overrides), structure, block_size)
     with tempfile.TemporaryDirectory() as tmp:
         run = tr.setup(params, Path(tmp), train=True, evaluate=False, write_metrics=False)
         _reset_memory(run.device)
@@ -106,6 +110,7 @@ def run_ours(preset, batch_size, seq_len, sparsity, steps, warmup, compile_, dev
         # A packed optimizer also counts its bitmasks and tile offsets, which live beside the state.
         result["sparse_weights_state_bytes"] = packed()["masked"] if packed else optimizer_state_bytes(run.optimizer, ids)
         result["flops_per_token"] = run.flops
+        result["block_kernel_layers"] = sum(isinstance(m, BlockSparseLinear) for m in run.model.modules())
         result["device"] = str(run.device)
     return result
 
@@ -152,21 +157,25 @@ def run_reference(preset, batch_size, seq_len, steps, warmup, device, compile_) 
 def bench_train(
     preset: str, batch_size: int, seq_len: int, sparsity: float, *, steps: int = 20, warmup: int = 10,
     reference: bool = True, compile_: str | bool = "auto", device: str = "auto", structure: str = "unstructured",
-    overrides: tuple[str, ...] = (),
+    block_size: int = 128, overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Run reference, dense and sparse; return their figures and ratios."""
-    if structure != "unstructured":
-        raise ValueError(f"--structure {structure!r}: only 'unstructured' is available in this version")
+    """Run reference, dense and sparse; return their figures and ratios.
+
+    ``structure``: ``unstructured`` (masked dense: the target is no extra cost), ``block`` (with
+    ``block_size``: the block-skipping kernels, the target is a speedup) or ``"N:M"``.
+    """
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     torch.backends.cuda.matmul.allow_tf32 = True
-    results: dict[str, Any] = {"preset": preset, "batch_size": batch_size, "seq_len": seq_len, "sparsity": sparsity}
+    results: dict[str, Any] = {"preset": preset, "batch_size": batch_size, "seq_len": seq_len, "sparsity": sparsity,
+                               "structure": structure if structure != "block" else f"block {block_size}x{block_size}"}
     if dev.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
     results["torch"] = torch.__version__
     if reference:
         results["reference"] = run_reference(preset, batch_size, seq_len, steps, warmup, dev, compile_)
     results["dense"] = run_ours(preset, batch_size, seq_len, None, steps, warmup, compile_, dev, overrides)
-    results["sparse"] = run_ours(preset, batch_size, seq_len, sparsity, steps, warmup, compile_, dev, overrides)
+    results["sparse"] = run_ours(preset, batch_size, seq_len, sparsity, steps, warmup, compile_, dev, overrides,
+                                 structure, block_size)
     add_rates(results, batch_size * seq_len, dev)
     return results
 
@@ -181,10 +190,14 @@ def add_rates(results: dict[str, Any], tokens_per_step: int, device: str) -> Non
         if not r:
             continue
         r["tokens_per_s"] = tokens_per_step / (r["ms_per_step"] / 1000.0)
-        r["mfu"] = dense_flops * r["tokens_per_s"] / peak if peak else None
+        # MFU counts the FLOPs the GPU executes: a masked-dense step does the dense work; with
+        # the block-sparse kernels the sparsified layers do only their live blocks' work.
+        executed = r["flops_per_token"]["sparse"] if r.get("block_kernel_layers") else dense_flops
+        r["mfu"] = executed * r["tokens_per_s"] / peak if peak else None
     d, s, ref = results["dense"], results["sparse"], results.get("reference")
     results["ratios"] = {
         "sparse_step_time_over_dense": s["ms_per_step"] / d["ms_per_step"],
+        "sparse_tokens_per_s_over_dense": s["tokens_per_s"] / d["tokens_per_s"],
         "dense_tokens_per_s_over_reference": d["tokens_per_s"] / ref["tokens_per_s"] if ref else None,
         "sparse_weight_state_bytes_over_dense": (
             s["sparse_weights_state_bytes"] / d["sparse_weights_state_bytes"]
@@ -199,7 +212,8 @@ def add_rates(results: dict[str, Any], tokens_per_step: int, device: str) -> Non
 
 def format_results(r: dict[str, Any]) -> str:
     gib = 1024**3
-    lines = [f"{r['preset']}  batch {r['batch_size']}  seq {r['seq_len']}  sparsity {r['sparsity']}  "
+    lines = [f"{r['preset']}  batch {r['batch_size']}  seq {r['seq_len']}  sparsity {r['sparsity']} "
+             f"({r.get('structure', 'unstructured')})  "
              f"{r.get('gpu', 'cpu')}  torch {r['torch']}",
              f"{'':<10} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'peak mem':>10} {'opt state':>10}"]
     for key in ("reference", "dense", "sparse"):
@@ -218,6 +232,6 @@ def format_results(r: dict[str, Any]) -> str:
 def main_bench(args: Any) -> int:
     res = bench_train(args.preset, args.batch_size, args.seq_len, args.sparsity, steps=args.steps, warmup=args.warmup,
                       reference=not args.no_reference, compile_=args.compile, device=args.device, structure=args.structure,
-                      overrides=tuple(args.overrides))
+                      block_size=args.block_size, overrides=tuple(args.overrides))
     print(json.dumps(res, indent=2) if args.json else format_results(res))
     return 0

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from sparsetrain.errors import ConfigError, DataError
+from sparsetrain import distributed
+from sparsetrain.errors import ConfigError, DataError, UserError
 
 if TYPE_CHECKING:
     import tokenizers
@@ -452,8 +453,12 @@ class HFTokenizer(Tokenizer):
     def save(self, path: Path) -> None:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
-        self.tokenizer.save(str(tmp))
-        os.replace(tmp, path)
+        try:
+            self.tokenizer.save(str(tmp))
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(self.tokenizer.to_str())
@@ -485,14 +490,23 @@ def load_tokenizer(input: DataInput, model_dir: Path | None = None) -> Tokenizer
 
     ``byte``: UTF-8 bytes. ``bpe``: ``model_dir/tokenizer.json`` if it exists (resume), else a
     byte-level BPE trained on the section's train split (all of it with ``split: all``) and saved
-    there. Any other value is the path of a tokenizer.json. With ``source: shards`` it is the
-    tokenizer recorded in the shard directory; ``tokenizer`` must agree with it.
+    there; under torchrun rank 0 alone does this and the other ranks get a copy of its tokenizer
+    (or its error). Any other value is the path of a tokenizer.json. With ``source: shards`` it is
+    the tokenizer recorded in the shard directory; ``tokenizer`` must agree with it.
     """
     check_input(input)
     key = f"{input.section}.tokenizer"
     if input.source == "shards":
         return _shard_tokenizer(input)
-    if input.tokenizer == "bpe" and model_dir is not None:
+    if input.tokenizer == "bpe":
+        # One writer of model_dir/tokenizer.json: ranks that each trained one raced on the file.
+        return distributed.from_main(lambda: _bpe_tokenizer(input, model_dir, key))
+    return _make_tokenizer(input.tokenizer, input.bpe_vocab_size, key, None)
+
+
+def _bpe_tokenizer(input: DataInput, model_dir: Path | None, key: str) -> Tokenizer:
+    """``model_dir/tokenizer.json`` if it exists, else a BPE trained on the train split, saved there."""
+    if model_dir is not None:
         saved = Path(model_dir) / "tokenizer.json"
         if saved.is_file():
             tok = HFTokenizer.load(saved, key)
@@ -501,14 +515,12 @@ def load_tokenizer(input: DataInput, model_dir: Path | None = None) -> Tokenizer
                 log.warning("%s: %s has more tokens than bpe_vocab_size %d", input.section, saved, input.bpe_vocab_size)
             return tok
     train_split = "all" if split_of(input) == "all" else "train"
-    texts = iter_documents(input, train_split) if input.tokenizer == "bpe" else None
-    tok = _make_tokenizer(input.tokenizer, input.bpe_vocab_size, key, texts)
-    if input.tokenizer == "bpe":
-        if model_dir is None:
-            log.warning("%s: BPE tokenizer trained but not saved (no model_dir)", input.section)
-        else:
-            Path(model_dir).mkdir(parents=True, exist_ok=True)
-            tok.save(Path(model_dir) / "tokenizer.json")
+    tok = _make_tokenizer("bpe", input.bpe_vocab_size, key, iter_documents(input, train_split))
+    if model_dir is None:
+        log.warning("%s: BPE tokenizer trained but not saved (no model_dir)", input.section)
+    else:
+        Path(model_dir).mkdir(parents=True, exist_ok=True)
+        tok.save(Path(model_dir) / "tokenizer.json")
     return tok
 
 

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-from sparsetrain.errors import ConfigError
+from sparsetrain.errors import ConfigError, UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,9 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(
-        model, optimizer, optim_state_dict=_indices_to_names(state, model, optimizer),
+        model,
+        optimizer,
+        optim_state_dict=_indices_to_names(state, model, optimizer),
         options=StateDictOptions(full_state_dict=True),
     )
 
@@ -134,9 +140,7 @@ def local_device(device: torch.device, info: DistInfo) -> torch.device:
 def rank_slice(batch_size: int, info: DistInfo, section: str = "train_input") -> slice:
     """This rank's rows of the global batch."""
     if batch_size % info.world_size:
-        raise ConfigError(
-            f"{section}.batch_size: {batch_size} is not divisible by the {info.world_size} processes"
-        )
+        raise ConfigError(f"{section}.batch_size: {batch_size} is not divisible by the {info.world_size} processes")
     per = batch_size // info.world_size
     return slice(info.rank * per, (info.rank + 1) * per)
 
@@ -172,6 +176,37 @@ def check_masks_agree(masks: dict[str, torch.Tensor], info: DistInfo, device: to
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if int(t[0]) != mine or int(-t[1]) != mine:
         raise RuntimeError("sparsity masks differ between ranks; this is a bug, please report it")
+
+
+def from_main(make: Callable[[], T]) -> T:
+    """``make()`` run by rank 0 alone, its (picklable) result handed to every rank.
+
+    For work that one process must do for all, such as training and writing a tokenizer: the
+    other ranks wait in one broadcast from rank 0 instead. If ``make`` fails on rank 0, every
+    other rank raises the same error (a ``UserError`` keeps its type and one-line message), so
+    none waits for a rank that gave up. Without a process group (one process) it is ``make()``.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return make()
+    if dist.get_rank() != 0:
+        box: list = [None]
+        dist.broadcast_object_list(box, src=0)
+        ok, value = box[0]
+        if ok:
+            return value
+        kind, message = value
+        raise kind(message)
+    try:
+        result = make()
+    except Exception as e:
+        if isinstance(e, UserError):
+            failure = (type(e), str(e))
+        else:  # a bug: rank 0 keeps its traceback, the others say where to look
+            failure = (RuntimeError, f"rank 0 failed: {type(e).__name__}: {e}")
+        dist.broadcast_object_list([(False, failure)], src=0)
+        raise
+    dist.broadcast_object_list([(True, result)], src=0)
+    return result
 
 
 def barrier(info: DistInfo) -> None:

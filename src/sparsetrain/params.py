@@ -150,6 +150,11 @@ class RunConfig:
         "auto", "scaled-dot-product attention kernel to prefer: auto (PyTorch's choice) | flash | cudnn | efficient | math",
         choices=("auto", "flash", "cudnn", "efficient", "math"),
     )
+    sparse_kernels: str = _f(
+        "auto",
+        "block-sparse weights: auto (skip dead blocks with the Triton kernels on CUDA in bf16/fp16) | off (masked dense)",
+        choices=("auto", "off"),
+    )
     progress: bool = _f(True, "show a progress bar on the terminal")
 
 
@@ -256,6 +261,13 @@ def build_section(cls: type, raw: Any, where: str, **extra: Any) -> Any:
     for key, value in raw.items():
         if key not in fields:
             raise ConfigError(f"{section}.{_key_text(key)}: unknown key{_closest(str(key), fields)}")
+        choices = fields[key].metadata.get("choices")
+        if choices is not None and isinstance(value, bool) and not isinstance(choices[0], bool):
+            # YAML 1.1 reads on/off/yes/no as booleans: name the valid words instead.
+            raise ConfigError(
+                f"{section}.{key}: {value!r} is not valid; choose one of {', '.join(map(str, choices))} "
+                "(YAML reads unquoted on/off/yes/no as true/false: quote the word)"
+            )
         values[key] = _coerce(value, hints[key], f"{section}.{key}")
         _check_range(values[key], fields[key].metadata, f"{section}.{key}")
     return cls(**values)

@@ -38,6 +38,7 @@ from sparsetrain.metrics import MetricsWriter
 from sparsetrain.model import GPT
 from sparsetrain.params import OptimizerParams, Params
 from sparsetrain.sparsity import nan_format
+from sparsetrain.sparsity.block_linear import use_block_kernels
 from sparsetrain.sparsity.sparsifier import Sparsifier, sparsify
 
 log = logging.getLogger("sparsetrain")
@@ -257,6 +258,8 @@ def setup(
             _load_training_state(run, state, path)
     if params.sparsity is not None:
         run.sparsifier = sparsify(model, params.sparsity, run.optimizer, masks=masks)
+        if rc.sparse_kernels == "auto" and device.type == "cuda":
+            use_block_kernels(model, run.sparsifier)
     if state is not None and full_resume:
         run.step = int(state["global_step"])
     if info.active:

@@ -111,6 +111,7 @@ class Sparsifier:
         self._hooked = False
         self._masked_grads: dict[int, tuple[weakref.ref, int]] = {}
         self._enforced: dict[int, set[int]] = {}  # id(optimizer) -> indices of _bound it enforces
+        self.block_kernels = False  # set by sparsity.block_linear.use_block_kernels
         self._bind()
         self.apply()
 
@@ -319,6 +320,10 @@ class Sparsifier:
         self._bind()
         self._cast.clear()
         self.apply()
+        if self.block_kernels:  # the kernels' block tables follow the new masks
+            from sparsetrain.sparsity.block_linear import use_block_kernels
+
+            use_block_kernels(self.model, self)
 
     @torch.no_grad()
     def stats(self) -> list[dict[str, Any]]:

@@ -1,0 +1,182 @@
+"""``block_sparse_linear``: a linear layer over the live blocks of its weight, as one torch op.
+
+The Triton kernels (:mod:`sparsetrain.kernels.block_sparse`) are wrapped in the custom op
+``sparsetrain::block_sparse_mm`` with its autograd formula and fake (meta) implementation, so that
+``torch.compile`` keeps it whole (no graph break) and CUDA graphs can capture it. Importing this
+module does not import Triton; the kernels load on the first call on a GPU.
+
+Dtypes follow ``F.linear`` under autocast: with CUDA autocast on, the input is cast to the
+autocast dtype and the fp32 master weight is read as that dtype (only its live blocks are
+copied, once per call); the weight gradient comes back in the weight's own dtype (fp32). The
+kernels run in bf16 or fp16. Everything else, an fp32 model, a CPU tensor, a block shape the
+kernels do not take (see ``kernel_block_ok``) or no Triton, takes the fallback ``F.linear`` on the
+weight itself: the sparsifier keeps pruned weights at exactly zero, so both paths compute the same
+function (the kernels just skip the zero blocks).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from sparsetrain.kernels import has_triton
+from sparsetrain.kernels.block_layout import BlockLayout, kernel_block_ok
+
+__all__ = ["TABLES", "block_sparse_linear", "kernel_path"]
+
+# The BlockLayout tables the op takes, in this order.
+TABLES = ("row_ptr", "row_cols", "col_ptr", "col_rows", "col_ids", "blk_rows")
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _layout(weight: torch.Tensor, tables: list[torch.Tensor], br: int, bc: int) -> BlockLayout:
+    return BlockLayout(tuple(weight.shape), (br, bc), tables[1].numel(), *tables)
+
+
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    from sparsetrain.kernels.block_sparse import tma_available
+
+    if os.environ.get("SPARSETRAIN_BLOCK_TMA", "1") == "0":
+        return False
+    return tma_available(tensors[0].device) and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+@torch.library.custom_op("sparsetrain::block_sparse_mm", mutates_args=())
+def block_sparse_mm(
+    x: torch.Tensor, weight: torch.Tensor, tables: list[torch.Tensor], br: int, bc: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x @ weight.T, packed)`` over the live blocks; ``x (M, K)`` in the compute dtype.
+    ``packed``, the live blocks in that dtype, is kept for the backward (as autocast keeps its
+    cast copy of a dense weight)."""
+    return _forward_impl(x, weight, tables, br, bc)
+
+
+def _forward_impl(x, weight, tables, br, bc):
+    from sparsetrain.kernels import block_sparse
+
+    layout = _layout(weight, tables, br, bc)
+    packed = block_sparse.pack(weight, layout, x.dtype)
+    return block_sparse.forward(x, packed, layout, use_tma=_use_tma(x, packed)), packed
+
+
+@block_sparse_mm.register_fake
+def _(x, weight, tables, br, bc):
+    nnz = tables[1].shape[0]
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(nnz, br, bc)
+
+
+@torch.library.custom_op("sparsetrain::block_sparse_mm_backward", mutates_args=())
+def block_sparse_mm_backward(
+    dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, tables: list[torch.Tensor],
+    n: int, br: int, bc: int, weight_dtype: torch.dtype, need_input: bool, need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dX, dW)`` with ``dW`` dense ``(n, K)`` in ``weight_dtype``; one not asked for is empty."""
+    return _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, need_input, need_weight)
+
+
+def _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, need_input, need_weight):
+    from sparsetrain.kernels import block_sparse
+
+    layout = BlockLayout((n, x.shape[1]), (br, bc), tables[1].numel(), *tables)
+    dy = dy.to(x.dtype)
+    dx = dw = x.new_empty(0)
+    if need_input:
+        dx = block_sparse.dgrad(dy, packed, layout, use_tma=_use_tma(dy, packed))
+    if need_weight:
+        dw = block_sparse.wgrad(x, dy, layout, out_dtype=weight_dtype, use_tma=_use_tma(x, dy))
+    return dx, dw
+
+
+@block_sparse_mm_backward.register_fake
+def _(dy, x, packed, tables, n, br, bc, weight_dtype, need_input, need_weight):
+    dx = x.new_empty(x.shape) if need_input else x.new_empty(0)
+    dw = x.new_empty(n, x.shape[1], dtype=weight_dtype) if need_weight else x.new_empty(0)
+    return dx, dw
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, tables, br, bc = inputs
+    ctx.meta = (weight.shape[0], br, bc, weight.dtype)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, output[1], *tables)
+
+
+def _backward(ctx, dy, _packed_grad):
+    x, packed, *tables = ctx.saved_tensors
+    need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    no_tables = [None] * len(tables)
+    if not (need_input or need_weight):
+        return None, None, no_tables, None, None
+    dx, dw = block_sparse_mm_backward(dy, x, packed, tables, *ctx.meta, need_input, need_weight)
+    return (dx if need_input else None), (dw if need_weight else None), no_tables, None, None
+
+
+block_sparse_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerBlockSparseMM(torch.autograd.Function):
+    """The same products for eager mode, without the custom op's per-call dispatch and checks
+    (measured: they cost more host time than the kernels take on GPT-2-small shapes)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, br, bc, *tables):
+        y, packed = _forward_impl(x, weight, list(tables), br, bc)
+        ctx.meta = (weight.shape[0], br, bc, weight.dtype)
+        ctx.save_for_backward(x, packed, *tables)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, packed, *tables = ctx.saved_tensors
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx = dw = None
+        if need_input or need_weight:
+            dx, dw = _backward_impl(dy, x, packed, tables, *ctx.meta, need_input, need_weight)
+        return (dx if need_input else None), (dw if need_weight else None), None, None, *([None] * len(tables))
+
+
+def kernel_path(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int]) -> torch.dtype | None:
+    """The dtype the kernels would run in for this call, or None when it takes the fallback."""
+    if not (x.is_cuda and weight.is_cuda) or not kernel_block_ok(tuple(weight.shape), block):
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    if dtype not in _KERNEL_DTYPES or not _triton_ok():
+        return None
+    return dtype
+
+
+_TRITON: list[bool] = []
+
+
+def _triton_ok() -> bool:
+    """``has_triton()``, asked once (in eager code: ``BlockSparseLinear.set_layout`` asks first),
+    so that torch.compile reads a plain module constant instead of tracing an import."""
+    if not _TRITON:
+        _TRITON.append(has_triton())
+    return _TRITON[0]
+
+
+def block_sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tables: list[torch.Tensor],
+    block: tuple[int, int],
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed over the live blocks only (``tables`` from a
+    :class:`BlockLayout` of ``weight``'s mask, in ``TABLES`` order); the fallback where the kernels
+    do not apply. Pruned entries of ``weight`` must be zero (the sparsifier keeps them so)."""
+    dtype = kernel_path(x, weight, block)
+    if dtype is None:
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    if torch.compiler.is_compiling():
+        y, _ = block_sparse_mm(x2, weight, tables, block[0], block[1])
+    else:
+        y = _EagerBlockSparseMM.apply(x2, weight, block[0], block[1], *tables)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.reshape(*lead, weight.shape[0])
