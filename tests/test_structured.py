@@ -447,6 +447,21 @@ def test_plan_json_and_text_show_structure(tiny_params, write_params, capsys):
     assert "~" in out  # the estimated count is marked
 
 
+def test_plan_marks_weights_on_the_gpu_kernels(tiny_params, write_params, capsys):
+    block = {"sparsity": 0.5, "structure": "block", "block_size": 16, "param_name_patterns": {
+        "mlp.fc": {}, "mlp.proj": {"block_size": 24}, "attn.qkv": {"block_size": [16, 32]}}}
+    path = write_params(tiny_params(sparsity=block))  # width 32: fc 128x32, proj 32x128, qkv 96x32
+    assert cli("plan", "--params", path, "--json") == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["parameters"]}
+    assert rows["layers.0.mlp.fc.weight"]["gpu_kernels"] is True
+    assert rows["layers.0.mlp.proj.weight"]["gpu_kernels"] is False  # 24 is not a power of two
+    assert rows["layers.0.attn.qkv.weight"]["gpu_kernels"] is True  # rectangular 16x32 fits 96x32
+    assert cli("plan", "--params", path) == 0
+    out = capsys.readouterr().out
+    assert "block 16x16*" in out and "block 24x24 " in out and "runs on the block-sparse GPU kernels" in out
+    assert "train masked dense (no speedup)" in out
+
+
 def test_plan_rejects_nm_on_indivisible_shape(tiny_params, write_params, capsys):
     path = write_params(tiny_params(sparsity={"structure": "3:64", "param_name_patterns": "mlp.fc"}))
     assert cli("plan", "--params", path) == 2

@@ -10,7 +10,9 @@ plan:    {"parameters": [{"name", "shape", "numel", "group", "sparsity", "init_m
          (exactly round(sparsity * blocks)) and "pruned_exact": "pruned" is exact except for
          topk blocks on a shape with partial edge blocks (it depends on which blocks the weights
          pick): then it is an estimate that prunes the smallest (edge) blocks first, as topk does
-         on freshly initialised weights, and "pruned_exact" is false.
+         on freshly initialised weights, and "pruned_exact" is false. "gpu_kernels" (block rows)
+         says whether the weight runs on the block-sparse GPU kernels (an nn.Linear weight of
+         whole blocks with sides 16..256, powers of two; see sparsetrain.sparsity.block_linear).
 inspect: {"global_step", "tensors": [{"name", "shape", "numel", "nan", "zero", "sparsity", "nonfinite"}],
           "total": {"numel", "nan", "sparsity"}}
 """
@@ -28,6 +30,7 @@ import torch
 from sparsetrain import checkpoint as ckpt
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.flops import flops_report
+from sparsetrain.kernels.block_layout import kernel_block_ok
 from sparsetrain.params import Params
 from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.config import parse_sparsity
@@ -71,6 +74,7 @@ def plan(params: Params) -> dict[str, Any]:
     config = parse_sparsity(params.sparsity)
     settings = select_for_model(model, config) if config is not None else {}
     rows, dense, fractions = [], [], {}
+    linear_weights = {f"{m_name}.weight" for m_name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     for name, p in model.named_parameters():
         s = settings.get(name)
         if s is None:
@@ -90,6 +94,7 @@ def plan(params: Params) -> dict[str, Any]:
             row.update({
                 "block_size": list(block), "blocks": grid[0] * grid[1],
                 "pruned_blocks": num_pruned_blocks(p.shape, s.sparsity, block), "pruned_exact": exact,
+                "gpu_kernels": name in linear_weights and kernel_block_ok(tuple(p.shape), block),
             })
         rows.append(row)
     flops = flops_report(cfg, params.train_input.max_sequence_length, fractions)
@@ -103,7 +108,7 @@ def format_plan(report: dict[str, Any]) -> str:
         shape = "x".join(map(str, r["shape"]))
         structure = r.get("structure", "unstructured")
         if structure == "block":
-            structure = "block {}x{}".format(*r["block_size"])
+            structure = "block {}x{}{}".format(*r["block_size"], "*" if r.get("gpu_kernels") else "")
         approx = "~" if r.get("pruned_exact") is False else ""
         kept = f"{approx}{r['kept']:,}"
         lines.append(
@@ -113,6 +118,11 @@ def format_plan(report: dict[str, Any]) -> str:
     total = sum(r["numel"] for r in rows)
     pruned = sum(r["pruned"] for r in rows)
     lines.append(f"{len(rows)} sparsified tensors: {pruned:,} of {total:,} entries pruned ({pruned / max(total, 1):.1%})")
+    if any(r.get("gpu_kernels") for r in rows):
+        lines.append("* runs on the block-sparse GPU kernels (CUDA, bf16/fp16 autocast, runconfig.sparse_kernels: auto)")
+    if any(r.get("structure") == "block" and not r.get("gpu_kernels") for r in rows):
+        lines.append("block weights without * train masked dense (no speedup): the kernels need whole blocks "
+                     "with sides 16..256, powers of two")
     if any(r.get("pruned_exact") is False for r in rows):
         lines.append("~ topk blocks with partial edge blocks: the entry count depends on which blocks are kept (estimate)")
     lines.append(f"left dense ({len(report['dense'])}): {', '.join(report['dense'])}")
