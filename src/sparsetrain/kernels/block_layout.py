@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockLayout", "kernel_block_ok", "pack_blocks", "unpack_blocks"]
+__all__ = ["BlockLayout", "kernel_block_ok", "pack_blocks", "unpack_blocks", "write_blocks"]
 
 # Block sides the Triton kernels take: tensor-core tiles need powers of two of at least 16.
 KERNEL_BLOCK_SIDES = (16, 32, 64, 128, 256)
@@ -109,5 +109,10 @@ def pack_blocks(weight: torch.Tensor, layout: BlockLayout, dtype: torch.dtype | 
 def unpack_blocks(packed: torch.Tensor, layout: BlockLayout, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A dense ``(N, K)`` tensor holding ``packed``'s blocks at their places, zeros elsewhere."""
     dense = packed.new_zeros(layout.shape, dtype=dtype or packed.dtype)
-    _blocks_view(dense, layout.block)[layout.blk_rows.long(), layout.row_cols.long()] = packed.to(dense.dtype)
+    write_blocks(dense, packed, layout)
     return dense
+
+
+def write_blocks(dense: torch.Tensor, packed: torch.Tensor, layout: BlockLayout) -> None:
+    """Write ``packed``'s blocks into the contiguous ``(N, K)`` tensor ``dense`` at their places."""
+    _blocks_view(dense, layout.block)[layout.blk_rows.long(), layout.row_cols.long()] = packed.to(dense.dtype)

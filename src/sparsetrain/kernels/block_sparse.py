@@ -23,6 +23,12 @@ either through pointers (cp.async pipelining) or through TMA tensor descriptors 
 the launch order puts the programs that share an X tile next to each other so X is read from
 DRAM about once and the packed weight stays in L2. Configurations are picked per shape by
 ``triton.autotune`` (first call per shape).
+
+Measured on an H200 (BENCHMARKS.md, 16384 tokens, 128x128 blocks, CUDA-graph replays): with every
+block live the three products run at 0.80-0.93x of cuBLAS; at 75% sparsity 2.6-2.7x faster than
+cuBLAS dense on the GPT-3 XL MLP shapes, 5.1x at 90%. TMA loads: 0.91x of cuBLAS against 0.71x for
+pointer loads (forward, all blocks live). Host side, each autotuned launch costs tens of
+microseconds of Python: train with CUDA graphs (``compile_mode: reduce-overhead``).
 """
 
 from __future__ import annotations
@@ -33,14 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsetrain.kernels.block_layout import BlockLayout
+from sparsetrain.kernels.block_layout import BlockLayout, write_blocks
 
 try:  # TMA descriptors (Hopper and later); absent in older Tritons
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the Triton version
     TensorDescriptor = None
 
-__all__ = ["dgrad", "forward", "tma_available", "wgrad"]
+__all__ = ["dgrad", "forward", "pack", "tma_available", "wgrad"]
 
 
 def tma_available(device: torch.device) -> bool:
@@ -350,7 +356,5 @@ def wgrad(
         BR=br, BC=bc, SPLIT_SIDE=128, USE_TMA=use_tma, DIRECT=direct,
     )  # fmt: skip
     if not direct:
-        from sparsetrain.kernels.block_layout import _blocks_view
-
-        _blocks_view(dw, layout.block)[layout.blk_rows.long(), layout.row_cols.long()] = out.sum(0).to(out_dtype)
+        write_blocks(dw, out.sum(0), layout)
     return dw

@@ -16,10 +16,10 @@ The ``*_reference`` functions are written to be obviously right rather than fast
 over the live blocks, each a small dense product, accumulated in float32 (float64 for float64
 inputs) and cast to the inputs' dtype at the end, as a tensor-core kernel with fp32
 accumulators would. ``BlockSparseLinearFunction`` wires them into autograd. ``masked_dense`` is
-the production fallback (CPU, or any device without the kernels): one dense ``F.linear`` on
-``where(mask, W, 0)``, whose autograd gives the same three products. ``block_sparse_linear`` is
-the entry point the model will call; today it always takes the masked-dense path (no GPU
-kernel exists yet).
+one dense ``F.linear`` on ``where(mask, W, 0)``, whose autograd gives the same three products.
+The GPU kernels are :mod:`sparsetrain.kernels.block_sparse`; the entry point training calls is
+:func:`sparsetrain.kernels.block_sparse_op.block_sparse_linear` (its fallback is plain
+``F.linear``, since the sparsifier keeps pruned weights at exactly zero).
 
 Leading dimensions of ``X`` (batch, sequence) are flattened; inputs may be non-contiguous.
 """
@@ -35,7 +35,6 @@ from sparsetrain.sparsity.masks import as_block, block_grid, layout_to_mask
 
 __all__ = [
     "BlockSparseLinearFunction",
-    "block_sparse_linear",
     "block_sparse_linear_grad_input",
     "block_sparse_linear_grad_weight",
     "block_sparse_linear_reference",
@@ -174,15 +173,3 @@ def masked_dense(
     _check_layout(weight.shape[0], weight.shape[1], layout, block)
     mask = layout_to_mask(layout.to(weight.device), block, weight.shape)
     return F.linear(x, torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), bias)
-
-
-def block_sparse_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    layout: torch.Tensor,
-    block: int | Sequence[int],
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Block-sparse ``Y = X W^T (+ bias)`` with autograd: the GPU kernels once they exist (CUDA
-    with Triton); masked dense everywhere else, which is also the only path today."""
-    return masked_dense(x, weight, layout, block, bias)
