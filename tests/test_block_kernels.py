@@ -175,6 +175,12 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     torch.testing.assert_close(y.float(), yr, **close)
     torch.testing.assert_close(x.grad.float(), x2.grad, **close)
     torch.testing.assert_close(w.grad, w2.grad, **close)
+    # the eager path (autograd.Function, no custom-op dispatch) computes the same
+    from sparsetrain.kernels.block_sparse_op import _EagerBlockSparseMM
+    x3, w3 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    _EagerBlockSparseMM.apply(x3, w3, 32, 32, *tables).backward(g)
+    torch.testing.assert_close(x3.grad, x.grad, rtol=0, atol=0)
+    torch.testing.assert_close(w3.grad, w.grad, rtol=0, atol=0)
     w = torch.randn(64, 128)
     torch.testing.assert_close(bs.pack(w, t, torch.float16), pack_blocks(w, t, torch.float16), rtol=0, atol=0)
     print("interpreter ok")
