@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): DDP sparse training matches one process exactly enough."""
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP sparse training match one process exactly
+enough, with packed optimizer state (the default with a sparsity block) or torch's dense state."""
 
 from __future__ import annotations
 
@@ -80,10 +81,16 @@ def params(tiny_params, write_params):
     )
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, params, mode):
+# (distributed mode, optimizer.packed_state): packed is the default with a sparsity block.
+MODES = [("ddp", True), ("fsdp", True), ("fsdp", False)]
+MODE_IDS = ["ddp", "fsdp-packed", "fsdp-dense"]
+
+
+@pytest.mark.parametrize(("mode", "packed"), MODES, ids=MODE_IDS)
+def test_two_processes_match_one(tmp_path, params, mode, packed):
     one, two = tmp_path / "one", tmp_path / "two"
-    r1, r2 = _launch(1, params, one), _launch(2, params, two, f"runconfig.distributed={mode}")
+    state = f"optimizer.packed_state={str(packed).lower()}"
+    r1, r2 = _launch(1, params, one, state), _launch(2, params, two, f"runconfig.distributed={mode}", state)
     assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
     assert f"{mode.upper()} x2" in r2.stderr and r2.stdout.count("sparsetrain summary") == 1  # rank 0 speaks
@@ -93,18 +100,180 @@ def test_two_processes_match_one(tmp_path, params, mode):
     assert e1["eval_loss"] == pytest.approx(e2["eval_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_checkpoints_move_between_process_counts(tmp_path, params, mode):
+@pytest.mark.parametrize(("mode", "packed"), MODES, ids=MODE_IDS)
+def test_checkpoints_move_between_process_counts(tmp_path, params, mode, packed):
+    state = f"optimizer.packed_state={str(packed).lower()}"
     straight = tmp_path / "straight"
-    assert _launch(1, params, straight).returncode == 0
+    assert _launch(1, params, straight, state).returncode == 0
     for first, second in ((2, 1), (1, 2)):
         d = tmp_path / f"{first}then{second}"
-        r = _launch(first, params, d, "runconfig.max_steps=3", f"runconfig.distributed={mode}")
+        r = _launch(first, params, d, "runconfig.max_steps=3", f"runconfig.distributed={mode}", state)
         assert r.returncode == 0, r.stderr
-        r = _launch(second, params, d, f"runconfig.distributed={mode}")
+        r = _launch(second, params, d, f"runconfig.distributed={mode}", state)
         assert r.returncode == 0, r.stderr
         assert "resuming at step 3" in r.stderr
         _assert_same_run(straight, d, 6)
+
+
+# --- FSDP with packed optimizer state: each rank packs the state of its own shards ----------------
+
+FSDP_PROBE = """
+import json, sys
+import torch
+from sparsetrain import distributed, train
+from sparsetrain.params import load_params
+from sparsetrain.sparsity.packed_optim import PackedOptimizer
+
+run = train.setup(load_params(sys.argv[1], ["runconfig.distributed=fsdp"]), sys.argv[2], evaluate=False, write_metrics=False)
+for _ in range(3):
+    train.train_step(run)
+opt, names = run.optimizer, {id(p): n for n, p in run.model.named_parameters()}
+report = {"rank": run.dist.rank, "packed": isinstance(opt, PackedOptimizer), "weights": {}}
+for p, local_mask in run.sparsifier._bound:
+    full_mask = run.sparsifier.masks[names[id(p)]]
+    full = p.full_tensor()  # every rank takes part in the gather
+    state = opt.state.get(p, {})
+    report["weights"][names[id(p)]] = {
+        "dtensor": hasattr(p, "to_local"),
+        "local_shape": list(p.to_local().shape), "full_shape": list(p.shape),
+        "mask_shape": list(local_mask.shape), "local_kept": int(local_mask.sum()),
+        "local_pruned_zero": bool((p.to_local()[~local_mask] == 0).all()),
+        "full_pruned_zero": bool((full[~full_mask] == 0).all()), "full_kept_nonzero": int((full[full_mask] != 0).sum()),
+        "state_shapes": {k: list(v.shape) for k, v in state.items() if torch.is_tensor(v) and v.ndim},
+    }
+if report["packed"]:
+    report["enforced"] = len(opt.masks())
+    report["state_bytes"] = opt.state_bytes()["masked"]
+    report["dense_bytes"] = opt.dense_equivalent_bytes()["masked"]
+with open(f"{sys.argv[3]}/rank{run.dist.rank}.json", "w") as f:  # long lines: one file per rank, not stdout
+    json.dump(report, f)
+distributed.shutdown(run.dist)
+"""
+
+
+def _rank_reports(directory: Path) -> list[dict]:
+    return [json.loads((directory / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_fsdp_packed_state_per_rank(tmp_path, params):
+    """Each FSDP rank runs a PackedOptimizer whose state holds the kept entries of its own shard of
+    every sparsified weight (so fewer bytes than torch's dense state), and pruned weights are
+    exactly 0 in every shard after steps."""
+    script = tmp_path / "probe.py"
+    script.write_text(FSDP_PROBE)
+    r = _run(2, [str(script), str(params), str(tmp_path / "run"), str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    ranks = _rank_reports(tmp_path)
+    assert [x["rank"] for x in ranks] == [0, 1]
+    for rank in ranks:
+        assert rank["packed"], rank  # not torch's optimizer with dense state
+        weights = rank["weights"]
+        assert len(weights) == rank["enforced"] == 8  # 2 blocks x (qkv, attn proj, fc, mlp proj)
+        for name, w in weights.items():
+            assert w["dtensor"] and w["local_shape"][0] * 2 == w["full_shape"][0], name  # a shard
+            assert w["mask_shape"] == w["local_shape"], name  # the local mask slice
+            assert w["local_pruned_zero"] and w["full_pruned_zero"], name
+            assert w["full_kept_nonzero"] > 0, name  # the weights did train
+            shapes = w["state_shapes"]
+            assert shapes == {"exp_avg": [w["local_kept"]], "exp_avg_sq": [w["local_kept"]]}, name
+        # 50% sparsity: about half of the dense bytes of this rank's shards (plus the bitmasks).
+        assert rank["state_bytes"] < 0.6 * rank["dense_bytes"], rank
+    for name in ranks[0]["weights"]:  # the two shards split the weight's kept entries
+        kept = [rank["weights"][name]["local_kept"] for rank in ranks]
+        numel = ranks[0]["weights"][name]["full_shape"][0] * ranks[0]["weights"][name]["full_shape"][1]
+        assert sum(kept) == numel // 2, name
+
+
+SHARD_PROBE = """
+import copy, json, sys
+import torch
+from torch import nn
+from sparsetrain import distributed
+from sparsetrain.sparsity.packed_optim import PackedOptimizer
+from sparsetrain.sparsity.sparsifier import sparsify
+
+info = distributed.init("fsdp", torch.device("cpu"))
+BLOCK = {"sparsity": 0.5, "init_method": "random", "param_name_patterns": "weight"}
+OPTIONS = {"adamw": dict(lr=0.05, weight_decay=0.1), "sgd": dict(lr=0.05, momentum=0.9, weight_decay=0.1)}
+torch.manual_seed(0)
+inputs = [torch.randn(4, 6) for _ in range(4)]  # the same on every rank: FSDP's mean gradient is this one
+
+
+def make():
+    torch.manual_seed(1)  # weights of 5 and 1 rows: shards of 3 and 2, and of 1 and 0 rows
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1, bias=False))
+
+
+def step(model, optimizer, x):
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    optimizer.step()
+
+
+def full(model):
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def close(a, b):
+    return all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+
+
+report = {"rank": info.rank}
+for kind, options in OPTIONS.items():
+    ref = make()
+    masks = dict(sparsify(ref, BLOCK).masks)
+    torch_opt = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[kind](ref.parameters(), **options)
+    sparsify(ref, BLOCK, torch_opt, masks=masks)
+    model = copy.deepcopy(ref)
+    distributed.shard(model)
+    opt = PackedOptimizer(model.parameters(), kind=kind, **options)
+    sparsify(model, BLOCK, opt, masks=masks)
+    for x in inputs[:3]:
+        step(ref, torch_opt, x)
+        step(model, opt, x)
+    _, gathered = distributed.full_state(model, opt)
+    expected = torch_opt.state_dict()["state"]
+    report[kind + "_weights"] = close(full(model), full(ref))
+    report[kind + "_pruned_zero"] = all(bool((p.to_local()[~m] == 0).all()) for p, m in opt.masks().items())
+    report[kind + "_packed"] = all(v.ndim == 1 for s in opt.state.values() for k, v in s.items() if k != "step")
+    if info.rank == 0:  # the consolidated state: torch's dense layout, the full weights' shapes
+        report[kind + "_gathered"] = all(
+            set(gathered["state"][i]) == set(expected[i]) and close(gathered["state"][i], expected[i]) for i in expected
+        )
+    # Load the consolidated state into a fresh sharded model (before the masks for AdamW, as
+    # training's resume does; after them for SGD), then one more step on both.
+    again = copy.deepcopy(ref)
+    distributed.shard(again)
+    opt2 = PackedOptimizer(again.parameters(), kind=kind, **options)
+    saved = copy.deepcopy(torch_opt.state_dict())  # as read from a file: no tensor shared with torch_opt
+    if kind == "adamw":
+        distributed.load_optimizer_state(again, opt2, saved)
+        sparsify(again, BLOCK, opt2, masks=masks)
+    else:
+        sparsify(again, BLOCK, opt2, masks=masks)
+        distributed.load_optimizer_state(again, opt2, saved)
+    step(ref, torch_opt, inputs[3])
+    step(again, opt2, inputs[3])
+    report[kind + "_resumed"] = close(full(again), full(ref))
+with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as f:
+    json.dump(report, f)
+distributed.shutdown(info)
+"""
+
+
+def test_packed_optimizer_on_uneven_fsdp_shards(tmp_path):
+    """PackedOptimizer on FSDP2 shards of 3/2 and 1/0 rows steps as torch's optimizer on the full
+    weights; its state gathers into torch's consolidated layout and loads back into shards."""
+    script = tmp_path / "shards.py"
+    script.write_text(SHARD_PROBE)
+    r = _run(2, [str(script), str(tmp_path)], timeout=120)
+    assert r.returncode == 0, r.stderr
+    ranks = _rank_reports(tmp_path)
+    assert [x["rank"] for x in ranks] == [0, 1]
+    for kind in ("adamw", "sgd"):
+        for key in ("weights", "pruned_zero", "packed", "resumed"):
+            assert all(rank[f"{kind}_{key}"] for rank in ranks), (kind, key, ranks)
+        assert ranks[0][f"{kind}_gathered"], ranks[0]
 
 
 def test_batch_not_divisible_by_processes(tmp_path, tiny_params, write_params):
@@ -184,5 +353,5 @@ def test_bpe_tokenizer_failure_reaches_every_rank(tmp_path, tiny_params, write_p
     errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 2 and errors[0] == errors[1], r.stderr  # one line from each rank, the same
     assert errors[0].startswith(expected), r.stderr
-    assert f'File "{ROOT}' not in r.stderr, r.stderr  # no traceback from a rank (torchrun prints its own)
+    assert f'File "{ROOT / "src"}' not in r.stderr, r.stderr  # no traceback from our code (torchrun prints its own)
     assert not list(model_dir.glob(".tokenizer.json.tmp"))

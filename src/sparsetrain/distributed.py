@@ -3,8 +3,8 @@
     torchrun --nproc_per_node 2 run.py --mode train --params P --model_dir D
 
 ``runconfig.distributed``: ``auto`` (the default: DDP when launched with more than one process,
-plain single-process training otherwise) | ``none`` | ``ddp``. The backend is NCCL on CUDA and
-gloo on the CPU. Rank r uses ``cuda:LOCAL_RANK``.
+plain single-process training otherwise) | ``none`` | ``ddp`` | ``fsdp`` (FSDP2 ``fully_shard``).
+The backend is NCCL on CUDA and gloo on the CPU. Rank r uses ``cuda:LOCAL_RANK``.
 
 Every rank draws the same global batch (a pure function of seed and step) and trains on its own
 contiguous slice of it, so ranks never overlap and N processes see exactly the batch one process
@@ -80,7 +80,14 @@ def shard(model: torch.nn.Module) -> None:
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
     """Gather FSDP2's sharded model and optimizer state into full CPU tensors (on rank 0; the
     others get empty dicts). Every rank must call this. The optimizer state comes back in torch's
-    own index-keyed layout, so the checkpoint is the one single-process training writes."""
+    own index-keyed layout, so the checkpoint is the one single-process training writes.
+
+    A :class:`~sparsetrain.sparsity.packed_optim.PackedOptimizer` needs nothing special here: it
+    holds packed state for the kept entries of its own shards, but its ``state_dict()`` exports
+    each dense-shaped state tensor as a DTensor like its parameter (0 at pruned positions), i.e.
+    what torch's optimizer holds under FSDP2, and ``get_optimizer_state_dict`` gathers those into
+    full tensors. Only that export is dense (this rank's shards' state, for the time of the save);
+    the state kept between steps stays packed."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -99,7 +106,12 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) 
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full, index-keyed optimizer state (from a checkpoint every rank read) into FSDP2."""
+    """Load a full, index-keyed optimizer state (from a checkpoint every rank read) into FSDP2.
+
+    ``set_optimizer_state_dict`` slices each full tensor into a DTensor like the optimizer's own
+    (dense-shaped) state and calls ``optimizer.load_state_dict``; a ``PackedOptimizer`` packs the
+    local part of each with its shard's mask, or keeps it dense until the sparsifier hands over
+    the masks (training loads the state first, then sparsifies)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(

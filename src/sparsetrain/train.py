@@ -248,7 +248,8 @@ def setup(
             pre.detach()
         dist.shard(model)
     if train:
-        packed = params.sparsity is not None and params.optimizer.packed_state and info.mode != "fsdp"
+        # Under FSDP too: the sparsifier hands each rank's PackedOptimizer the masks of its shards.
+        packed = params.sparsity is not None and params.optimizer.packed_state
         run.optimizer = build_optimizer(model, params.optimizer, device, packed=packed)
         schedule = params.optimizer.learning_rate
         run.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -27,6 +27,15 @@ sparse norm).
   and checkpoints move both ways between ``torch.optim.AdamW`` and ``PackedOptimizer``.
   ``load_state_dict`` takes that layout and packs it with the masks; given before the masks, the
   state stays dense until :meth:`set_masks` packs it.
+- FSDP2 (``fully_shard``) parameters are DTensors: each process is handed the mask of its own
+  shard (the sparsifier's local mask slice), steps ``p.to_local()`` with ``p.grad.to_local()`` and
+  keeps packed state for the kept entries of that shard only. ``state_dict()`` then exports what
+  torch's optimizer holds under FSDP2: each dense-shaped state tensor as a DTensor with the
+  parameter's mesh and placements (0 at pruned positions of the shard), and ``load_state_dict``
+  takes the same (its local part is packed). So ``torch.distributed.checkpoint.state_dict``'s
+  ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (``full_state_dict=True``) gather
+  and scatter it exactly as for ``torch.optim.AdamW`` (:mod:`sparsetrain.distributed`), and the
+  consolidated NaN checkpoint is the one a single process writes.
 
 Not supported on masked parameters: ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``,
 sparse gradients (unmasked parameters get whatever torch supports).
@@ -52,6 +61,19 @@ _HYPER = {
 }
 _UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself, or this process's shard of a DTensor (FSDP2), to read or modify in place."""
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -242,17 +264,20 @@ class PackedOptimizer(torch.optim.Optimizer):
         Parameters this optimizer does not hold are ignored. Returns the parameters whose mask
         this optimizer now enforces (pruned weights and state kept at zero by every step). The
         mask tensor is referenced, not copied: change a mask by passing a new tensor (as the
-        sparsifier does), never in place."""
+        sparsifier does), never in place. For a DTensor parameter (FSDP2) the mask is that of this
+        process's shard, of ``p.to_local()``'s shape."""
         held = {id(p) for group in self.param_groups for p in group["params"]}
         enforced = []
         for p, mask in masks.items():
             if id(p) not in held:
                 continue
             old = self._packs.get(p)
+            local = _local(p)
             if mask is not None:
-                if tuple(mask.shape) != tuple(p.shape):
-                    raise ValueError(f"PackedOptimizer.set_masks: mask of shape {tuple(mask.shape)} for a parameter of shape {tuple(p.shape)}")
-                mask = mask.to(device=p.device, dtype=torch.bool)
+                if tuple(mask.shape) != tuple(local.shape):
+                    what = "the local shard of shape" if _is_dtensor(p) else "a parameter of shape"
+                    raise ValueError(f"PackedOptimizer.set_masks: mask of shape {tuple(mask.shape)} for {what} {tuple(local.shape)}")
+                mask = mask.to(device=local.device, dtype=torch.bool)
                 if old is not None and old.mask is mask and old.block == self.block:
                     enforced.append(p)
                     continue
@@ -260,14 +285,14 @@ class PackedOptimizer(torch.optim.Optimizer):
             if old is not None:
                 del self._packs[p]
                 if state:
-                    self.state[p] = self._unpacked(state, old)
+                    self.state[p] = self._unpacked(p, state, old)
             self._inner = None
             self._launches.clear()
             if mask is None:
                 continue
             pack = PackedMask(mask, self.block)
             self._packs[p] = pack
-            p.masked_fill_(~mask, 0)
+            local.masked_fill_(~mask, 0)
             if self.state.get(p):
                 self._pack_state(p, self.state[p], pack)
             enforced.append(p)
@@ -278,26 +303,54 @@ class PackedOptimizer(torch.optim.Optimizer):
         return {p: pack.mask for p, pack in self._packs.items()}
 
     def _pack_state(self, p: torch.Tensor, state: dict[str, Any], pack: PackedMask) -> None:
+        """Pack the dense-shaped state of ``p`` in place; a DTensor (FSDP2) gives its local part."""
+        local = _local(p)
         for key in _PACKED_KEYS[self.kind]:
             value = state.get(key)
             if value is None:
                 continue
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(p.shape):
+            if _is_dtensor(value):
+                if not _is_dtensor(p):
+                    raise ValueError(f"PackedOptimizer: state {key!r} is a DTensor, its parameter is not")
+                if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
+                    value = value.redistribute(p.device_mesh, p.placements)
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"PackedOptimizer: state {key!r} of shape {tuple(value.shape)} for a parameter of shape {tuple(p.shape)}"
+                    )
+                value = value.to_local()
+            elif _is_dtensor(p) and isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"PackedOptimizer: state {key!r} of a DTensor (FSDP2) parameter must be a DTensor of its "
+                    f"placements, got a plain tensor of shape {tuple(value.shape)}"
+                )
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(local.shape):
                 raise ValueError(
                     f"PackedOptimizer: state {key!r} of shape {tuple(getattr(value, 'shape', ()))} "
-                    f"for a parameter of shape {tuple(p.shape)}"
+                    f"for a parameter of shape {tuple(local.shape)}"
                 )
-            state[key] = pack.pack(value.to(device=p.device, dtype=p.dtype)).contiguous()
+            state[key] = pack.pack(value.to(device=local.device, dtype=local.dtype)).contiguous()
         step = state.get("step")
         if isinstance(step, torch.Tensor) and (step.device.type != "cpu" or step.dtype != _scalar_dtype()):
             state["step"] = torch.tensor(float(step), dtype=_scalar_dtype())
 
-    def _unpacked(self, state: Mapping[str, Any], pack: PackedMask) -> dict[str, Any]:
+    def _unpacked(self, p: torch.Tensor, state: Mapping[str, Any], pack: PackedMask) -> dict[str, Any]:
+        """``state`` with packed tensors made dense-shaped: the parameter's shape, or for a DTensor
+        parameter (FSDP2) a DTensor of its mesh, placements and global shape, as torch's optimizer
+        holds it."""
         keys = _PACKED_KEYS[self.kind]
         return {
-            key: pack.unpack(value) if key in keys and isinstance(value, torch.Tensor) else value
+            key: self._dense_like(p, pack.unpack(value)) if key in keys and isinstance(value, torch.Tensor) else value
             for key, value in state.items()
         }
+
+    @staticmethod
+    def _dense_like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        if not _is_dtensor(p):
+            return local
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
     # -- step ----------------------------------------------------------------------------------
 
@@ -333,10 +386,11 @@ class PackedOptimizer(torch.optim.Optimizer):
                 checked = True
             if grad.is_sparse:
                 raise RuntimeError("PackedOptimizer does not support sparse gradients")
-            if self._kernel_fits(p, grad, pack):
+            local, grad = _local(p), _local(grad)  # FSDP2: this process's shard and its gradient
+            if self._kernel_fits(local, grad, pack):
                 fast.append((p, pack))
             else:
-                self._step_reference(p, grad, group, pack)
+                self._step_reference(p, local, grad, group, pack)
         if fast:
             self._step_kernel(index, group, fast)
 
@@ -353,6 +407,7 @@ class PackedOptimizer(torch.optim.Optimizer):
         )
 
     def _adam_state(self, p: torch.Tensor, pack: PackedMask) -> dict[str, Any]:
+        """The state of ``p`` (a DTensor's is that of its local shard), created on first use."""
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
@@ -373,18 +428,21 @@ class PackedOptimizer(torch.optim.Optimizer):
         state["momentum_buffer"] = buf
         return buf, True
 
-    def _step_reference(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], pack: PackedMask) -> None:
-        if torch.is_complex(p):
+    def _step_reference(
+        self, p: torch.Tensor, local: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], pack: PackedMask
+    ) -> None:
+        """Step ``local`` (``p`` itself, or its shard) with ``grad`` (local too); state keyed by ``p``."""
+        if torch.is_complex(local):
             raise NotImplementedError("PackedOptimizer: complex masked parameters are not supported")
         options = self._options(group)
         if self.kind == "sgd":
             buf, first = self._momentum_buffer(p, pack, options["momentum"])
-            sgd_reference(p, grad, buf, pack.mask, first=first, **options)
+            sgd_reference(local, grad, buf, pack.mask, first=first, **options)
             return
         state = self._adam_state(p, pack)
         state["step"] += 1
         adam_reference(
-            p, grad, state["exp_avg"], state["exp_avg_sq"], pack.mask, step=float(state["step"].item()), **options
+            local, grad, state["exp_avg"], state["exp_avg_sq"], pack.mask, step=float(state["step"].item()), **options
         )
 
     def _step_kernel(self, index: int, group: dict[str, Any], items: list[tuple[torch.Tensor, PackedMask]]) -> None:
@@ -395,7 +453,8 @@ class PackedOptimizer(torch.optim.Optimizer):
         if self.kind == "sgd":
             for p, pack in items:
                 buf, first = self._momentum_buffer(p, pack, options["momentum"])
-                buckets.setdefault((first, p.dtype, p.device), []).append((p, pack, (p, p.grad, buf)))
+                row = (_local(p), _local(p.grad), buf)
+                buckets.setdefault((first, p.dtype, p.device), []).append((p, pack, row))
             for (first, _, _), members in buckets.items():
                 rows = [row for _, _, row in members]
                 packed_step.sgd_launch(self._launch_for(index, members), rows, first=first, check=False, **options)
@@ -405,7 +464,7 @@ class PackedOptimizer(torch.optim.Optimizer):
         torch._foreach_add_(steps, 1)
         counts = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
         for (p, pack), state, count in zip(items, states, counts, strict=True):
-            row = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            row = (_local(p), _local(p.grad), state["exp_avg"], state["exp_avg_sq"])
             buckets.setdefault((float(count), p.dtype, p.device), []).append((p, pack, row))
         for (count, _, _), members in buckets.items():
             rows = [row for _, _, row in members]
@@ -500,19 +559,22 @@ class PackedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's layout for this kind: masked parameters' state unpacked to the weight's shape
-        (0 at pruned positions), on the parameter's device."""
+        (0 at pruned positions), on the parameter's device; for a DTensor parameter (FSDP2) a
+        DTensor like the parameter, as torch's optimizer would hold (see the module docstring)."""
         state_dict = super().state_dict()
         if self._packs:
             index = self._param_index()
             for p, pack in self._packs.items():
                 i = index.get(id(p))
                 if i is not None and i in state_dict["state"]:
-                    state_dict["state"][i] = self._unpacked(state_dict["state"][i], pack)
+                    state_dict["state"][i] = self._unpacked(p, state_dict["state"][i], pack)
         return state_dict
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load torch's layout for this kind (NaN already turned to 0): state of masked
-        parameters is packed with their masks; before :meth:`set_masks`, it stays dense."""
+        parameters is packed with their masks; before :meth:`set_masks`, it stays dense. State of
+        a DTensor parameter (FSDP2) is a DTensor like the parameter (as ``set_optimizer_state_dict``
+        hands it over); its local part is packed with the shard's mask."""
         required = {"sgd": ("momentum", "nesterov"), "adamw": ("betas", "eps"), "adam": ("betas", "eps")}[self.kind]
         for group in state_dict.get("param_groups", []):
             missing = [key for key in required if key not in group]
@@ -539,7 +601,8 @@ class PackedOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state now: ``masked`` (packed state, bitmasks and offsets of masked
-        parameters), ``dense`` (state of the other parameters) and ``total``."""
+        parameters), ``dense`` (state of the other parameters) and ``total``. Under FSDP2, the
+        bytes this process holds: its shards' state."""
         masked = dense = 0
         for p in self._params():
             size = _tensor_bytes(self.state.get(p, {}))
@@ -552,7 +615,7 @@ class PackedOptimizer(torch.optim.Optimizer):
 
     def dense_equivalent_bytes(self) -> dict[str, int]:
         """What torch's optimizer would hold for the same state (same keys as :meth:`state_bytes`):
-        each packed tensor at the weight's full size, no bitmask."""
+        each packed tensor at the weight's full size (under FSDP2: its local shard's), no bitmask."""
         masked = dense = 0
         keys = _PACKED_KEYS[self.kind]
         for p in self._params():
@@ -563,7 +626,8 @@ class PackedOptimizer(torch.optim.Optimizer):
                 continue
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
-                    masked += p.numel() * value.element_size() if key in keys else value.numel() * value.element_size()
+                    numel = _local(p).numel() if key in keys else _local(value).numel()
+                    masked += numel * value.element_size()
         return {"masked": masked, "dense": dense, "total": masked + dense}
 
     def _params(self) -> list[torch.Tensor]:
@@ -582,7 +646,8 @@ def _check_supported(group: Mapping[str, Any]) -> None:
 
 
 def _tensor_bytes(state: Mapping[str, Any]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    """Bytes of the tensors in ``state``; of a DTensor, those of this process's shard."""
+    return sum(_local(v).numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
 
 
 def _fused_ok(params: list[torch.Tensor]) -> bool:

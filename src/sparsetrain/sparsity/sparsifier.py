@@ -27,7 +27,9 @@ the parameter objects when they are drawn and rebound by name at ``attach``. Mas
 on every DDP rank (``topk`` of identical weights, ``random`` from a name hash). FSDP2
 (``fully_shard``) parameters are DTensors: draw the masks on the full weights first, shard, then
 ``sparsify(model, block, optimizer, masks=those)``; each rank then enforces its slice of every
-mask on its local shard, with no communication. Optimizers that evaluate a closure several times per step
+mask on its local shard, with no communication, and an optimizer with ``set_masks`` is handed
+those local slices (of ``p.to_local()``'s shape), so a ``PackedOptimizer`` packs the state of
+its own shards only. Optimizers that evaluate a closure several times per step
 (LBFGS) see pruned weights only at zero when each step ends.
 
 Unstructured sparsity on a GPU buys no speed: the masked model costs a dense model's FLOPs. It buys
