@@ -100,6 +100,29 @@ def test_two_processes_match_one(tmp_path, params, mode, packed):
     assert e1["eval_loss"] == pytest.approx(e2["eval_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_block_structure_in_bf16_matches_one_process(tmp_path, params, mode):
+    """16x16 block masks and bf16 autocast: the masks agree across ranks (the run checks them at
+    start) and come out the same as one process's; losses match to bf16 tolerance."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    sets = ("sparsity.structure=block", "sparsity.block_size=16", "runconfig.precision=bf16")
+    r1, r2 = _launch(1, params, one, *sets), _launch(2, params, two, f"runconfig.distributed={mode}", *sets)
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    la = [r["loss"] for r in _records(one, "train")]
+    lb = [r["loss"] for r in _records(two, "train")]
+    torch.testing.assert_close(la, lb, rtol=2e-2, atol=2e-2)
+    ma, mb = _model(one / "checkpoint_6.mdl"), _model(two / "checkpoint_6.mdl")
+    pruned = 0
+    for k in ma:
+        assert torch.equal(torch.isnan(ma[k]), torch.isnan(mb[k])), k  # the same block masks
+        pruned += int(torch.isnan(ma[k]).sum())
+        if torch.isnan(ma[k]).any():  # whole 16x16 blocks
+            blocks = torch.isnan(ma[k]).view(ma[k].shape[0] // 16, 16, -1, 16)
+            assert torch.equal(blocks.all(3).all(1), blocks.any(3).any(1)), k
+    assert pruned > 0
+
+
 @pytest.mark.parametrize(("mode", "packed"), MODES, ids=MODE_IDS)
 def test_checkpoints_move_between_process_counts(tmp_path, params, mode, packed):
     state = f"optimizer.packed_state={str(packed).lower()}"
