@@ -111,6 +111,16 @@ def test_block_linears_switch_and_fall_back_on_cpu():
     torch.testing.assert_close(model(idx), before, rtol=0, atol=0)
 
 
+def test_cpu_runs_count_dense_executed_flops(tmp_path, tiny_params):
+    from sparsetrain import train as tr
+    from sparsetrain.params import params_from_dict
+
+    p = tiny_params(sparsity={"sparsity": 0.5, "structure": "block", "block_size": 16}, model={"hidden_size": 64})
+    run = tr.setup(params_from_dict(p), tmp_path, evaluate=False, write_metrics=False)
+    assert run.block_kernel_layers == []  # no GPU: masked dense, which executes the dense FLOPs
+    assert run.executed_flops == run.flops["dense"] > run.flops["sparse"]
+
+
 def test_unstructured_and_unfit_weights_stay_dense():
     model = _tiny_gpt()
     sp = sparsify(model, {"sparsity": 0.5, "init_method": "topk"})
@@ -312,7 +322,10 @@ def test_training_with_block_kernels_matches_masked_dense(tmp_path, tiny_params)
         p["runconfig"].update({"device": "cuda", "max_steps": 20, "compile": False, "sparse_kernels": kernels})
         run = tr.setup(params_from_dict(p), tmp_path / kernels, evaluate=False, write_metrics=False)
         switched = sum(isinstance(m, BlockSparseLinear) for m in run.model.modules())
-        assert switched == (8 if kernels == "auto" else 0)
+        assert switched == (8 if kernels == "auto" else 0) == len(run.block_kernel_layers)
+        # MFU counts executed FLOPs: the live blocks on the kernels, dense work when masked dense
+        expected = run.flops["sparse"] if kernels == "auto" else run.flops["dense"]
+        assert run.executed_flops == pytest.approx(expected) and run.flops["sparse"] < run.flops["dense"]
         losses[kernels] = [float(tr.train_step(run)) for _ in range(20)]
         for p_, mask in run.sparsifier._bound:
             assert (p_[~mask] == 0).all()  # the invariant holds on the kernel path too

@@ -79,6 +79,8 @@ class Run:
     loaded_from: Path | None = None
     metrics: MetricsWriter | None = None
     flops: dict[str, float] = field(default_factory=dict)
+    executed_flops: float = 0.0  # per token, what the hardware runs: dense but for block-kernel layers
+    block_kernel_layers: list[str] = field(default_factory=list)
     history: dict[str, Any] = field(default_factory=dict)
     dist: dist.DistInfo = field(default_factory=dist.DistInfo)
     first_bad: torch.Tensor | None = None  # first step with a non-finite loss/gradient (-1: none), on the device
@@ -260,7 +262,7 @@ def setup(
     if params.sparsity is not None:
         run.sparsifier = sparsify(model, params.sparsity, run.optimizer, masks=masks)
         if rc.sparse_kernels == "auto" and device.type == "cuda":
-            use_block_kernels(model, run.sparsifier)
+            run.block_kernel_layers = use_block_kernels(model, run.sparsifier)
     if state is not None and full_resume:
         run.step = int(state["global_step"])
     if info.active:
@@ -274,7 +276,11 @@ def setup(
         if info.rank:  # each rank its own dropout stream; rank 0 keeps the checkpointed one
             torch.manual_seed((rc.seed * 1_000_003 + info.rank * 7_919 + run.step) % 2**63)
     seq = params.train_input.max_sequence_length
-    run.flops = flops_report(cfg, seq, run.sparsifier.pruned_fractions() if run.sparsifier else None)
+    fractions = run.sparsifier.pruned_fractions() if run.sparsifier else {}
+    run.flops = flops_report(cfg, seq, fractions or None)
+    # Masked-dense layers execute their dense FLOPs on a GPU; block-kernel layers skip dead blocks.
+    on_kernels = {name: f for name, f in fractions.items() if name in run.block_kernel_layers}
+    run.executed_flops = flops_report(cfg, seq, on_kernels or None)["sparse"]
     if _use_compile(rc.compile, device):
         run.forward = torch.compile(run.forward, mode=None if rc.compile_mode == "default" else rc.compile_mode)
     run.metrics = MetricsWriter(model_dir, enabled=write_metrics and info.is_main)
@@ -599,8 +605,9 @@ def _train_record(run: Run, loss: float, tps: float, tokens_per_step: int, peak:
         "flops_total_dense": f["dense"] * tokens_per_step * run.step, "flops_ratio": f["ratio"],
     }
     if peak:
-        # MFU counts the FLOPs the hardware actually executes: dense, since a GPU skips no zeros.
-        record["mfu"] = f["dense"] * tps / peak
+        # MFU counts the FLOPs the hardware executes: dense for masked-dense layers (a GPU skips no
+        # zeros), live blocks only for layers on the block-sparse kernels.
+        record["mfu"] = run.executed_flops * tps / peak
     return record
 
 
