@@ -168,6 +168,14 @@ INTERPRETER_SCRIPT = textwrap.dedent(
             torch.testing.assert_close(bs.dgrad(dy, wp, t, use_tma=tma).float(), dgrad(dy.float(), w, layout, (br, bc)), **close)
             dw = bs.wgrad(x, dy, t, out_dtype=torch.float32, use_tma=tma)
             torch.testing.assert_close(dw, wgrad(x.float(), dy.float(), layout, (br, bc)), **close)
+    # a broadcast gradient (row stride 0, as from y.sum()) is copied, never handed to TMA as is
+    layout = torch.tensor([[True, False], [True, True]])
+    t = BlockLayout.build(layout, (32, 32))
+    w = torch.randn(64, 64).half().float()
+    dy = torch.ones(1, 64).half().expand(50, 64)
+    for tma in (False, True):
+        got = bs.dgrad(dy, pack_blocks(w, t, torch.float16), t, use_tma=tma).float()
+        torch.testing.assert_close(got, dgrad(dy.float(), w, layout, (32, 32)), **close)
     t = BlockLayout.build(torch.rand(2, 4) < 0.5, (32, 32))
     tables = [getattr(t, name) for name in TABLES]
     x = torch.randn(40, 128).half().requires_grad_()

@@ -254,8 +254,10 @@ def pack(weight: torch.Tensor, layout: BlockLayout, dtype: torch.dtype) -> torch
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a row-major ``(rows, features)`` matrix; copied only when its rows are not
+    unit-stride and non-overlapping (e.g. a broadcast gradient: stride 0, which TMA refuses)."""
     t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[-1] else t.contiguous()
 
 
 def _desc(t: torch.Tensor, use_tma: bool):
