@@ -338,3 +338,16 @@ def test_training_with_block_kernels_matches_masked_dense(tmp_path, tiny_params)
         for p_, mask in run.sparsifier._bound:
             assert (p_[~mask] == 0).all()  # the invariant holds on the kernel path too
     torch.testing.assert_close(losses["auto"], losses["off"], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_fp32_runs_keep_block_weights_masked_dense_with_a_warning(tmp_path, tiny_params, caplog):
+    from sparsetrain import train as tr
+    from sparsetrain.params import params_from_dict
+
+    p = tiny_params(sparsity={"sparsity": 0.5, "structure": "block", "block_size": 16}, model={"hidden_size": 64})
+    p["runconfig"].update({"device": "cuda", "compile": False, "precision": "fp32"})
+    with caplog.at_level("WARNING"):
+        run = tr.setup(params_from_dict(p), tmp_path, evaluate=False, write_metrics=False)
+    assert run.block_kernel_layers == [] and not any(isinstance(m, BlockSparseLinear) for m in run.model.modules())
+    assert "block-sparse kernels run in bf16" in caplog.text

@@ -262,7 +262,13 @@ def setup(
     if params.sparsity is not None:
         run.sparsifier = sparsify(model, params.sparsity, run.optimizer, masks=masks)
         if rc.sparse_kernels == "auto" and device.type == "cuda":
-            run.block_kernel_layers = use_block_kernels(model, run.sparsifier)
+            if run.precision == "bf16":
+                run.block_kernel_layers = use_block_kernels(model, run.sparsifier)
+            elif any(s.structure == "block" for s in run.sparsifier.settings.values()):
+                log.warning(
+                    "sparsity: the block-sparse kernels run in bf16; with runconfig.precision: %s the "
+                    "block-sparse weights train masked dense (no speedup)", rc.precision,
+                )
     if state is not None and full_resume:
         run.step = int(state["global_step"])
     if info.active:
