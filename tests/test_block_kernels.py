@@ -206,9 +206,10 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 )
 
 
-def test_kernels_under_triton_interpreter(tmp_path):
+@pytest.mark.parametrize("persistent", ["0", "1"], ids=["tile-per-program", "persistent"])
+def test_kernels_under_triton_interpreter(tmp_path, persistent):
     pytest.importorskip("triton", reason="Triton is not installed (CPU install): the cuda tests cover the kernels")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SPARSETRAIN_BLOCK_PERSISTENT": persistent}
     script = tmp_path / "interp.py"
     script.write_text(INTERPRETER_SCRIPT)
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)

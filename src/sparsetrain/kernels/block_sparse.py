@@ -117,22 +117,19 @@ def _autotune(kind: str, table):
         c.pre_hook = _set_blocks(kind)
     return triton.autotune(
         configs=configs,
-        key=["M", "N", "K", "NNZ", "BR", "BC", "USE_TMA"],
+        key=["M", "N", "K", "NNZ", "BR", "BC", "USE_TMA", "PERSISTENT"],
         prune_configs_by={"early_config_prune": _prune},
     )
 
 
-@_autotune("fwd", _MM_CONFIGS)
 @triton.jit
-def _forward_kernel(
-    a, w, out, row_ptr, row_cols, M, N, K, NNZ, stride_am, stride_om,
-    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
+def _forward_tile(
+    tile, a, w, out, row_ptr, row_cols, M, N, stride_am, stride_om,
+    BR: tl.constexpr, BC: tl.constexpr, USE_TMA: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     n_rows = N // BR
-    pid = tl.program_id(0)
-    n = pid % n_rows  # block-rows of W fastest: neighbours share the X tile
-    m0 = (pid // n_rows) * BM
+    n = tile % n_rows  # block-rows of W fastest: neighbours share the X tile
+    m0 = (tile // n_rows) * BM
     lo = tl.load(row_ptr + n)
     hi = tl.load(row_ptr + n + 1)
     steps: tl.constexpr = BC // BK
@@ -158,17 +155,29 @@ def _forward_kernel(
         tl.store(dst, acc.to(out.dtype.element_ty), mask=rm[:, None] < M)
 
 
-@_autotune("dgrad", _MM_CONFIGS)
+@_autotune("fwd", _MM_CONFIGS)
 @triton.jit
-def _dgrad_kernel(
-    a, w, out, col_ptr, col_rows, col_ids, M, N, K, NNZ, stride_am, stride_om,
-    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr,
+def _forward_kernel(
+    a, w, out, row_ptr, row_cols, M, N, K, NNZ, stride_am, stride_om,
+    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
+    if PERSISTENT:  # one program per SM walks its tiles; the flattened loop never drains between them
+        tiles = tl.cdiv(M, BM) * (N // BR)
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+            _forward_tile(tile, a, w, out, row_ptr, row_cols, M, N, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
+    else:
+        _forward_tile(tl.program_id(0), a, w, out, row_ptr, row_cols, M, N, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
+
+
+@triton.jit
+def _dgrad_tile(
+    tile, a, w, out, col_ptr, col_rows, col_ids, M, K, stride_am, stride_om,
+    BR: tl.constexpr, BC: tl.constexpr, USE_TMA: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
     k_cols = K // BC
-    pid = tl.program_id(0)
-    kb = pid % k_cols  # block-columns fastest: neighbours share the dY tile
-    m0 = (pid // k_cols) * BM
+    kb = tile % k_cols  # block-columns fastest: neighbours share the dY tile
+    m0 = (tile // k_cols) * BM
     lo = tl.load(col_ptr + kb)
     hi = tl.load(col_ptr + kb + 1)
     steps: tl.constexpr = BR // BK
@@ -193,6 +202,21 @@ def _dgrad_kernel(
     else:
         dst = out + rm[:, None] * stride_om + (kb * BC + rc)[None, :]
         tl.store(dst, acc.to(out.dtype.element_ty), mask=rm[:, None] < M)
+
+
+@_autotune("dgrad", _MM_CONFIGS)
+@triton.jit
+def _dgrad_kernel(
+    a, w, out, col_ptr, col_rows, col_ids, M, N, K, NNZ, stride_am, stride_om,
+    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    if PERSISTENT:
+        tiles = tl.cdiv(M, BM) * (K // BC)
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+            _dgrad_tile(tile, a, w, out, col_ptr, col_rows, col_ids, M, K, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
+    else:
+        _dgrad_tile(tl.program_id(0), a, w, out, col_ptr, col_rows, col_ids, M, K, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
 
 
 @_autotune("wgrad", _WGRAD_CONFIGS)
@@ -268,8 +292,18 @@ def _desc(t: torch.Tensor, use_tma: bool):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * t.ndim)
 
 
-def _grid(count: int, rows: int):
-    return lambda meta: (triton.cdiv(rows, meta["BM"]) * count,)
+def _grid(count: int, rows: int, device: torch.device):
+    """One program per output tile, or with ``persistent()`` at most one per multiprocessor."""
+    if not persistent():
+        return lambda meta: (triton.cdiv(rows, meta["BM"]) * count,)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return lambda meta: (min(triton.cdiv(rows, meta["BM"]) * count, sms),)
+
+
+def persistent() -> bool:
+    """``SPARSETRAIN_BLOCK_PERSISTENT=1``: the persistent forward and input-gradient kernels, an
+    experiment not yet measured on a GPU (benchmarks/NOTES_block_kernels.md, next step 1)."""
+    return os.environ.get("SPARSETRAIN_BLOCK_PERSISTENT") == "1"
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
@@ -297,10 +331,10 @@ def forward(x: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, *, use_t
         return y.reshape(*x.shape[:-1], n)
     w2 = packed.view(-1, bc)
     _launch(
-        _forward_kernel, _grid(n // br, m),
+        _forward_kernel, _grid(n // br, m, x.device),
         _desc(x2, use_tma), _desc(w2, use_tma), _desc(y, use_tma), layout.row_ptr, layout.row_cols,
         m, n, k, layout.nnz, x2.stride(0), y.stride(0),
-        BR=br, BC=bc, SPLIT_SIDE=bc, USE_TMA=use_tma,
+        BR=br, BC=bc, SPLIT_SIDE=bc, USE_TMA=use_tma, PERSISTENT=persistent(),
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
 
@@ -317,10 +351,10 @@ def dgrad(dy: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, *, use_tm
         return dx.reshape(*dy.shape[:-1], k)
     w2 = packed.view(-1, bc)
     _launch(
-        _dgrad_kernel, _grid(k // bc, m),
+        _dgrad_kernel, _grid(k // bc, m, dy.device),
         _desc(dy2, use_tma), _desc(w2, use_tma), _desc(dx, use_tma), layout.col_ptr, layout.col_rows, layout.col_ids,
         m, n, k, layout.nnz, dy2.stride(0), dx.stride(0),
-        BR=br, BC=bc, SPLIT_SIDE=br, USE_TMA=use_tma,
+        BR=br, BC=bc, SPLIT_SIDE=br, USE_TMA=use_tma, PERSISTENT=persistent(),
     )  # fmt: skip
     return dx.reshape(*dy.shape[:-1], k)
 
