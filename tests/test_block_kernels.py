@@ -268,6 +268,25 @@ def test_kernels_match_oracle(case, dtype, tma):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[2], SHAPES[5]], ids=["64x64", "128x64", "all-live"])
+def test_persistent_kernels_match_oracle(case, monkeypatch):
+    from sparsetrain.kernels import block_sparse as bs
+
+    monkeypatch.setenv("SPARSETRAIN_BLOCK_PERSISTENT", "1")
+    n, k, block, m, density = case
+    layout = _layout(n // block[0], k // block[1], density, seed=n + k + m + 1).cuda()
+    t = BlockLayout.build(layout, block)
+    w = torch.randn(n, k, device="cuda").bfloat16()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    wp = pack_blocks(w, t, torch.bfloat16)
+    tma = bs.tma_available(torch.device("cuda"))
+    y, dx = bs.forward(x, wp, t, use_tma=tma), bs.dgrad(dy, wp, t, use_tma=tma)
+    assert _rel(y, block_sparse_linear_reference(x.double(), w.double(), layout, block)) < 1e-2
+    assert _rel(dx, block_sparse_linear_grad_input(dy.double(), w.double(), layout, block)) < 1e-2
+
+
+@pytest.mark.cuda
 def test_kernels_take_noncontiguous_and_junk_outside_blocks():
     from sparsetrain.kernels import block_sparse as bs
 
