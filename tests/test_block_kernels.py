@@ -4,10 +4,12 @@ kernels on a GPU (``cuda`` marker) against the plain-torch oracle of ``kernels/r
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,8 @@ from sparsetrain.params import ModelParams
 from sparsetrain.sparsity.block_linear import BlockSparseLinear, use_block_kernels, use_dense_kernels
 from sparsetrain.sparsity.masks import layout_to_mask
 from sparsetrain.sparsity.sparsifier import sparsify
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
 
 
 def _layout(rows: int, cols: int, density: float, seed: int) -> torch.Tensor:
@@ -371,3 +375,40 @@ def test_fp32_runs_keep_block_weights_masked_dense_with_a_warning(tmp_path, tiny
         run = tr.setup(params_from_dict(p), tmp_path, evaluate=False, write_metrics=False)
     assert run.block_kernel_layers == [] and not any(isinstance(m, BlockSparseLinear) for m in run.model.modules())
     assert "block-sparse kernels run in bf16" in caplog.text
+
+
+# -- sparsetrain bench layer ---------------------------------------------------------------------
+
+SAVED_LAYER_BENCH = ROOT_DIR / "benchmarks" / "results" / "2026-11-28_h200_block_sparse_linear.json"
+
+
+def test_bench_layer_show_prints_a_saved_table(capsys):
+    from sparsetrain.cli import main
+
+    assert main(["bench", "layer", "--show", str(SAVED_LAYER_BENCH)]) == 0
+    out = capsys.readouterr().out
+    assert "8192x2048" in out and "2.66x" in out and "cuSPARSELt" in out
+
+
+def test_bench_layer_errors_are_one_line(tmp_path, capsys):
+    from sparsetrain.cli import main
+
+    (tmp_path / "x.json").write_text("[1, 2]")
+    assert main(["bench", "layer", "--show", str(tmp_path / "x.json")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    if not torch.cuda.is_available():
+        assert main(["bench", "layer"]) == 2
+        assert "needs a CUDA GPU and Triton" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_bench_layer_runs_on_the_gpu(tmp_path, capsys):
+    from sparsetrain.cli import main
+
+    out = tmp_path / "layer.json"
+    args = ["bench", "layer", "--shapes", "256x512", "--sparsity", "0,0.5", "--block_size", "64", "--tokens", "1024"]
+    assert main([*args, "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert [r["sparsity"] for r in saved["rows"]] == [0.0, 0.5]
+    assert all(r["rel_err"] < 2e-2 and r["fwd_ours_ms"] > 0 for r in saved["rows"])
+    assert main(["bench", "layer", "--shapes", "100x128", "--block_size", "64"]) == 2  # not a multiple

@@ -90,7 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="params override for our dense and sparse runs, e.g. runconfig.attention=cudnn")
     bt.add_argument("--json", action="store_true")
     _add_debug(bt)
+    bl = bsub.add_parser(
+        "layer", help="one linear layer: block-sparse kernels vs cuBLAS, torch BSR and 2:4 (CUDA + Triton)",
+        description="Time forward and backward of one block-sparse linear layer against dense on this GPU.",
+    )
+    _bench_layer_arguments(bl)
+    _add_debug(bl)
     return parser
+
+
+def _bench_layer_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shapes", default="8192x2048,2048x8192", help="weight shapes, out x in, comma separated")
+    ap.add_argument("--sparsity", default="0,0.75,0.9", help="block sparsities, comma separated")
+    ap.add_argument("--block_size", "--block", type=int, default=128, help="square block side")
+    ap.add_argument("--tokens", type=int, default=16384, help="rows of input (batch x context)")
+    ap.add_argument("--persistent", action="store_true", help="also time the persistent forward / input-grad kernels")
+    ap.add_argument("--json", help="write all figures to this file")
+    ap.add_argument("--show", metavar="JSON", help="print the table of a saved --json file and exit (no GPU needed)")
 
 
 def _bool_or_auto(text: str) -> str | bool:
@@ -281,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return prepare(args)
         if args.command in ("plan", "inspect", "finalize"):
             return tool(args)
+        if args.command == "bench" and args.bench_command == "layer":
+            from sparsetrain.bench_layer import main_bench_layer
+
+            return main_bench_layer(args)
         if args.command == "bench":
             from sparsetrain.bench import main_bench
 
@@ -291,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def run_py(argv: Sequence[str] | None = None) -> int:
