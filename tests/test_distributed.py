@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,22 @@ def test_block_structure_in_bf16_matches_one_process(tmp_path, params, mode):
             blocks = torch.isnan(ma[k]).view(ma[k].shape[0] // 16, 16, -1, 16)
             assert torch.equal(blocks.all(3).all(1), blocks.any(3).any(1)), k
     assert pruned > 0
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_compiled_model_matches_one_process(tmp_path, params, mode):
+    """runconfig.compile: true under DDP and FSDP (inductor's CPU backend here)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    sets = ("runconfig.compile=true", "runconfig.max_steps=4", "runconfig.checkpoint_steps=4")
+    r1, r2 = _launch(1, params, one, *sets), _launch(2, params, two, f"runconfig.distributed={mode}", *sets, timeout=480)
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    assert "torch.compile: on" in r1.stderr and "torch.compile: on" in r2.stderr
+    la = [r["loss"] for r in _records(one, "train")]
+    lb = [r["loss"] for r in _records(two, "train")]
+    assert len(la) == len(lb) == 4
+    torch.testing.assert_close(la, lb, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize(("mode", "packed"), MODES, ids=MODE_IDS)

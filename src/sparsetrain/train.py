@@ -288,6 +288,7 @@ def setup(
     on_kernels = {name: f for name, f in fractions.items() if name in run.block_kernel_layers}
     run.executed_flops = flops_report(cfg, seq, on_kernels or None)["sparse"]
     if _use_compile(rc.compile, device):
+        log.info("torch.compile: on (mode %s); the first steps compile", rc.compile_mode)
         run.forward = torch.compile(run.forward, mode=None if rc.compile_mode == "default" else rc.compile_mode)
     run.metrics = MetricsWriter(model_dir, enabled=write_metrics and info.is_main)
     return run
