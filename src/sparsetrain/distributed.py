@@ -190,6 +190,20 @@ def check_masks_agree(masks: dict[str, torch.Tensor], info: DistInfo, device: to
         raise RuntimeError("sparsity masks differ between ranks; this is a bug, please report it")
 
 
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter, its gradient or optimizer state)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself, or this process's shard of a DTensor (FSDP2), to read or modify in place."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def from_main(make: Callable[[], T]) -> T:
     """``make()`` run by rank 0 alone, its (picklable) result handed to every rank.
 

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from sparsetrain.distributed import is_dtensor, local_part
 from sparsetrain.kernels import has_triton
 
 BLOCK = 1024
@@ -61,19 +62,6 @@ _HYPER = {
 }
 _UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor itself, or this process's shard of a DTensor (FSDP2), to read or modify in place."""
-    return t.to_local() if _is_dtensor(t) else t
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -272,10 +260,10 @@ class PackedOptimizer(torch.optim.Optimizer):
             if id(p) not in held:
                 continue
             old = self._packs.get(p)
-            local = _local(p)
+            local = local_part(p)
             if mask is not None:
                 if tuple(mask.shape) != tuple(local.shape):
-                    what = "the local shard of shape" if _is_dtensor(p) else "a parameter of shape"
+                    what = "the local shard of shape" if is_dtensor(p) else "a parameter of shape"
                     raise ValueError(f"PackedOptimizer.set_masks: mask of shape {tuple(mask.shape)} for {what} {tuple(local.shape)}")
                 mask = mask.to(device=local.device, dtype=torch.bool)
                 if old is not None and old.mask is mask and old.block == self.block:
@@ -304,13 +292,13 @@ class PackedOptimizer(torch.optim.Optimizer):
 
     def _pack_state(self, p: torch.Tensor, state: dict[str, Any], pack: PackedMask) -> None:
         """Pack the dense-shaped state of ``p`` in place; a DTensor (FSDP2) gives its local part."""
-        local = _local(p)
+        local = local_part(p)
         for key in _PACKED_KEYS[self.kind]:
             value = state.get(key)
             if value is None:
                 continue
-            if _is_dtensor(value):
-                if not _is_dtensor(p):
+            if is_dtensor(value):
+                if not is_dtensor(p):
                     raise ValueError(f"PackedOptimizer: state {key!r} is a DTensor, its parameter is not")
                 if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
                     value = value.redistribute(p.device_mesh, p.placements)
@@ -319,7 +307,7 @@ class PackedOptimizer(torch.optim.Optimizer):
                         f"PackedOptimizer: state {key!r} of shape {tuple(value.shape)} for a parameter of shape {tuple(p.shape)}"
                     )
                 value = value.to_local()
-            elif _is_dtensor(p) and isinstance(value, torch.Tensor):
+            elif is_dtensor(p) and isinstance(value, torch.Tensor):
                 raise ValueError(
                     f"PackedOptimizer: state {key!r} of a DTensor (FSDP2) parameter must be a DTensor of its "
                     f"placements, got a plain tensor of shape {tuple(value.shape)}"
@@ -346,7 +334,7 @@ class PackedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _dense_like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        if not _is_dtensor(p):
+        if not is_dtensor(p):
             return local
         from torch.distributed.tensor import DTensor
 
@@ -386,7 +374,7 @@ class PackedOptimizer(torch.optim.Optimizer):
                 checked = True
             if grad.is_sparse:
                 raise RuntimeError("PackedOptimizer does not support sparse gradients")
-            local, grad = _local(p), _local(grad)  # FSDP2: this process's shard and its gradient
+            local, grad = local_part(p), local_part(grad)  # FSDP2: this process's shard and its gradient
             if self._kernel_fits(local, grad, pack):
                 fast.append((p, pack))
             else:
@@ -453,7 +441,7 @@ class PackedOptimizer(torch.optim.Optimizer):
         if self.kind == "sgd":
             for p, pack in items:
                 buf, first = self._momentum_buffer(p, pack, options["momentum"])
-                row = (_local(p), _local(p.grad), buf)
+                row = (local_part(p), local_part(p.grad), buf)
                 buckets.setdefault((first, p.dtype, p.device), []).append((p, pack, row))
             for (first, _, _), members in buckets.items():
                 rows = [row for _, _, row in members]
@@ -464,7 +452,7 @@ class PackedOptimizer(torch.optim.Optimizer):
         torch._foreach_add_(steps, 1)
         counts = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
         for (p, pack), state, count in zip(items, states, counts, strict=True):
-            row = (_local(p), _local(p.grad), state["exp_avg"], state["exp_avg_sq"])
+            row = (local_part(p), local_part(p.grad), state["exp_avg"], state["exp_avg_sq"])
             buckets.setdefault((float(count), p.dtype, p.device), []).append((p, pack, row))
         for (count, _, _), members in buckets.items():
             rows = [row for _, _, row in members]
@@ -626,7 +614,7 @@ class PackedOptimizer(torch.optim.Optimizer):
                 continue
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
-                    numel = _local(p).numel() if key in keys else _local(value).numel()
+                    numel = local_part(p).numel() if key in keys else local_part(value).numel()
                     masked += numel * value.element_size()
         return {"masked": masked, "dense": dense, "total": masked + dense}
 
@@ -647,7 +635,7 @@ def _check_supported(group: Mapping[str, Any]) -> None:
 
 def _tensor_bytes(state: Mapping[str, Any]) -> int:
     """Bytes of the tensors in ``state``; of a DTensor, those of this process's shard."""
-    return sum(_local(v).numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return sum(local_part(v).numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
 
 
 def _fused_ok(params: list[torch.Tensor]) -> bool:

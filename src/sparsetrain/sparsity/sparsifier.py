@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsetrain.distributed import is_dtensor, local_part
 from sparsetrain.errors import CheckpointError
 from sparsetrain.sparsity.config import GroupSettings, SparsityConfig, parse_sparsity, select_parameters
 from sparsetrain.sparsity.masks import make_mask, mask_fits
@@ -163,9 +164,9 @@ class Sparsifier:
         """Zero pruned weights, gradients and same-shape optimizer state (NaN included)."""
         for p, mask in self._bound:
             pruned = ~mask
-            _local(p).masked_fill_(pruned, 0)
+            local_part(p).masked_fill_(pruned, 0)
             if p.grad is not None and not p.grad.is_sparse:
-                _local(p.grad).masked_fill_(pruned, 0)
+                local_part(p.grad).masked_fill_(pruned, 0)
             for state in self._states(p):
                 state.masked_fill_(pruned.to(state.device), 0)
 
@@ -176,7 +177,7 @@ class Sparsifier:
             grad = p.grad
             if grad is None or grad.is_sparse:
                 continue
-            grad = _local(grad)
+            grad = local_part(grad)
             if self._still_masked(i, grad):
                 continue
             grads.append(grad)
@@ -192,13 +193,13 @@ class Sparsifier:
         for i, (p, _) in enumerate(self._bound):
             if i in enforced:
                 continue
-            tensors.append(_local(p))
+            tensors.append(local_part(p))
             masks.append(self._mask_like(i, tensors[-1]))
             state = optimizer.state.get(p)
             if state:
                 for value in state.values():
                     if _same_shape_float(value, p):
-                        tensors.append(_local(value))
+                        tensors.append(local_part(value))
                         masks.append(self._mask_like(i, tensors[-1]))
         if tensors:
             with torch.no_grad():
@@ -209,7 +210,7 @@ class Sparsifier:
         def hook(p: torch.Tensor) -> None:
             grad = p.grad
             if grad is not None and not grad.is_sparse:
-                grad = _local(grad)
+                grad = local_part(grad)
                 mask = self._bound[index][1]
                 # The bool mask itself (1 byte per entry): no float copy of it is kept for this.
                 grad.mul_(mask if mask.device == grad.device else self._mask_like(index, grad))
@@ -236,12 +237,12 @@ class Sparsifier:
         for optimizer in self._optimizers:
             state = optimizer.state.get(p)
             if state:
-                found += [_local(v) for v in state.values() if _same_shape_float(v, p)]
+                found += [local_part(v) for v in state.values() if _same_shape_float(v, p)]
         return found
 
     def _local_mask(self, name: str, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The part of ``mask`` that this process's shard of ``p`` holds (FSDP2 DTensors)."""
-        if not _is_dtensor(p):
+        if not is_dtensor(p):
             return mask
         key = (name, id(p), id(mask))
         local = self._local_masks.get(key)
@@ -336,8 +337,8 @@ class Sparsifier:
         for name, mask in self.masks.items():
             numel = mask.numel()
             kept = int(mask.sum().item())
-            zeros_t = (_local(params[name]) == 0).sum()
-            if _is_dtensor(params[name]):  # a shard: add up the zeros of all ranks
+            zeros_t = (local_part(params[name]) == 0).sum()
+            if is_dtensor(params[name]):  # a shard: add up the zeros of all ranks
                 torch.distributed.all_reduce(zeros_t)
             zeros = int(zeros_t.item())
             rows.append(
@@ -393,19 +394,6 @@ class Sparsifier:
             f"{len(self.masks)} tensors, {covered:,} of {total:,} parameters, "
             f"{pruned:,} pruned ({share:.1%} of them, {pruned / max(total, 1):.1%} of the model)"
         )
-
-
-def _is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor itself, or this process's shard of a DTensor (FSDP2), to modify in place."""
-    return t.to_local() if _is_dtensor(t) else t
 
 
 def _same_shape_float(value: Any, p: torch.Tensor) -> bool:
