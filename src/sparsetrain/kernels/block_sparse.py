@@ -324,11 +324,9 @@ def forward(x: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, *, use_t
     x2 = _rows(x)
     (n, k), (br, bc) = layout.shape, layout.block
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if layout.nnz == 0:
-        y.zero_()
     if m == 0 or layout.nnz == 0:
-        return y.reshape(*x.shape[:-1], n)
+        return x.new_zeros(*x.shape[:-1], n)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     w2 = packed.view(-1, bc)
     _launch(
         _forward_kernel, _grid(n // br, m, x.device),
@@ -344,11 +342,9 @@ def dgrad(dy: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, *, use_tm
     dy2 = _rows(dy)
     (n, k), (br, bc) = layout.shape, layout.block
     m = dy2.shape[0]
-    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
-    if layout.nnz == 0:
-        dx.zero_()
     if m == 0 or layout.nnz == 0:
-        return dx.reshape(*dy.shape[:-1], k)
+        return dy.new_zeros(*dy.shape[:-1], k)
+    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
     w2 = packed.view(-1, bc)
     _launch(
         _dgrad_kernel, _grid(k // bc, m, dy.device),

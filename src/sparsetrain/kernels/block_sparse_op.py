@@ -27,15 +27,16 @@ import torch.nn.functional as F
 from sparsetrain.kernels import has_triton
 from sparsetrain.kernels.block_layout import BlockLayout, kernel_block_ok
 
-__all__ = ["TABLES", "block_sparse_linear", "kernel_path"]
+__all__ = ["TABLES", "block_sparse_linear", "kernel_path", "layout_of"]
 
 # The BlockLayout tables the op takes, in this order.
 TABLES = ("row_ptr", "row_cols", "col_ptr", "col_rows", "col_ids", "blk_rows")
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _layout(weight: torch.Tensor, tables: list[torch.Tensor], br: int, bc: int) -> BlockLayout:
-    return BlockLayout(tuple(weight.shape), (br, bc), tables[1].numel(), *tables)
+def layout_of(shape: tuple[int, int], tables: list[torch.Tensor], block: tuple[int, int]) -> BlockLayout:
+    """The :class:`BlockLayout` of a ``shape`` weight from its tables (in ``TABLES`` order)."""
+    return BlockLayout(tuple(shape), tuple(block), tables[1].numel(), *tables)
 
 
 def _use_tma(*tensors: torch.Tensor) -> bool:
@@ -59,7 +60,7 @@ def block_sparse_mm(
 def _forward_impl(x, weight, tables, br, bc):
     from sparsetrain.kernels import block_sparse
 
-    layout = _layout(weight, tables, br, bc)
+    layout = layout_of(weight.shape, tables, (br, bc))
     packed = block_sparse.pack(weight, layout, x.dtype)
     return block_sparse.forward(x, packed, layout, use_tma=_use_tma(x, packed)), packed
 
@@ -82,7 +83,7 @@ def block_sparse_mm_backward(
 def _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, need_input, need_weight):
     from sparsetrain.kernels import block_sparse
 
-    layout = BlockLayout((n, x.shape[1]), (br, bc), tables[1].numel(), *tables)
+    layout = layout_of((n, x.shape[1]), tables, (br, bc))
     dy = dy.to(x.dtype)
     dx = dw = x.new_empty(0)
     if need_input:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sparsetrain.kernels.block_layout import BlockLayout, kernel_block_ok
-from sparsetrain.kernels.block_sparse_op import TABLES, _triton_ok, block_sparse_linear
+from sparsetrain.kernels.block_sparse_op import TABLES, _triton_ok, block_sparse_linear, layout_of
 from sparsetrain.sparsity.masks import block_layout, is_block_structured
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,8 @@ class BlockSparseLinear(nn.Linear):
         return block_sparse_linear(x, self.weight, self.bias, self.tables(), self.block)
 
     def extra_repr(self) -> str:
-        density = self._bs_row_cols.numel() / max(
-            (self.out_features // self.block[0]) * (self.in_features // self.block[1]), 1
-        )
-        return f"{super().extra_repr()}, block={self.block}, live={density:.3f}"
+        live = layout_of(self.weight.shape, self.tables(), self.block).density()
+        return f"{super().extra_repr()}, block={self.block}, live={live:.3f}"
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
