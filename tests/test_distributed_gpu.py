@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_distributed import _launch, _model, _records
+from test_distributed import _launch, _records
 
 pytestmark = [
     pytest.mark.cuda,
@@ -36,6 +36,11 @@ def gpu_params(tiny_params, write_params):
             sparsity={"sparsity": 0.75, "structure": "block", "block_size": 64},
         )
     )
+
+
+def _model(path) -> dict:
+    # A one-GPU checkpoint holds CUDA tensors and an FSDP one CPU tensors (gathered to rank 0).
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def _one_gpu(baselines: dict, key: str, params, root, *sets: str):
