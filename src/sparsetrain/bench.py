@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from sparsetrain.params import PRESETS, apply_overrides, params_from_dict
+from sparsetrain.sparsity.block_linear import packed_layers, state_dict_names
 from sparsetrain.sparsity.config import parse_sparsity
 from sparsetrain.sparsity.sparsifier import select_for_model
 
@@ -101,18 +102,26 @@ def run_ours(preset, batch_size, seq_len, sparsity, steps, warmup, compile_, dev
         _reset_memory(run.device)
         ms, loss = _time_steps(lambda: tr.train_step(run), steps, warmup, run.device)
         result = {"ms_per_step": ms, "loss": loss, "peak_memory_bytes": _peak_memory(run.device)}
-        # The weights the default heuristic sparsifies, in both runs: their state is what packing saves.
-        selected = select_for_model(run.model, parse_sparsity({"sparsity": 0.5}))
-        ids = {id(p) for n, p in run.model.named_parameters() if n in selected}
         result["optimizer_state_bytes"] = optimizer_state_bytes(run.optimizer)
-        packed = getattr(run.optimizer, "state_bytes", None)
-        # A packed optimizer also counts its bitmasks and tile offsets, which live beside the state.
-        result["sparse_weights_state_bytes"] = packed()["masked"] if packed else optimizer_state_bytes(run.optimizer, ids)
+        result["sparse_weights_state_bytes"] = _sparsified_state_bytes(run)
         result["flops_per_token"] = run.flops
         result["block_kernel_layers"] = len(run.block_kernel_layers)
         result["executed_flops_per_token"] = run.executed_flops
         result["device"] = str(run.device)
     return result
+
+
+def _sparsified_state_bytes(run) -> int:
+    """Optimizer state of the weights the default heuristic sparsifies (the same weights in the
+    dense and the sparse run): what packing saves. A packed optimizer's bitmasks and tile offsets
+    count too; layers storing live blocks only (block kernels) hold state of their blocks' size."""
+    selected = set(run.sparsifier.masks) if run.sparsifier else select_for_model(run.model, parse_sparsity({"sparsity": 0.5}))
+    ids = {i for i, name in state_dict_names(run.model).items() if name in selected}
+    packed = getattr(run.optimizer, "state_bytes", None)
+    if packed is None:
+        return optimizer_state_bytes(run.optimizer, ids)
+    blocks = {id(m.weight_blocks) for m in packed_layers(run.model).values()}
+    return packed()["masked"] + optimizer_state_bytes(run.optimizer, ids & blocks)
 
 
 def _batches(preset: str, batch_size: int, seq_len: int, device: torch.device):

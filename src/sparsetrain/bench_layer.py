@@ -44,7 +44,6 @@ except ImportError:
     triton = bs = None
 
 GRAPH_FAILURES: list[str] = []
-PERSISTENT = False  # --persistent
 
 
 def bench(fn, graph: bool = True) -> float:
@@ -132,14 +131,6 @@ def one(n: int, k: int, sparsity: float, block: int, m: int) -> dict:
     out["wgrad_dense_ms"] = bench(lambda: dy.T @ xd)
     out["wgrad_ours_ms"] = bench(lambda: bs.wgrad(xd, dy, t, out_dtype=torch.float32, use_tma=use_tma))
     out["pack_ms"] = bench(lambda: bs.pack(w.detach(), t, torch.bfloat16))
-    if PERSISTENT:  # the persistent variants (SPARSETRAIN_BLOCK_PERSISTENT), same data
-        os.environ["SPARSETRAIN_BLOCK_PERSISTENT"] = "1"
-        out["fwd_persistent_ms"] = bench(lambda: bs.forward(xd, wp, t, use_tma=use_tma))
-        out["dgrad_persistent_ms"] = bench(lambda: bs.dgrad(dy, wp, t, use_tma=use_tma))
-        y_persistent = bs.forward(xd, wp, t, use_tma=use_tma)
-        os.environ["SPARSETRAIN_BLOCK_PERSISTENT"] = "0"
-        assert rel(y_persistent, bs.forward(xd, wp, t, use_tma=use_tma)) < 1e-2
-
     # torch's BSR (Triton) forward: Y^T = W_bsr X^T
     try:
         from torch.sparse._triton_ops import bsr_dense_mm
@@ -201,8 +192,6 @@ def main_bench_layer(args) -> int:
             raise UserError(f"--shapes: {n}x{k} is not a multiple of --block_size {args.block_size}")
     if not all(0.0 <= s < 1.0 for s in sparsities):
         raise UserError(f"--sparsity {args.sparsity!r}: each value must be in [0, 1)")
-    global PERSISTENT
-    PERSISTENT = args.persistent
     torch.backends.cuda.matmul.allow_tf32 = True
     rows, extra = [], []
     for n, k in shapes:
@@ -246,13 +235,6 @@ def print_table(res: dict) -> None:
               f"{sp('dgrad_dense_ms', 'dgrad_ours_ms'):>6} {sp('wgrad_dense_ms', 'wgrad_ours_ms'):>6} "
               f"{sp('dense_ms', 'ours_ms'):>12} {sp('dense_ms', 'ours_ptr_ms'):>7} "
               f"{sp('fwd_dense_ms', 'bsr_fwd_ms'):>13} {r['rel_err']:>8.1e}")
-    if any("fwd_persistent_ms" in r for r in rows):
-        print("persistent kernels (speedup over cuBLAS; tile-per-program in brackets):")
-        for r in rows:
-            if "fwd_persistent_ms" in r:
-                print(f"  {r['shape']:>10} {r['sparsity']:.2f}: forward {r['fwd_dense_ms'] / r['fwd_persistent_ms']:.2f}x "
-                      f"({r['fwd_dense_ms'] / r['fwd_ours_ms']:.2f}x), input grad "
-                      f"{r['dgrad_dense_ms'] / r['dgrad_persistent_ms']:.2f}x ({r['dgrad_dense_ms'] / r['dgrad_ours_ms']:.2f}x)")
     if GRAPH_FAILURES:
         print("CUDA-graph capture failed (timed as plain calls):", "; ".join(GRAPH_FAILURES))
     for e in res["two_four"]:

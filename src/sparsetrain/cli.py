@@ -104,7 +104,6 @@ def _bench_layer_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sparsity", default="0,0.75,0.9", help="block sparsities, comma separated")
     ap.add_argument("--block_size", "--block", type=int, default=128, help="square block side")
     ap.add_argument("--tokens", type=int, default=16384, help="rows of input (batch x context)")
-    ap.add_argument("--persistent", action="store_true", help="also time the persistent forward / input-grad kernels")
     ap.add_argument("--json", help="write all figures to this file")
     ap.add_argument("--show", metavar="JSON", help="print the table of a saved --json file and exit (no GPU needed)")
 
@@ -139,6 +138,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> int:
     from sparsetrain import train as tr
     from sparsetrain.metrics import setup_logging
     from sparsetrain.params import dump_params, load_params
+    from sparsetrain.sparsity.block_linear import dense_numel
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; rank 0 talks and writes
     params = load_params(args.params, args.overrides)
@@ -152,7 +152,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> int:
             _write_text(model_dir / "params.yaml", dump_params(params, args.overrides))
         log.info(
             "model: %s parameters on %s (%s%s%s); %s",
-            f"{sum(p.numel() for p in run.model.parameters()):,}", run.device, run.precision,
+            f"{dense_numel(run.model):,}", run.device, run.precision,
             ", compiled" if params.runconfig.compile is True or (params.runconfig.compile == "auto" and run.device.type == "cuda") else "",
             f", {run.dist.mode.upper()} x{run.dist.world_size}" if run.dist.active else "",
             f"resuming at step {run.step}" if run.step else "starting at step 0",

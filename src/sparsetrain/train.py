@@ -143,7 +143,8 @@ def build_optimizer(
 
     ``packed``: a :class:`~sparsetrain.sparsity.packed_optim.PackedOptimizer` of the same kind,
     whose state for sparsified weights (masks handed over by the sparsifier) holds kept entries
-    only; its checkpoints have the torch optimizer's layout.
+    only; its checkpoints have the torch optimizer's layout. Block weights stored as live blocks
+    (``weight_blocks``, 3-D) are matrices here too: decayed, and stepped as dense parameters.
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -249,26 +250,26 @@ def setup(
             masks = dict(pre.masks)
             pre.detach()
         dist.shard(model)
+    if params.sparsity is not None:
+        run.sparsifier = sparsify(model, params.sparsity, masks=masks)
+        if _block_kernels_apply(run):
+            # Before the optimizer: layers that store live blocks only give it weight_blocks.
+            # Under FSDP they keep dense storage (see sparsity.block_linear).
+            run.block_kernel_layers = use_block_kernels(model, run.sparsifier, packed=info.mode != "fsdp")
     if train:
         # Under FSDP too: the sparsifier hands each rank's PackedOptimizer the masks of its shards.
         packed = params.sparsity is not None and params.optimizer.packed_state
         run.optimizer = build_optimizer(model, params.optimizer, device, packed=packed)
+        if run.sparsifier is not None:
+            run.sparsifier.attach(run.optimizer)
         schedule = params.optimizer.learning_rate
         run.scheduler = torch.optim.lr_scheduler.LambdaLR(
             run.optimizer, lambda s: lr_at(schedule, s, rc.max_steps)
         )
         if state is not None and full_resume:
             _load_training_state(run, state, path)
-    if params.sparsity is not None:
-        run.sparsifier = sparsify(model, params.sparsity, run.optimizer, masks=masks)
-        if rc.sparse_kernels == "auto" and device.type == "cuda":
-            if run.precision == "bf16":
-                run.block_kernel_layers = use_block_kernels(model, run.sparsifier)
-            elif any(s.structure == "block" for s in run.sparsifier.settings.values()):
-                log.warning(
-                    "sparsity: the block-sparse kernels run in bf16; with runconfig.precision: %s the "
-                    "block-sparse weights train masked dense (no speedup)", rc.precision,
-                )
+            if run.sparsifier is not None:
+                run.sparsifier.apply()  # loaded state of a weight whose mask was redrawn: 0 where pruned now
     if state is not None and full_resume:
         run.step = int(state["global_step"])
     if info.active:
@@ -292,6 +293,22 @@ def setup(
         run.forward = torch.compile(run.forward, mode=None if rc.compile_mode == "default" else rc.compile_mode)
     run.metrics = MetricsWriter(model_dir, enabled=write_metrics and info.is_main)
     return run
+
+
+def _block_kernels_apply(run: Run) -> bool:
+    """Whether ``structure: block`` weights go to the block-sparse kernels: CUDA, bf16 and
+    ``runconfig.sparse_kernels: auto`` (fp32 keeps them masked dense, with a warning)."""
+    rc = run.params.runconfig
+    if rc.sparse_kernels != "auto" or run.device.type != "cuda":
+        return False
+    if run.precision != "bf16":
+        if any(s.structure == "block" for s in run.sparsifier.settings.values()):
+            log.warning(
+                "sparsity: the block-sparse kernels run in bf16; with runconfig.precision: %s the "
+                "block-sparse weights train masked dense (no speedup)", rc.precision,
+            )
+        return False
+    return True
 
 
 def _masks_to_keep(params: Params, masks: dict, path: Path | None) -> dict:
@@ -613,8 +630,9 @@ def _train_record(run: Run, loss: float, tps: float, tokens_per_step: int, peak:
     }
     if peak:
         # MFU counts the FLOPs the hardware executes: dense for masked-dense layers (a GPU skips no
-        # zeros), live blocks only for layers on the block-sparse kernels.
-        record["mfu"] = run.executed_flops * tps / peak
+        # zeros), live blocks only for layers on the block-sparse kernels. ``tps`` counts every
+        # rank's tokens and ``peak`` is one GPU's: MFU is per GPU.
+        record["mfu"] = run.executed_flops * tps / (peak * run.dist.world_size)
     return record
 
 

@@ -117,7 +117,7 @@ def _autotune(kind: str, table):
         c.pre_hook = _set_blocks(kind)
     return triton.autotune(
         configs=configs,
-        key=["M", "N", "K", "NNZ", "BR", "BC", "USE_TMA", "PERSISTENT"],
+        key=["M", "N", "K", "NNZ", "BR", "BC", "USE_TMA"],
         prune_configs_by={"early_config_prune": _prune},
     )
 
@@ -159,15 +159,10 @@ def _forward_tile(
 @triton.jit
 def _forward_kernel(
     a, w, out, row_ptr, row_cols, M, N, K, NNZ, stride_am, stride_om,
-    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    if PERSISTENT:  # one program per SM walks its tiles; the flattened loop never drains between them
-        tiles = tl.cdiv(M, BM) * (N // BR)
-        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
-            _forward_tile(tile, a, w, out, row_ptr, row_cols, M, N, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
-    else:
-        _forward_tile(tl.program_id(0), a, w, out, row_ptr, row_cols, M, N, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
+    _forward_tile(tl.program_id(0), a, w, out, row_ptr, row_cols, M, N, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
 
 
 @triton.jit
@@ -208,15 +203,10 @@ def _dgrad_tile(
 @triton.jit
 def _dgrad_kernel(
     a, w, out, col_ptr, col_rows, col_ids, M, N, K, NNZ, stride_am, stride_om,
-    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    if PERSISTENT:
-        tiles = tl.cdiv(M, BM) * (K // BC)
-        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
-            _dgrad_tile(tile, a, w, out, col_ptr, col_rows, col_ids, M, K, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
-    else:
-        _dgrad_tile(tl.program_id(0), a, w, out, col_ptr, col_rows, col_ids, M, K, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
+    _dgrad_tile(tl.program_id(0), a, w, out, col_ptr, col_rows, col_ids, M, K, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
 
 
 @_autotune("wgrad", _WGRAD_CONFIGS)
@@ -292,18 +282,10 @@ def _desc(t: torch.Tensor, use_tma: bool):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * t.ndim)
 
 
-def _grid(count: int, rows: int, device: torch.device):
-    """One program per output tile, or with ``persistent()`` at most one per multiprocessor."""
-    if not persistent():
-        return lambda meta: (triton.cdiv(rows, meta["BM"]) * count,)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return lambda meta: (min(triton.cdiv(rows, meta["BM"]) * count, sms),)
-
-
-def persistent() -> bool:
-    """``SPARSETRAIN_BLOCK_PERSISTENT=1``: the persistent forward and input-gradient kernels, an
-    experiment not yet measured on a GPU (benchmarks/NOTES_block_kernels.md, next step 1)."""
-    return os.environ.get("SPARSETRAIN_BLOCK_PERSISTENT") == "1"
+def _grid(count: int, rows: int):
+    """One program per output tile. (A persistent variant, one program per SM looping over tiles,
+    measured 0.63x of cuBLAS where this reaches 0.91x: benchmarks/NOTES_block_kernels.md.)"""
+    return lambda meta: (triton.cdiv(rows, meta["BM"]) * count,)
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
@@ -329,10 +311,10 @@ def forward(x: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, *, use_t
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     w2 = packed.view(-1, bc)
     _launch(
-        _forward_kernel, _grid(n // br, m, x.device),
+        _forward_kernel, _grid(n // br, m),
         _desc(x2, use_tma), _desc(w2, use_tma), _desc(y, use_tma), layout.row_ptr, layout.row_cols,
         m, n, k, layout.nnz, x2.stride(0), y.stride(0),
-        BR=br, BC=bc, SPLIT_SIDE=bc, USE_TMA=use_tma, PERSISTENT=persistent(),
+        BR=br, BC=bc, SPLIT_SIDE=bc, USE_TMA=use_tma,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
 
@@ -347,10 +329,10 @@ def dgrad(dy: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, *, use_tm
     dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
     w2 = packed.view(-1, bc)
     _launch(
-        _dgrad_kernel, _grid(k // bc, m, dy.device),
+        _dgrad_kernel, _grid(k // bc, m),
         _desc(dy2, use_tma), _desc(w2, use_tma), _desc(dx, use_tma), layout.col_ptr, layout.col_rows, layout.col_ids,
         m, n, k, layout.nnz, dy2.stride(0), dx.stride(0),
-        BR=br, BC=bc, SPLIT_SIDE=br, USE_TMA=use_tma, PERSISTENT=persistent(),
+        BR=br, BC=bc, SPLIT_SIDE=br, USE_TMA=use_tma,
     )  # fmt: skip
     return dx.reshape(*dy.shape[:-1], k)
 
@@ -366,27 +348,39 @@ def _slices(m: int, nnz: int, device: torch.device) -> int:
 
 
 def wgrad(
-    x: torch.Tensor, dy: torch.Tensor, layout: BlockLayout, *, out_dtype: torch.dtype, use_tma: bool
+    x: torch.Tensor, dy: torch.Tensor, layout: BlockLayout, *, out_dtype: torch.dtype, use_tma: bool,
+    packed: bool = False,
 ) -> torch.Tensor:
     """``dW = dY^T X`` on the live blocks, exact zeros elsewhere: a dense ``(N, K)`` tensor of
-    ``out_dtype`` (the weight's dtype: the gradient of an fp32 master weight is fp32)."""
+    ``out_dtype`` (the weight's dtype: the gradient of an fp32 master weight is fp32). With
+    ``packed``, the live blocks only: ``(nnz, br, bc)`` in the layout's block order, the gradient
+    of a weight stored that way (``sparsity.block_linear``); no dense tensor is made."""
     x2, dy2 = _rows(x), _rows(dy)
     (n, k), (br, bc) = layout.shape, layout.block
     m = x2.shape[0]
-    dw = torch.zeros(n, k, dtype=out_dtype, device=x.device)
     if m == 0 or layout.nnz == 0:
-        return dw
+        shape = (layout.nnz, br, bc) if packed else (n, k)
+        return torch.zeros(shape, dtype=out_dtype, device=x.device)
     slices = _slices(m, layout.nnz, x.device)
     per_slice = triton.cdiv(triton.cdiv(m, slices), 128) * 128  # a multiple of every BK
     slices = triton.cdiv(m, per_slice)
-    direct = slices == 1
-    out = dw if direct else torch.empty(slices, layout.nnz, br, bc, dtype=torch.float32, device=x.device)
+    direct = slices == 1 and not packed
+    if direct:
+        out = torch.zeros(n, k, dtype=out_dtype, device=x.device)
+    else:  # the partial sums, (slices, nnz, br, bc): one slice is the packed result itself
+        partial_dtype = out_dtype if slices == 1 else torch.float32
+        out = torch.empty(slices, layout.nnz, br, bc, dtype=partial_dtype, device=x.device)
     _launch(
         _wgrad_kernel, (layout.nnz, slices),
         _desc(dy2, use_tma), _desc(x2, use_tma), out, layout.blk_rows, layout.row_cols,
         m, n, k, layout.nnz, dy2.stride(0), x2.stride(0), per_slice,
         BR=br, BC=bc, SPLIT_SIDE=128, USE_TMA=use_tma, DIRECT=direct,
     )  # fmt: skip
-    if not direct:
-        write_blocks(dw, out.sum(0), layout)
+    if direct:
+        return out
+    blocks = out[0] if slices == 1 else out.sum(0).to(out_dtype)
+    if packed:
+        return blocks
+    dw = torch.zeros(n, k, dtype=out_dtype, device=x.device)
+    write_blocks(dw, blocks, layout)
     return dw

@@ -5,13 +5,19 @@ The Triton kernels (:mod:`sparsetrain.kernels.block_sparse`) are wrapped in the 
 ``torch.compile`` keeps it whole (no graph break) and CUDA graphs can capture it. Importing this
 module does not import Triton; the kernels load on the first call on a GPU.
 
+The weight comes in one of two storages (``sparsity.block_linear`` picks): the dense ``(N, K)``
+master with zeros at pruned blocks, or its live blocks only, ``(nnz, br, bc)`` in the tables'
+block order (``BlockLayout``). Its gradient has the weight's own shape: dense, exactly 0 at dead
+blocks, or packed like the weight.
+
 Dtypes follow ``F.linear`` under autocast: with CUDA autocast on, the input is cast to the
 autocast dtype and the fp32 master weight is read as that dtype (only its live blocks are
-copied, once per call); the weight gradient comes back in the weight's own dtype (fp32). The
-kernels run in bf16 or fp16. Everything else, an fp32 model, a CPU tensor, a block shape the
-kernels do not take (see ``kernel_block_ok``) or no Triton, takes the fallback ``F.linear`` on the
-weight itself: the sparsifier keeps pruned weights at exactly zero, so both paths compute the same
-function (the kernels just skip the zero blocks).
+copied, once per call: packed from the dense weight by a kernel, or a plain cast of the stored
+blocks); the weight gradient comes back in the weight's own dtype (fp32). The kernels run in bf16
+or fp16. Everything else, an fp32 model, a CPU tensor, a block shape the kernels do not take (see
+``kernel_block_ok``) or no Triton, takes the fallback ``F.linear``: on the dense weight itself (the
+sparsifier keeps pruned weights at exactly zero, so both paths compute the same function: the
+kernels just skip the zero blocks), or on the stored blocks unpacked to dense, differentiably.
 
 On Hopper the kernels load tiles through TMA descriptors; ``SPARSETRAIN_BLOCK_TMA=0`` in the
 environment makes them use pointer loads instead (for comparison: TMA measured faster on the H200).
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 from sparsetrain.kernels import has_triton
 from sparsetrain.kernels.block_layout import BlockLayout, kernel_block_ok
 
-__all__ = ["TABLES", "block_sparse_linear", "kernel_path", "layout_of"]
+__all__ = ["TABLES", "block_sparse_linear", "dense_from_blocks", "kernel_path", "layout_of"]
 
 # The BlockLayout tables the op takes, in this order.
 TABLES = ("row_ptr", "row_cols", "col_ptr", "col_rows", "col_ids", "blk_rows")
@@ -37,6 +43,25 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 def layout_of(shape: tuple[int, int], tables: list[torch.Tensor], block: tuple[int, int]) -> BlockLayout:
     """The :class:`BlockLayout` of a ``shape`` weight from its tables (in ``TABLES`` order)."""
     return BlockLayout(tuple(shape), tuple(block), tables[1].numel(), *tables)
+
+
+def _out_features(weight: torch.Tensor, tables: list[torch.Tensor], br: int) -> int:
+    """N: a dense weight's rows, or for live blocks ``(nnz, br, bc)`` the block-rows of the
+    tables (``row_ptr`` has one entry per block-row, plus one) times ``br``."""
+    return weight.shape[0] if weight.dim() == 2 else (tables[0].shape[0] - 1) * br
+
+
+def dense_from_blocks(
+    blocks: torch.Tensor, tables: list[torch.Tensor], block: tuple[int, int], in_features: int
+) -> torch.Tensor:
+    """The ``(N, K)`` weight of live ``blocks`` (zeros at dead blocks), differentiable in
+    ``blocks`` (an ``index_copy``, whose gradient gathers the live blocks back): the fallback's
+    weight, and what torch.compile can trace."""
+    (br, bc), cols = block, in_features // block[1]
+    rows = tables[0].shape[0] - 1
+    place = tables[5].long() * cols + tables[1].long()  # blk_rows, row_cols: each block's grid cell
+    grid = blocks.new_zeros(rows * cols, br, bc).index_copy(0, place, blocks)
+    return grid.view(rows, cols, br, bc).transpose(1, 2).reshape(rows * br, cols * bc)
 
 
 def _use_tma(*tensors: torch.Tensor) -> bool:
@@ -51,36 +76,40 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
 def block_sparse_mm(
     x: torch.Tensor, weight: torch.Tensor, tables: list[torch.Tensor], br: int, bc: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x @ weight.T, packed)`` over the live blocks; ``x (M, K)`` in the compute dtype.
-    ``packed``, the live blocks in that dtype, is kept for the backward (as autocast keeps its
-    cast copy of a dense weight)."""
+    """``(x @ W.T, packed)`` over the live blocks; ``x (M, K)`` in the compute dtype, ``weight``
+    the dense ``(N, K)`` W or its live blocks ``(nnz, br, bc)``. ``packed``, the live blocks in
+    the compute dtype, is kept for the backward (as autocast keeps its cast copy of a dense weight)."""
     return _forward_impl(x, weight, tables, br, bc)
 
 
 def _forward_impl(x, weight, tables, br, bc):
     from sparsetrain.kernels import block_sparse
 
-    layout = layout_of(weight.shape, tables, (br, bc))
-    packed = block_sparse.pack(weight, layout, x.dtype)
+    layout = layout_of((_out_features(weight, tables, br), x.shape[1]), tables, (br, bc))
+    if weight.dim() == 3:  # stored as live blocks: a cast (a copy: an op output never aliases its input)
+        packed = weight.to(x.dtype, copy=True)
+    else:
+        packed = block_sparse.pack(weight, layout, x.dtype)
     return block_sparse.forward(x, packed, layout, use_tma=_use_tma(x, packed)), packed
 
 
 @block_sparse_mm.register_fake
 def _(x, weight, tables, br, bc):
     nnz = tables[1].shape[0]
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(nnz, br, bc)
+    return x.new_empty(x.shape[0], _out_features(weight, tables, br)), x.new_empty(nnz, br, bc)
 
 
 @torch.library.custom_op("sparsetrain::block_sparse_mm_backward", mutates_args=())
 def block_sparse_mm_backward(
     dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, tables: list[torch.Tensor],
-    n: int, br: int, bc: int, weight_dtype: torch.dtype, need_input: bool, need_weight: bool,
+    n: int, br: int, bc: int, weight_dtype: torch.dtype, block_weight: bool, need_input: bool, need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(dX, dW)`` with ``dW`` dense ``(n, K)`` in ``weight_dtype``; one not asked for is empty."""
-    return _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, need_input, need_weight)
+    """``(dX, dW)`` with ``dW`` in ``weight_dtype``: dense ``(n, K)``, or with ``block_weight``
+    (the weight is stored as live blocks) packed ``(nnz, br, bc)``; one not asked for is empty."""
+    return _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight, need_input, need_weight)
 
 
-def _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, need_input, need_weight):
+def _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight, need_input, need_weight):
     from sparsetrain.kernels import block_sparse
 
     layout = layout_of((n, x.shape[1]), tables, (br, bc))
@@ -89,20 +118,28 @@ def _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, need_input, n
     if need_input:
         dx = block_sparse.dgrad(dy, packed, layout, use_tma=_use_tma(dy, packed))
     if need_weight:
-        dw = block_sparse.wgrad(x, dy, layout, out_dtype=weight_dtype, use_tma=_use_tma(x, dy))
+        dw = block_sparse.wgrad(
+            x, dy, layout, out_dtype=weight_dtype, use_tma=_use_tma(x, dy), packed=block_weight
+        )
     return dx, dw
 
 
 @block_sparse_mm_backward.register_fake
-def _(dy, x, packed, tables, n, br, bc, weight_dtype, need_input, need_weight):
+def _(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight, need_input, need_weight):
     dx = x.new_empty(x.shape) if need_input else x.new_empty(0)
-    dw = x.new_empty(n, x.shape[1], dtype=weight_dtype) if need_weight else x.new_empty(0)
+    shape = (tables[1].shape[0], br, bc) if block_weight else (n, x.shape[1])
+    dw = x.new_empty(shape, dtype=weight_dtype) if need_weight else x.new_empty(0)
     return dx, dw
+
+
+def _meta(weight: torch.Tensor, tables, br: int, bc: int) -> tuple:
+    """What the backward needs of the weight: (N, br, bc, its dtype, stored as live blocks?)."""
+    return (_out_features(weight, tables, br), br, bc, weight.dtype, weight.dim() == 3)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, tables, br, bc = inputs
-    ctx.meta = (weight.shape[0], br, bc, weight.dtype)
+    ctx.meta = _meta(weight, tables, br, bc)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, output[1], *tables)
 
@@ -127,7 +164,7 @@ class _EagerBlockSparseMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, br, bc, *tables):
         y, packed = _forward_impl(x, weight, list(tables), br, bc)
-        ctx.meta = (weight.shape[0], br, bc, weight.dtype)
+        ctx.meta = _meta(weight, tables, br, bc)
         ctx.save_for_backward(x, packed, *tables)
         return y
 
@@ -142,8 +179,11 @@ class _EagerBlockSparseMM(torch.autograd.Function):
 
 
 def kernel_path(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int]) -> torch.dtype | None:
-    """The dtype the kernels would run in for this call, or None when it takes the fallback."""
-    if not (x.is_cuda and weight.is_cuda) or not kernel_block_ok(tuple(weight.shape), block):
+    """The dtype the kernels would run in for this call, or None when it takes the fallback.
+    Live blocks ``(nnz, br, bc)`` are stored only for shapes the kernels take (checked then)."""
+    if not (x.is_cuda and weight.is_cuda):
+        return None
+    if weight.dim() == 2 and not kernel_block_ok(tuple(weight.shape), block):
         return None
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     if dtype not in _KERNEL_DTYPES or not _triton_ok():
@@ -169,11 +209,14 @@ def block_sparse_linear(
     tables: list[torch.Tensor],
     block: tuple[int, int],
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` computed over the live blocks only (``tables`` from a
-    :class:`BlockLayout` of ``weight``'s mask, in ``TABLES`` order); the fallback where the kernels
-    do not apply. Pruned entries of ``weight`` must be zero (the sparsifier keeps them so)."""
+    """``F.linear(x, W, bias)`` computed over the live blocks only (``tables`` from a
+    :class:`BlockLayout` of W's mask, in ``TABLES`` order); the fallback where the kernels do not
+    apply. ``weight`` is W dense, ``(N, K)`` with pruned entries at zero (the sparsifier keeps them
+    so), or its live blocks ``(nnz, br, bc)``."""
     dtype = kernel_path(x, weight, block)
     if dtype is None:
+        if weight.dim() == 3:
+            weight = dense_from_blocks(weight, tables, block, x.shape[-1])
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -183,4 +226,4 @@ def block_sparse_linear(
         y = _EagerBlockSparseMM.apply(x2, weight, block[0], block[1], *tables)
     if bias is not None:
         y = y + bias.to(dtype)
-    return y.reshape(*lead, weight.shape[0])
+    return y.reshape(*lead, y.shape[-1])

@@ -1,13 +1,48 @@
-"""Run block-sparse ``nn.Linear`` layers on the block-skipping GPU kernels.
+"""Run block-sparse ``nn.Linear`` layers on the block-skipping GPU kernels, storing their live
+blocks only.
 
-    names = use_block_kernels(model, sparsifier)
+    names = use_block_kernels(model, sparsifier, packed=True)   # before the optimizer is built
 
 For every ``nn.Linear`` whose weight the sparsifier masks with ``structure: block`` (a mask made
 of whole blocks, of a shape the kernels take), the module's class becomes
-:class:`BlockSparseLinear`: the same parameters, the same state_dict and checkpoint, a forward
-that computes over the live blocks only (:func:`sparsetrain.kernels.block_sparse_op.block_sparse_linear`)
-and falls back to ``F.linear`` wherever the kernels do not apply (CPU, fp32). The model's own
-code is untouched; ``use_dense_kernels`` turns them back.
+:class:`BlockSparseLinear`: a forward that computes over the live blocks only
+(:func:`sparsetrain.kernels.block_sparse_op.block_sparse_linear`) and falls back to ``F.linear``
+wherever the kernels do not apply (CPU, fp32, no Triton). The model's own code is untouched;
+``use_dense_kernels`` turns them back.
+
+**Storage.** With ``packed=False`` the layer keeps its parameter ``weight``, dense fp32 ``(N, K)``
+with zeros at pruned blocks, and a dense gradient; the sparsifier keeps the zeros. With
+``packed=True`` (what ``sparsetrain train`` does wherever the kernels are on, one process or DDP)
+the layer stores only its live blocks: the parameter becomes ``weight_blocks``, fp32
+``(nnz, br, bc)`` in the layout's block order (:class:`~sparsetrain.kernels.block_layout.BlockLayout`),
+and its gradient has the same shape (the kernels compute it on live blocks only, no dense tensor
+is made). Weight and gradient take 8 bytes per live entry instead of 8 per entry (at 75% sparsity,
+a quarter), and the optimizer, which sees a small dense parameter, keeps state of that size with
+no mask. Pruned weights are not stored, so they stay zero by construction: the sparsifier enforces
+nothing for these layers but keeps their masks, keyed by the dense name ``...weight``, for
+statistics, FLOPs and checkpoints. Nothing outside sees the difference:
+
+- ``model.state_dict()`` holds the dense ``<prefix>weight`` (zeros at pruned blocks, so NaN in a
+  sparse checkpoint) and ``load_state_dict`` takes it and packs it: checkpoints are those of a
+  masked-dense run and load both ways;
+- an optimizer the sparsifier is attached to gives its state for ``weight_blocks`` in the dense
+  layout in ``state_dict()`` and packs it again in ``load_state_dict``
+  (:func:`optimizer_state_to_dense` / :func:`optimizer_state_to_blocks`, registered as its hooks);
+- the fallback unpacks the blocks to dense, differentiably, and calls ``F.linear``, so CPU runs
+  compute exactly what masked dense computes.
+
+Pack before the optimizer is built: it must hold ``weight_blocks`` (packing a weight an attached
+optimizer holds is an error). ``use_dense_kernels`` gives packed layers a dense ``weight`` again,
+a new parameter: build the optimizer again and attach the sparsifier to it. When the masks change
+(``sparsifier.load_state_dict``), the blocks and the optimizer state of their shape are repacked
+in place (the parameter object stays; its shape changes with the live block count, so do it
+before wrapping the model in DDP).
+
+Under FSDP2 (``runconfig.distributed: fsdp``) ``sparsetrain train`` keeps dense storage:
+``fully_shard`` splits every parameter along dim 0 into DTensor shards and gathers full model and
+optimizer state dicts by parameter name and shape; the dense <-> blocks conversion above would
+have to run on shards of the block list (blocks of unrelated rows on each rank, padded when nnz
+does not divide by the ranks), which is neither written nor tested here.
 
 The block tables are non-persistent buffers of the module (they follow ``.to()`` and
 ``torch.compile`` sees them as tensors); call ``use_block_kernels`` again after the masks change
@@ -17,27 +52,54 @@ The block tables are non-persistent buffers of the module (they follow ``.to()``
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from sparsetrain.kernels.block_layout import BlockLayout, kernel_block_ok
+from sparsetrain.kernels.block_layout import BlockLayout, kernel_block_ok, pack_blocks, unpack_blocks
 from sparsetrain.kernels.block_sparse_op import TABLES, _triton_ok, block_sparse_linear, layout_of
 from sparsetrain.sparsity.masks import block_layout, is_block_structured
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockSparseLinear", "use_block_kernels", "use_dense_kernels"]
+__all__ = [
+    "BLOCKS",
+    "BlockSparseLinear",
+    "optimizer_state_to_blocks",
+    "optimizer_state_to_dense",
+    "packed_layers",
+    "state_dict_names",
+    "use_block_kernels",
+    "use_dense_kernels",
+]
+
+BLOCKS = "weight_blocks"  # the parameter of a layer that stores its live blocks only
 
 
 class BlockSparseLinear(nn.Linear):
-    """An ``nn.Linear`` whose forward reads only the live blocks of its weight."""
+    """An ``nn.Linear`` whose forward reads only the live blocks of its weight, stored dense
+    (``weight``) or as those blocks (``weight_blocks``, see the module docstring)."""
 
     block: tuple[int, int]
 
-    def set_layout(self, layout: torch.Tensor, block: tuple[int, int]) -> None:
+    @property
+    def packed(self) -> bool:
+        """Whether the weight is stored as its live blocks only."""
+        return BLOCKS in self._parameters
+
+    def stored_weight(self) -> torch.Tensor:
+        """The weight parameter: ``weight_blocks`` (packed) or ``weight``."""
+        return self._parameters[BLOCKS if self.packed else "weight"]
+
+    def set_layout(self, layout: torch.Tensor, block: tuple[int, int], optimizers: Iterable = ()) -> None:
+        """Take the live blocks ``layout`` (bool, one entry per block); stored blocks, and the
+        state ``optimizers`` hold for them, move to the new layout (0 where a block is new)."""
         _triton_ok()  # decided here, outside any compiled region
-        tables = BlockLayout.build(layout.to(self.weight.device), block)
+        tables = BlockLayout.build(layout.to(self.stored_weight().device), block)
+        if self.packed:
+            self._repack(tables, optimizers)
         self.block = block
         for name in TABLES:
             self.register_buffer(f"_bs_{name}", getattr(tables, name), persistent=False)
@@ -45,22 +107,145 @@ class BlockSparseLinear(nn.Linear):
     def tables(self) -> list[torch.Tensor]:
         return [getattr(self, f"_bs_{name}") for name in TABLES]
 
+    def layout(self) -> BlockLayout:
+        return layout_of((self.out_features, self.in_features), self.tables(), self.block)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_sparse_linear(x, self.weight, self.bias, self.tables(), self.block)
+        return block_sparse_linear(x, self.stored_weight(), self.bias, self.tables(), self.block)
 
     def extra_repr(self) -> str:
-        live = layout_of(self.weight.shape, self.tables(), self.block).density()
-        return f"{super().extra_repr()}, block={self.block}, live={live:.3f}"
+        stored = ", stored=live blocks" if self.packed else ""
+        return f"{super().extra_repr()}, block={self.block}, live={self.layout().density():.3f}{stored}"
+
+    # -- storage -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Store the live blocks only: ``weight`` becomes ``weight_blocks`` (a new parameter)."""
+        weight = self._parameters["weight"]
+        blocks = nn.Parameter(pack_blocks(weight, self.layout()), requires_grad=weight.requires_grad)
+        _rename_parameter(self, "weight", BLOCKS, blocks)
+
+    @torch.no_grad()
+    def unpack(self) -> None:
+        """Store the dense weight again: ``weight_blocks`` becomes ``weight`` (a new parameter)."""
+        blocks = self._parameters[BLOCKS]
+        weight = nn.Parameter(unpack_blocks(blocks, self.layout()), requires_grad=blocks.requires_grad)
+        _rename_parameter(self, BLOCKS, "weight", weight)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(N, K)`` weight with zeros at pruned blocks: the parameter itself when stored
+        dense, else a new tensor (no gradient) unpacked from the blocks."""
+        if not self.packed:
+            return self.weight
+        return unpack_blocks(self.weight_blocks.detach(), self.layout())
+
+    def _to_storage(self, value: Any, dense: bool) -> Any:
+        """A tensor of the stored blocks' shape as dense ``(N, K)`` (``dense``), or a dense one as
+        blocks; anything else as it is (Adam's ``step``, non-float state)."""
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return value
+        if dense and value.shape == self.weight_blocks.shape:
+            return unpack_blocks(value, self.layout())
+        if not dense and tuple(value.shape) == (self.out_features, self.in_features):
+            return pack_blocks(value, self.layout().to(value.device))
+        return value
+
+    @torch.no_grad()
+    def _repack(self, tables: BlockLayout, optimizers: Iterable) -> None:
+        old = self.layout()
+        same = old.nnz == tables.nnz and torch.equal(old.blk_rows, tables.blk_rows)
+        if same and torch.equal(old.row_cols, tables.row_cols):
+            return
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return pack_blocks(unpack_blocks(t, old), tables)
+
+        p = self.weight_blocks
+        for optimizer in optimizers:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape:
+                    state[key] = move(value)
+        p.data = move(p)  # the same parameter object: the optimizer keeps holding it
+        p.grad = None
+
+    # -- state dict: always the dense weight ----------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.packed:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        own: dict[str, Any] = {}
+        super()._save_to_state_dict(own, prefix, keep_vars)
+        for key, value in own.items():  # in order: the weight stays where nn.Linear puts it
+            if key == prefix + BLOCKS:
+                key, value = prefix + "weight", self.dense_weight()
+            destination[key] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
+        if self.packed and prefix + "weight" in state_dict:
+            state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}  # never the caller's
+            state_dict[prefix + BLOCKS] = self._blocks_from(state_dict.pop(prefix + "weight"), prefix, errors)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
+        if self.packed:  # the name a checkpoint has
+            missing_keys[:] = [prefix + "weight" if k == prefix + BLOCKS else k for k in missing_keys]
+
+    @torch.no_grad()
+    def _blocks_from(self, dense: torch.Tensor, prefix: str, error_msgs: list[str]) -> torch.Tensor:
+        shape = (self.out_features, self.in_features)
+        if tuple(dense.shape) != shape:
+            error_msgs.append(
+                f"size mismatch for {prefix}weight: copying a param with shape {tuple(dense.shape)} from "
+                f"checkpoint, the shape in current model is {torch.Size(shape)}."
+            )
+            return self.weight_blocks.detach()
+        return pack_blocks(dense, self.layout().to(dense.device))
+
+
+def _rename_parameter(module: nn.Module, old: str, new: str, value: nn.Parameter) -> None:
+    """Replace parameter ``old`` by ``new`` at the same place in the module's order, so that
+    parameter lists (optimizer groups, state_dict keys) keep their order."""
+    params = list(module._parameters.items())
+    module._parameters.clear()
+    for key, p in params:
+        module._parameters[new if key == old else key] = value if key == old else p
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {f"{name}.weight" if name else "weight": m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def use_block_kernels(model: nn.Module, sparsifier) -> list[str]:
+def packed_layers(model: nn.Module) -> dict[str, BlockSparseLinear]:
+    """The layers of ``model`` that store live blocks only, by their dense weight's name (the
+    sparsifier's mask key and the checkpoint's)."""
+    return {name: m for name, m in _linears(model).items() if isinstance(m, BlockSparseLinear) and m.packed}
+
+
+def dense_numel(model: nn.Module) -> int:
+    """``model``'s parameter count as a dense model (layers storing live blocks at their full
+    size): the model's size, whatever its storage."""
+    total = sum(p.numel() for p in model.parameters())
+    return total + sum(m.out_features * m.in_features - m.weight_blocks.numel() for m in packed_layers(model).values())
+
+
+def state_dict_names(model: nn.Module) -> dict[int, str]:
+    """``id(parameter)`` -> the name its values have in ``model.state_dict()``: the first name
+    under ``named_parameters``, the dense weight's name for ``weight_blocks``."""
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), name)
+    for name, module in packed_layers(model).items():
+        names[id(module.weight_blocks)] = name
+    return names
+
+
+def use_block_kernels(model: nn.Module, sparsifier, *, packed: bool = False) -> list[str]:
     """Switch each eligible block-sparse linear layer of ``model`` to the kernels; returns the
-    weight names switched (others keep ``F.linear`` on the masked weight)."""
+    weight names switched (others keep ``F.linear`` on the masked weight). ``packed``: store their
+    live blocks only (see the module docstring; before the optimizer is built). Layers already
+    packed stay packed, on the sparsifier's current masks."""
     linears = _linears(model)
+    optimizers = sparsifier.optimizers
     switched, skipped = [], []
     for name, mask in sparsifier.masks.items():
         group = sparsifier.settings[name]
@@ -70,25 +255,81 @@ def use_block_kernels(model: nn.Module, sparsifier) -> list[str]:
         block = group.block_size
         if not kernel_block_ok(tuple(mask.shape), block) or not is_block_structured(mask, block):
             skipped.append(name)
+            if isinstance(module, BlockSparseLinear):  # its mask changed under it
+                _to_linear(module, name)
             continue
         module.__class__ = BlockSparseLinear
-        module.set_layout(block_layout(mask, block), block)
+        module.set_layout(block_layout(mask, block), block, optimizers)
+        if packed and not module.packed:
+            if any(module.weight is p for opt in optimizers for g in opt.param_groups for p in g["params"]):
+                raise ValueError(
+                    f"use_block_kernels(packed=True): an optimizer attached to the sparsifier holds {name}; "
+                    "pack the block weights before building the optimizer (it must hold weight_blocks)"
+                )
+            module.pack()
         switched.append(name)
     sparsifier.block_kernels = True
+    sparsifier.rebind()  # packed weights leave the sparsifier's enforcement: nothing pruned is stored
     if skipped:
         log.warning(
             "sparsity: %d block-sparse weight(s) stay on dense kernels (the kernels take whole blocks "
             "with sides in 16..256, powers of two): %s", len(skipped), ", ".join(skipped[:8]),
         )
     if switched:
-        log.info("sparsity: %d linear layer(s) run on the block-sparse kernels where the GPU allows", len(switched))
+        log.info(
+            "sparsity: %d linear layer(s) run on the block-sparse kernels where the GPU allows%s",
+            len(switched), ", live blocks stored only" if packed else "",
+        )
     return switched
 
 
 def use_dense_kernels(model: nn.Module) -> None:
-    """Turn every :class:`BlockSparseLinear` of ``model`` back into a plain ``nn.Linear``."""
-    for module in model.modules():
+    """Turn every :class:`BlockSparseLinear` of ``model`` back into a plain ``nn.Linear``. A packed
+    layer gets a dense ``weight`` parameter again (a new one: build the optimizer again and
+    ``sparsifier.attach`` it, which binds the masks to the new weights)."""
+    for name, module in _linears(model).items():
         if isinstance(module, BlockSparseLinear):
-            for name in TABLES:
-                delattr(module, f"_bs_{name}")
-            module.__class__ = nn.Linear
+            if module.packed:
+                module.unpack()
+            _to_linear(module, name)
+
+
+def _to_linear(module: BlockSparseLinear, name: str) -> None:
+    if module.packed:
+        raise ValueError(
+            f"sparsity: {name} stores its live blocks only and its mask is no longer one of whole "
+            f"{module.block} blocks; use_dense_kernels(model) first"
+        )
+    for table in TABLES:
+        delattr(module, f"_bs_{table}")
+    module.__class__ = nn.Linear
+
+
+# -- optimizer state: the dense layout in state dicts --------------------------------------------
+
+
+def optimizer_state_to_dense(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: Mapping) -> dict | None:
+    """``optimizer.state_dict()`` with the state of every ``weight_blocks`` in the dense weight's
+    layout (zeros at pruned blocks), as for a masked-dense run; a state-dict post-hook (the
+    sparsifier registers it on ``attach``). Returns a new dict, or None when nothing is packed."""
+    return _convert_state(model, optimizer, state_dict, dense=True)
+
+
+def optimizer_state_to_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: Mapping) -> dict | None:
+    """The reverse, a load-state-dict pre-hook: dense-layout state of a ``weight_blocks`` is
+    packed (state already of the blocks' shape is taken as it is)."""
+    return _convert_state(model, optimizer, state_dict, dense=False)
+
+
+def _convert_state(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: Mapping, dense: bool) -> dict | None:
+    layers = {id(m.weight_blocks): m for m in packed_layers(model).values()}
+    if not layers or "state" not in state_dict:
+        return None
+    state = dict(state_dict["state"])
+    # Saved indices map to parameters group by group, in order (as Optimizer.load_state_dict does).
+    for saved, group in zip(state_dict.get("param_groups", []), optimizer.param_groups, strict=False):
+        for index, p in zip(saved["params"], group["params"], strict=False):
+            module = layers.get(id(p))
+            if module is not None and index in state:
+                state[index] = {key: module._to_storage(value, dense) for key, value in state[index].items()}
+    return {**state_dict, "state": state}

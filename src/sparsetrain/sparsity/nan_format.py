@@ -15,6 +15,10 @@ load:
 ``densify`` turns every NaN into 0: dense fine-tuning and ``finalize``. A tensor that holds NaN at
 positions its mask keeps (a diverged run) cannot be told apart from a pruned one after decoding;
 encoding warns about it. Functions here are pure: they never mutate their inputs and do no I/O.
+
+Layers that store their live blocks only (``sparsity.block_linear``) give the dense weight, and
+dense-layout optimizer state, in their state dicts; their optimizer state is found under the
+dense weight's name, so such a run writes the same checkpoint as a masked-dense one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsetrain.sparsity.block_linear import state_dict_names
 from sparsetrain.sparsity.masks import mask_from_nan
 
 log = logging.getLogger(__name__)
@@ -108,10 +113,9 @@ def _encode(tensor: Any, mask: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _index_to_name(opt_state_dict: Mapping[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module):
-    """Optimizer state-dict index -> parameter name (first name under ``named_parameters``)."""
-    name_of = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        name_of.setdefault(id(p), name)
+    """Optimizer state-dict index -> parameter name, as in ``model.state_dict()`` (the first name
+    under ``named_parameters``; a ``weight_blocks`` goes by its dense weight's name)."""
+    name_of = state_dict_names(model)
     saved_groups = opt_state_dict["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups) or any(
         len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, optimizer.param_groups, strict=True)

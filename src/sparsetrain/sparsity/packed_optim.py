@@ -36,6 +36,11 @@ sparse norm).
   ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (``full_state_dict=True``) gather
   and scatter it exactly as for ``torch.optim.AdamW`` (:mod:`sparsetrain.distributed`), and the
   consolidated NaN checkpoint is the one a single process writes.
+- A block-sparse weight stored as its live blocks (``weight_blocks``, see
+  :mod:`sparsetrain.sparsity.block_linear`) is already packed: the sparsifier hands over no mask
+  for it, so it is an unmasked parameter here (no bitmask, the torch optimizer's step) whose state
+  is as small as the blocks; ``state_dict()`` gives that state the dense weight's layout through
+  the hooks the sparsifier registers.
 
 Not supported on masked parameters: ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``,
 sparse gradients (unmasked parameters get whatever torch supports).

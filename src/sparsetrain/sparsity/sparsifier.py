@@ -22,6 +22,13 @@ parameters it enforces; gradients are still masked as above.
 Pruned weights are physically zero in memory: the model runs unmodified (no forward hooks, so
 ``torch.compile`` sees a plain model), and a checkpoint written after any step is sparse.
 
+Block-sparse layers that store their live blocks only (``sparsity.block_linear``,
+``use_block_kernels(..., packed=True)``) have no pruned entries in memory: the hooks skip them (the
+invariant holds by construction) and an optimizer with ``set_masks`` gets no mask for them. Their
+masks stay in ``masks`` under the dense weight's name (statistics, FLOPs, checkpoints), and
+``attach`` registers the optimizer's state-dict hooks that give their state the dense layout in
+``optimizer.state_dict()`` and pack it again on ``load_state_dict``.
+
 Call ``sparsify`` after the model is on its device and after wrapping it (DDP); masks are bound to
 the parameter objects when they are drawn and rebound by name at ``attach``. Masks are the same
 on every DDP rank (``topk`` of identical weights, ``random`` from a name hash). FSDP2
@@ -38,6 +45,7 @@ fidelity to the reference results and smaller checkpoints (see ``sparsetrain.spa
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Mapping
@@ -48,6 +56,7 @@ from torch import nn
 
 from sparsetrain.distributed import is_dtensor, local_part
 from sparsetrain.errors import CheckpointError
+from sparsetrain.sparsity import block_linear
 from sparsetrain.sparsity.config import GroupSettings, SparsityConfig, parse_sparsity, select_parameters
 from sparsetrain.sparsity.masks import make_mask, mask_fits
 
@@ -107,6 +116,7 @@ class Sparsifier:
         self.config = config
         self._optimizers: list[torch.optim.Optimizer] = []
         self._step_handles: list[Any] = []
+        self._state_handles: list[Any] = []  # optimizer state-dict hooks (weights stored as blocks)
         self._grad_handles: list[Any] = []
         self._bound: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its local mask)
         self._local_masks: dict[tuple[str, int, int], torch.Tensor] = {}
@@ -135,21 +145,37 @@ class Sparsifier:
         self._optimizers.append(optimizer)
         self._step_handles.append(optimizer.register_step_pre_hook(self._before_step))
         self._step_handles.append(optimizer.register_step_post_hook(self._after_step))
+        # State of weights stored as live blocks: the dense layout in state dicts (checkpoints).
+        to_dense = functools.partial(block_linear.optimizer_state_to_dense, self.model)
+        to_blocks = functools.partial(block_linear.optimizer_state_to_blocks, self.model)
+        self._state_handles.append(optimizer.register_state_dict_post_hook(to_dense))
+        self._state_handles.append(optimizer.register_load_state_dict_pre_hook(to_blocks))
         self._hand_masks(optimizer)
         self.apply()
 
     def detach(self) -> None:
         """Remove every hook; the masks stay, the weights are no longer kept at zero."""
-        for handle in self._step_handles + self._grad_handles:
+        for handle in self._step_handles + self._state_handles + self._grad_handles:
             handle.remove()
         for optimizer in self._optimizers:
             if id(optimizer) in self._enforced:
                 optimizer.set_masks({p: None for p, _ in self._bound})
         self._enforced.clear()
         self._step_handles.clear()
+        self._state_handles.clear()
         self._grad_handles.clear()
         self._optimizers.clear()
         self._hooked = False
+
+    @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        """The optimizers attached."""
+        return tuple(self._optimizers)
+
+    def rebind(self) -> None:
+        """Bind the masks again to the model's current parameters (after a layer's storage changed:
+        ``sparsity.block_linear``)."""
+        self._bind()
 
     def _hand_masks(self, optimizer: torch.optim.Optimizer) -> None:
         """Give an optimizer that enforces masks itself (``set_masks``) the current masks."""
@@ -255,10 +281,16 @@ class Sparsifier:
         return local
 
     def _bind(self) -> None:
-        """(Re)bind each mask to the model's current parameter object of that name."""
+        """(Re)bind each mask to the model's current parameter object of that name; weights stored
+        as live blocks have nothing to bind."""
         params = dict(self.model.named_parameters())
+        packed = block_linear.packed_layers(self.model)
         bound = []
         for name, mask in self.masks.items():
+            if name in packed:
+                if mask.device != packed[name].weight_blocks.device:
+                    self.masks[name] = mask.to(packed[name].weight_blocks.device)
+                continue
             p = params.get(name)
             if p is None:
                 raise ValueError(f"sparsity: parameter {name!r} is no longer in the model")
@@ -323,23 +355,26 @@ class Sparsifier:
         self._bind()
         self._cast.clear()
         self.apply()
-        if self.block_kernels:  # the kernels' block tables follow the new masks
-            from sparsetrain.sparsity.block_linear import use_block_kernels
-
-            use_block_kernels(self.model, self)
+        if self.block_kernels:  # the kernels' block tables (and stored blocks) follow the new masks
+            block_linear.use_block_kernels(self.model, self)
 
     @torch.no_grad()
     def stats(self) -> list[dict[str, Any]]:
         """Per sparsified parameter: name, group, target sparsity, mask sparsity, actual fraction
         of exact zeros in the weight, numel, kept (entries the mask keeps)."""
         params = dict(self.model.named_parameters())
+        packed = block_linear.packed_layers(self.model)
         rows = []
         for name, mask in self.masks.items():
             numel = mask.numel()
             kept = int(mask.sum().item())
-            zeros_t = (local_part(params[name]) == 0).sum()
-            if is_dtensor(params[name]):  # a shard: add up the zeros of all ranks
-                torch.distributed.all_reduce(zeros_t)
+            if name in packed:  # live blocks stored: every entry not stored is a zero
+                blocks = packed[name].weight_blocks
+                zeros_t = (blocks == 0).sum() + (numel - blocks.numel())
+            else:
+                zeros_t = (local_part(params[name]) == 0).sum()
+                if is_dtensor(params[name]):  # a shard: add up the zeros of all ranks
+                    torch.distributed.all_reduce(zeros_t)
             zeros = int(zeros_t.item())
             rows.append(
                 {
@@ -385,7 +420,7 @@ class Sparsifier:
 
     def summary(self) -> str:
         """One line: tensors, parameters covered, and the fraction pruned among them."""
-        total = sum(p.numel() for p in self.model.parameters())
+        total = block_linear.dense_numel(self.model)  # live-block layers at their dense size, as the masks
         covered = sum(m.numel() for m in self.masks.values())
         kept = sum(int(m.sum().item()) for m in self.masks.values())
         pruned = covered - kept
