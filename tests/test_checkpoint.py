@@ -73,3 +73,29 @@ def test_shape_mismatch_names_tensor(tmp_path):
         ckpt.check_model_state({"w": torch.ones(3)}, {"w": torch.ones(4)}, tmp_path / "c.mdl")
     with pytest.raises(CheckpointError, match="missing v"):
         ckpt.check_model_state({"w": torch.ones(3)}, {"w": torch.ones(3), "v": torch.ones(1)}, tmp_path / "c.mdl")
+
+
+def test_on_cpu_keeps_cpu_tensors_and_structure():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "a b")
+    w = torch.ones(2)
+    s = {"model": {"w": w, "tied": w}, "opt": [(w, 1.0)], "p": Pair(w, "x"), "n": None}
+    out = ckpt.on_cpu(s)
+    assert out["model"]["w"] is w and out["model"]["tied"] is w  # nothing copied on the CPU
+    assert out["opt"] == [(w, 1.0)] and isinstance(out["opt"][0], tuple)
+    assert isinstance(out["p"], Pair) and out["p"].a is w and out["p"].b == "x" and out["n"] is None
+
+
+@pytest.mark.cuda
+def test_checkpoint_from_the_gpu_loads_without_one(tmp_path):
+    """A plain torch.load (no map_location) gets CPU tensors; tied tensors stay one storage."""
+    w = torch.randn(4, 3, device="cuda")
+    s = {"model": {"embed": w, "head": w, "b": torch.zeros(3, device="cuda")}, "rng": {"cuda": torch.zeros(2, dtype=torch.uint8)}}
+    path = tmp_path / "c.mdl"
+    ckpt.save_checkpoint(s, path)
+    back = torch.load(path, weights_only=True)
+    assert all(t.device.type == "cpu" for t in back["model"].values())
+    assert back["model"]["embed"].untyped_storage().data_ptr() == back["model"]["head"].untyped_storage().data_ptr()
+    torch.testing.assert_close(back["model"]["embed"], w.cpu())
+    assert s["model"]["embed"].is_cuda  # the caller's state is untouched

@@ -134,6 +134,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     files left by a process killed mid-save are removed after the next successful save.
     """
     path = Path(path)
+    state = on_cpu(state)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
@@ -157,6 +158,31 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         raise
     _fsync_dir(path.parent)
     remove_stale_temp_files(path.parent)
+
+
+def on_cpu(state: Any) -> Any:
+    """``state`` with every tensor on the CPU, so that a checkpoint written on a GPU loads with a
+    plain ``torch.load`` on a machine without one (FSDP's gathered state is on the CPU already).
+    Tensors sharing GPU memory (a tied embedding and LM head) stay shared: one copy each."""
+    copies: dict[tuple, torch.Tensor] = {}
+
+    def move(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu":
+                return x
+            key = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+            if key not in copies:
+                copies[key] = x.detach().cpu()
+            return copies[key]
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
+            return type(x)(*(move(v) for v in x))
+        if isinstance(x, (list, tuple)):
+            return type(x)(move(v) for v in x)
+        return x
+
+    return move(state)
 
 
 def remove_stale_temp_files(model_dir: Path) -> list[Path]:
