@@ -397,3 +397,41 @@ def test_bpe_tokenizer_failure_reaches_every_rank(tmp_path, tiny_params, write_p
     assert errors[0].startswith(expected), r.stderr
     assert f'File "{ROOT / "src"}' not in r.stderr, r.stderr  # no traceback from our code (torchrun prints its own)
     assert not list(model_dir.glob(".tokenizer.json.tmp"))
+
+
+# --- Block-kernel layers (forced on the CPU: the fallback computes, the storage is the GPU's) -----
+
+FORCE_BLOCK_LAYERS = """
+import sys
+from sparsetrain import train
+# What CUDA + bf16 decide on a GPU, forced here: block layers become BlockSparseLinear and, except
+# under FSDP, store their live blocks only. The CPU fallback computes the same function.
+train._block_kernels_apply = lambda run: True
+from sparsetrain.cli import run_py
+sys.exit(run_py())
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_block_layers_on_two_processes_match_one_and_resume(tmp_path, params, mode):
+    """Layers switched to the block kernels' class (live blocks stored under DDP) train like one
+    process, write the usual NaN checkpoint, and a 2-process checkpoint resumes on 1 process."""
+    script = tmp_path / "forced_run.py"
+    script.write_text(FORCE_BLOCK_LAYERS)
+    sets = [x for o in ("sparsity.structure=block", "sparsity.block_size=16") for x in ("--set", o)]
+
+    def launch(nproc, model_dir, *more):
+        extra = [x for o in more for x in ("--set", o)]
+        args = [str(script), "--mode", "train", "--params", str(params), "--model_dir", str(model_dir), *sets, *extra]
+        r = _run(nproc, args)
+        assert r.returncode == 0, r.stderr
+        assert "linear layer(s) run on the block-sparse kernels" in r.stderr
+        return r
+
+    one, two, halves = tmp_path / "one", tmp_path / "two", tmp_path / "halves"
+    launch(1, one)
+    launch(2, two, f"runconfig.distributed={mode}")
+    _assert_same_run(one, two, 6)
+    launch(2, halves, f"runconfig.distributed={mode}", "runconfig.max_steps=3")
+    assert "resuming at step 3" in launch(1, halves).stderr
+    _assert_same_run(one, halves, 6)
