@@ -125,6 +125,31 @@ def test_cpu_runs_count_dense_executed_flops(tmp_path, tiny_params):
     assert run.executed_flops == run.flops["dense"] > run.flops["sparse"]
 
 
+@pytest.mark.parametrize(
+    ("setting", "kernels", "distributed", "mode"),
+    [("auto", True, False, "reduce-overhead"), ("auto", False, False, "default"), ("auto", True, True, "default"),
+     ("default", True, False, "default"), ("max-autotune", False, False, "max-autotune")],
+)
+def test_compile_mode_auto_takes_cuda_graphs_for_the_block_kernels(setting, kernels, distributed, mode):
+    from sparsetrain.train import compile_mode
+
+    assert compile_mode(setting, kernels, distributed) == mode
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["kernel-layers", "masked-dense"])
+def test_setup_logs_the_compile_mode_it_chose(tmp_path, tiny_params, monkeypatch, caplog, forced):
+    from sparsetrain import train as tr
+    from sparsetrain.params import params_from_dict
+
+    monkeypatch.setattr(tr, "_block_kernels_apply", lambda run: forced)  # what CUDA + bf16 decide
+    p = tiny_params(sparsity={"sparsity": 0.5, "structure": "block", "block_size": 16},
+                    model={"hidden_size": 64}, runconfig={"compile": True})
+    with caplog.at_level("INFO", logger="sparsetrain"):
+        tr.setup(params_from_dict(p), tmp_path, evaluate=False, write_metrics=False)
+    expected = "mode reduce-overhead, for the block-sparse kernels" if forced else "mode default)"
+    assert any(expected in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_unstructured_and_unfit_weights_stay_dense():
     model = _tiny_gpt()
     sp = sparsify(model, {"sparsity": 0.5, "init_method": "topk"})

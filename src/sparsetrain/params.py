@@ -135,7 +135,10 @@ class RunConfig:
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
     compile: str | bool = _f("auto", "torch.compile the model: auto (on CUDA only) | true | false")
     compile_mode: str = _f(
-        "default", "torch.compile mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        "auto",
+        "torch.compile mode: auto (reduce-overhead when layers run on the block-sparse kernels in a single "
+        "process, else default) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs",
+        choices=("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     )
     nonfinite: str = _f(
         "stop", "on a non-finite loss or gradient: stop (no checkpoint after it) | skip (drop that step's update)",
