@@ -28,7 +28,8 @@ Measured on an H200 (BENCHMARKS.md, 16384 tokens, 128x128 blocks, CUDA-graph rep
 block live the three products run at 0.80-0.93x of cuBLAS; at 75% sparsity 2.6-2.7x faster than
 cuBLAS dense on the GPT-3 XL MLP shapes, 5.1x at 90%. TMA loads: 0.91x of cuBLAS against 0.71x for
 pointer loads (forward and backward, all blocks live). Host side, each autotuned launch costs tens of
-microseconds of Python: train with CUDA graphs (``compile_mode: reduce-overhead``).
+microseconds of Python: train with CUDA graphs (``compile_mode: auto`` takes ``reduce-overhead``
+for runs on these kernels).
 """
 
 from __future__ import annotations
