@@ -180,13 +180,23 @@ def bench_train(
     if dev.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
     results["torch"] = torch.__version__
+    if dev == "cpu" and preset != "gpt2-tiny":
+        _say(f"no GPU here: timing {preset} on the CPU is slow (minutes per step); --preset gpt2-tiny is quick")
     if reference:
+        _say(f"reference: {warmup} warm-up + {steps} timed steps")
         results["reference"] = run_reference(preset, batch_size, seq_len, steps, warmup, dev, compile_)
+    _say(f"ours, dense: {warmup} warm-up + {steps} timed steps")
     results["dense"] = run_ours(preset, batch_size, seq_len, None, steps, warmup, compile_, dev, overrides)
+    _say(f"ours, sparse {sparsity:g} ({results['structure']}): {warmup} warm-up + {steps} timed steps")
     results["sparse"] = run_ours(preset, batch_size, seq_len, sparsity, steps, warmup, compile_, dev, overrides,
                                  structure, block_size)
     add_rates(results, batch_size * seq_len, dev)
     return results
+
+
+def _say(text: str) -> None:
+    """Progress on stderr (stdout carries the table or the JSON)."""
+    print(f"bench: {text}", file=sys.stderr, flush=True)
 
 
 def add_rates(results: dict[str, Any], tokens_per_step: int, device: str) -> None:
