@@ -24,7 +24,8 @@ def test_plan_json_shape_and_counts(tiny_params, write_params, capsys):
     path = write_params(tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": {"mlp.*weight": {"sparsity": 0.75}, "attn.qkv": {}}}))
     assert cli("plan", "--params", path, "--json") == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"parameters", "dense", "flops_per_token"}
+    assert set(report) == {"parameters", "dense", "flops_per_token", "training_state_bytes"}
+    assert set(report["training_state_bytes"]) == {"dense", "masked_dense", "block_kernels"}
     names = [r["name"] for r in report["parameters"]]
     assert names == [f"layers.{i}.{k}" for i in range(2) for k in ("attn.qkv.weight", "mlp.fc.weight", "mlp.proj.weight")]
     for r in report["parameters"]:

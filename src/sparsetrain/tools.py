@@ -4,7 +4,8 @@ The ``--json`` shapes are stable, for scripts:
 
 plan:    {"parameters": [{"name", "shape", "numel", "group", "sparsity", "init_method", "pruned", "kept",
                           "structure"}],
-          "dense": [names], "flops_per_token": {"dense", "sparse", "ratio"}}
+          "dense": [names], "flops_per_token": {"dense", "sparse", "ratio"},
+          "training_state_bytes": {"dense", "masked_dense", "block_kernels"}}
          "structure" is "unstructured", "block" or "N:M" (e.g. "2:4"). Block rows add
          "block_size": [rows, cols], "blocks" (partial edge blocks included), "pruned_blocks"
          (exactly round(sparsity * blocks)) and "pruned_exact": "pruned" is exact except for
@@ -13,6 +14,9 @@ plan:    {"parameters": [{"name", "shape", "numel", "group", "sparsity", "init_m
          on freshly initialised weights, and "pruned_exact" is false. "gpu_kernels" (block rows)
          says whether the weight runs on the block-sparse GPU kernels (an nn.Linear weight of
          whole blocks with sides 16..256, powers of two; see sparsetrain.sparsity.block_linear).
+         "training_state_bytes": fp32 weights, gradients and optimizer state (sparsetrain.memory):
+         all dense, this plan masked dense, and this plan on a GPU with the block kernels (null
+         when no weight runs on them).
 inspect: {"global_step", "tensors": [{"name", "shape", "numel", "nan", "zero", "sparsity", "nonfinite"}],
           "total": {"numel", "nan", "sparsity"}}
 """
@@ -31,6 +35,7 @@ from sparsetrain import checkpoint as ckpt
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.flops import flops_report
 from sparsetrain.kernels.block_layout import kernel_block_ok
+from sparsetrain.memory import plan_memory
 from sparsetrain.params import Params
 from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.config import parse_sparsity
@@ -74,11 +79,13 @@ def plan(params: Params) -> dict[str, Any]:
     config = parse_sparsity(params.sparsity)
     settings = select_for_model(model, config) if config is not None else {}
     rows, dense, fractions = [], [], {}
+    dense_numel = 0
     linear_weights = {f"{m_name}.weight" for m_name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     for name, p in model.named_parameters():
         s = settings.get(name)
         if s is None:
             dense.append(name)
+            dense_numel += p.numel()
             continue
         check_structure(name, p.shape, s)
         pruned, exact = expected_pruned(name, p.shape, s)
@@ -98,7 +105,8 @@ def plan(params: Params) -> dict[str, Any]:
             })
         rows.append(row)
     flops = flops_report(cfg, params.train_input.max_sequence_length, fractions)
-    return {"parameters": rows, "dense": dense, "flops_per_token": flops}
+    memory = plan_memory(rows, dense_numel, params.optimizer, sparse=config is not None)
+    return {"parameters": rows, "dense": dense, "flops_per_token": flops, "training_state_bytes": memory}
 
 
 def format_plan(report: dict[str, Any]) -> str:
@@ -128,7 +136,17 @@ def format_plan(report: dict[str, Any]) -> str:
     lines.append(f"left dense ({len(report['dense'])}): {', '.join(report['dense'])}")
     f = report["flops_per_token"]
     lines.append(f"training FLOPs per token: dense {f['dense']:.4g}, sparse {f['sparse']:.4g}, ratio {f['ratio']:.2f}x")
+    m = report["training_state_bytes"]
+    text = f"training state (fp32 weights, gradients, optimizer; not activations): dense {_gib(m['dense'])}"
+    text += f", this plan {_gib(m['masked_dense'])}"
+    if m["block_kernels"] is not None:
+        text += f" (masked dense), {_gib(m['block_kernels'])} on a GPU with the block kernels"
+    lines.append(text)
     return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
 
 
 def _sparsified_names(state: dict[str, Any]) -> set[str] | None:
