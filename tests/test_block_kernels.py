@@ -370,6 +370,24 @@ def test_training_with_block_kernels_matches_masked_dense(tmp_path, tiny_params)
 
 
 @pytest.mark.cuda
+def test_compiled_training_on_the_kernels_takes_cuda_graphs_and_matches(tmp_path, tiny_params, caplog):
+    """The default compile_mode (auto) with layers on the kernels: CUDA graphs (reduce-overhead)
+    over the custom op and live-block storage, against eager masked dense."""
+    from sparsetrain import train as tr
+    from sparsetrain.params import params_from_dict
+
+    losses = {}
+    for kernels, compiled in (("auto", True), ("off", False)):
+        p = tiny_params(sparsity={"sparsity": 0.5, "structure": "block", "block_size": 16}, model={"hidden_size": 64})
+        p["runconfig"].update({"device": "cuda", "compile": compiled, "sparse_kernels": kernels})
+        with caplog.at_level("INFO", logger="sparsetrain"):
+            run = tr.setup(params_from_dict(p), tmp_path / kernels, evaluate=False, write_metrics=False)
+        losses[kernels] = [float(tr.train_step(run)) for _ in range(20)]
+    assert "mode reduce-overhead, for the block-sparse kernels" in caplog.text
+    torch.testing.assert_close(losses["auto"], losses["off"], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
 def test_fp32_runs_keep_block_weights_masked_dense_with_a_warning(tmp_path, tiny_params, caplog):
     from sparsetrain import train as tr
     from sparsetrain.params import params_from_dict
