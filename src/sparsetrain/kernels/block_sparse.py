@@ -123,11 +123,14 @@ def _autotune(kind: str, table):
     )
 
 
+@_autotune("fwd", _MM_CONFIGS)
 @triton.jit
-def _forward_tile(
-    tile, a, w, out, row_ptr, row_cols, M, N, stride_am, stride_om,
-    BR: tl.constexpr, BC: tl.constexpr, USE_TMA: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+def _forward_kernel(
+    a, w, out, row_ptr, row_cols, M, N, K, NNZ, stride_am, stride_om,
+    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
+    tile = tl.program_id(0)  # one output tile per program
     n_rows = N // BR
     n = tile % n_rows  # block-rows of W fastest: neighbours share the X tile
     m0 = (tile // n_rows) * BM
@@ -156,21 +159,14 @@ def _forward_tile(
         tl.store(dst, acc.to(out.dtype.element_ty), mask=rm[:, None] < M)
 
 
-@_autotune("fwd", _MM_CONFIGS)
+@_autotune("dgrad", _MM_CONFIGS)
 @triton.jit
-def _forward_kernel(
-    a, w, out, row_ptr, row_cols, M, N, K, NNZ, stride_am, stride_om,
+def _dgrad_kernel(
+    a, w, out, col_ptr, col_rows, col_ids, M, N, K, NNZ, stride_am, stride_om,
     BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    _forward_tile(tl.program_id(0), a, w, out, row_ptr, row_cols, M, N, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
-
-
-@triton.jit
-def _dgrad_tile(
-    tile, a, w, out, col_ptr, col_rows, col_ids, M, K, stride_am, stride_om,
-    BR: tl.constexpr, BC: tl.constexpr, USE_TMA: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
+    tile = tl.program_id(0)  # one output tile per program
     k_cols = K // BC
     kb = tile % k_cols  # block-columns fastest: neighbours share the dY tile
     m0 = (tile // k_cols) * BM
@@ -198,16 +194,6 @@ def _dgrad_tile(
     else:
         dst = out + rm[:, None] * stride_om + (kb * BC + rc)[None, :]
         tl.store(dst, acc.to(out.dtype.element_ty), mask=rm[:, None] < M)
-
-
-@_autotune("dgrad", _MM_CONFIGS)
-@triton.jit
-def _dgrad_kernel(
-    a, w, out, col_ptr, col_rows, col_ids, M, N, K, NNZ, stride_am, stride_om,
-    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    _dgrad_tile(tl.program_id(0), a, w, out, col_ptr, col_rows, col_ids, M, K, stride_am, stride_om, BR, BC, USE_TMA, BM, BK)
 
 
 @_autotune("wgrad", _WGRAD_CONFIGS)
