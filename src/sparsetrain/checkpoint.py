@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from sparsetrain.errors import CheckpointError
+from sparsetrain.tensor_tree import map_tensors
 
 log = logging.getLogger("sparsetrain")
 
@@ -166,23 +167,15 @@ def on_cpu(state: Any) -> Any:
     Tensors sharing GPU memory (a tied embedding and LM head) stay shared: one copy each."""
     copies: dict[tuple, torch.Tensor] = {}
 
-    def move(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            if x.device.type == "cpu":
-                return x
-            key = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
-            if key not in copies:
-                copies[key] = x.detach().cpu()
-            return copies[key]
-        if isinstance(x, dict):
-            return {k: move(v) for k, v in x.items()}
-        if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
-            return type(x)(*(move(v) for v in x))
-        if isinstance(x, (list, tuple)):
-            return type(x)(move(v) for v in x)
-        return x
+    def move(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return x
+        key = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+        if key not in copies:
+            copies[key] = x.detach().cpu()
+        return copies[key]
 
-    return move(state)
+    return map_tensors(move, state)
 
 
 def remove_stale_temp_files(model_dir: Path) -> list[Path]:

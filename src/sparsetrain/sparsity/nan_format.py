@@ -32,6 +32,7 @@ from torch import nn
 
 from sparsetrain.sparsity.block_linear import state_dict_names
 from sparsetrain.sparsity.masks import mask_from_nan
+from sparsetrain.tensor_tree import map_tensors
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +91,13 @@ def decode_optimizer_state(opt_state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def densify(state: Any) -> Any:
     """NaN -> 0 in every floating tensor of a (possibly nested) dict / list / tuple; a copy."""
-    if isinstance(state, torch.Tensor):
-        if state.is_floating_point() and torch.isnan(state).any():
-            return state.masked_fill(torch.isnan(state), 0)
-        return state
-    if isinstance(state, Mapping):
-        return {key: densify(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(densify(value) for value in state)
-    return state
+    return map_tensors(_nan_to_zero, state)
+
+
+def _nan_to_zero(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_floating_point() and torch.isnan(tensor).any():
+        return tensor.masked_fill(torch.isnan(tensor), 0)
+    return tensor
 
 
 def _encode(tensor: Any, mask: torch.Tensor, name: str) -> torch.Tensor:
