@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_distributed import _launch, _records
+from test_distributed import _launch, _model, _records
 
 pytestmark = [
     pytest.mark.cuda,
@@ -36,11 +36,6 @@ def gpu_params(tiny_params, write_params):
             sparsity={"sparsity": 0.75, "structure": "block", "block_size": 64},
         )
     )
-
-
-def _model(path) -> dict:
-    # Checkpoints hold CPU tensors (checkpoint.on_cpu); map_location keeps this test independent of that.
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def _one_gpu(baselines: dict, key: str, params, root, *sets: str):
