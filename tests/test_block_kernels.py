@@ -67,6 +67,23 @@ def test_empty_and_full_layouts():
     assert full.nnz == 12 and full.row_ptr.tolist() == [0, 4, 8, 12] and full.density() == 1.0
 
 
+@pytest.mark.parametrize(
+    ("m", "nnz", "slices"),
+    [
+        # the H200 sweep (132 SMs, 16384 tokens): measured best 1 at 102-1024 live blocks, 3 at 36,
+        # 6-9 at 14 (benchmarks/kernel_configs.py; NOTES_block_kernels.md)
+        (16384, 1024, 1), (16384, 256, 1), (16384, 102, 1), (16384, 36, 3), (16384, 14, 9),
+        (16384, 144, 3),  # 144 blocks: 12 would wait for a second full-length wave
+        (512, 1, 1), (2048, 1, 2),  # slices of at least 1024 rows
+        (16384, 0, 16),
+    ],
+)
+def test_wgrad_slices_follow_the_measured_sweep(m, nnz, slices):
+    from sparsetrain.kernels.wgrad_slices import wgrad_slices
+
+    assert wgrad_slices(m, nnz, sms=132) == slices
+
+
 def test_pack_unpack_round_trip():
     layout = _layout(4, 6, 0.5, 1)
     t = BlockLayout.build(layout, (16, 32))
@@ -370,9 +387,11 @@ def test_training_with_block_kernels_matches_masked_dense(tmp_path, tiny_params)
 
 
 @pytest.mark.cuda
-def test_compiled_training_on_the_kernels_takes_cuda_graphs_and_matches(tmp_path, tiny_params, caplog):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_compiled_training_on_the_kernels_takes_cuda_graphs_and_matches(tmp_path, tiny_params, caplog, accum):
     """The default compile_mode (auto) with layers on the kernels: CUDA graphs (reduce-overhead)
-    over the custom op and live-block storage, against eager masked dense."""
+    over the custom op and live-block storage, against eager masked dense; with 2 micro-batches
+    the first one's gradients must survive the second replay."""
     from sparsetrain import train as tr
     from sparsetrain.params import params_from_dict
 
@@ -380,11 +399,30 @@ def test_compiled_training_on_the_kernels_takes_cuda_graphs_and_matches(tmp_path
     for kernels, compiled in (("auto", True), ("off", False)):
         p = tiny_params(sparsity={"sparsity": 0.5, "structure": "block", "block_size": 16}, model={"hidden_size": 64})
         p["runconfig"].update({"device": "cuda", "compile": compiled, "sparse_kernels": kernels})
+        p["optimizer"]["grad_accum_steps"] = accum
         with caplog.at_level("INFO", logger="sparsetrain"):
             run = tr.setup(params_from_dict(p), tmp_path / kernels, evaluate=False, write_metrics=False)
         losses[kernels] = [float(tr.train_step(run)) for _ in range(20)]
     assert "mode reduce-overhead, for the block-sparse kernels" in caplog.text
     torch.testing.assert_close(losses["auto"], losses["off"], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_dense_cuda_graphs_with_micro_batches_match_eager(tmp_path, tiny_params):
+    """compile_mode reduce-overhead with gradient accumulation, no sparsity: same losses as eager."""
+    from sparsetrain import train as tr
+    from sparsetrain.params import params_from_dict
+
+    losses = {}
+    for compiled in (True, False):
+        p = tiny_params(model={"hidden_size": 64})
+        p.pop("sparsity", None)
+        p["runconfig"].update({"device": "cuda", "compile": compiled, "compile_mode": "reduce-overhead"})
+        p["optimizer"]["grad_accum_steps"] = 2
+        run = tr.setup(params_from_dict(p), tmp_path / str(compiled), evaluate=False, write_metrics=False)
+        assert run.cuda_graphs == compiled
+        losses[compiled] = [float(tr.train_step(run)) for _ in range(10)]
+    torch.testing.assert_close(losses[True], losses[False], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.cuda

@@ -86,6 +86,7 @@ class Run:
     first_bad: torch.Tensor | None = None  # first step with a non-finite loss/gradient (-1: none), on the device
     skipped: int = 0
     ddp: Any = None  # the DistributedDataParallel wrapper, when there is one
+    cuda_graphs: bool = False  # the compiled forward/backward replay CUDA graphs (reduce-overhead, max-autotune)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast where asked for, with the preferred attention kernel first in line."""
@@ -293,6 +294,7 @@ def setup(
         why = ", for the block-sparse kernels" if mode != rc.compile_mode and mode == "reduce-overhead" else ""
         log.info("torch.compile: on (mode %s%s); the first steps compile", mode, why)
         run.forward = torch.compile(run.forward, mode=None if mode == "default" else mode)
+        run.cuda_graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
     run.metrics = MetricsWriter(model_dir, enabled=write_metrics and info.is_main)
     return run
 
@@ -438,6 +440,8 @@ def train_step(run: Run) -> torch.Tensor:
                 loss = run.forward(xs, ys)
             (loss / accum).backward()
         total += loss.detach()
+        if run.cuda_graphs and i < accum - 1:
+            _own_gradients(run.model)
     if run.sparsifier is not None:
         run.sparsifier.mask_gradients()  # before clipping, so pruned entries do not count in the norm
     finite = torch.isfinite(total)
@@ -459,6 +463,17 @@ def train_step(run: Run) -> torch.Tensor:
     run.scheduler.step()
     run.step += 1
     return total / accum
+
+
+def _own_gradients(model: torch.nn.Module) -> None:
+    """Copy the gradients out of the CUDA graphs' memory pool between micro-batches. Under CUDA
+    graphs the first micro-batch's gradients are outputs of the backward graph, and the next
+    micro-batch's replay reuses that memory before it adds its own gradients to them (torch stops
+    with "accessing tensor output of CUDAGraphs that has been overwritten"). One copy of the
+    gradients per extra micro-batch."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.clone()
 
 
 def _skip_step(run: Run) -> None:

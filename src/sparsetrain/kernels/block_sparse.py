@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from sparsetrain.kernels.block_layout import BlockLayout, write_blocks
+from sparsetrain.kernels.wgrad_slices import wgrad_slices
 
 try:  # TMA descriptors (Hopper and later); absent in older Tritons
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -63,7 +64,12 @@ def tma_available(device: torch.device) -> bool:
 # 128-row tiles with 64-wide K steps are what Hopper's wgmma wants, the rest are for small or
 # odd shapes.
 _MM_CONFIGS = ((128, 64, 4, 4), (128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 4, 2))
-_WGRAD_CONFIGS = ((64, 64, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (64, 128, 4, 3))
+_WGRAD_CONFIGS = ((64, 64, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 6))
+
+
+# Forward and input-gradient outputs through a TMA store (staged in shared memory) or plain
+# stores from registers; benchmarks/kernel_configs.py measures both.
+TMA_STORE = True
 
 
 def _configs(table) -> list[triton.Config]:
@@ -97,14 +103,17 @@ def _set_blocks(kind: str):
             return
         bm, bk = nargs["BM"], nargs["BK"]
         br, bc = nargs["BR"], nargs["BC"]
+        store = nargs.get("TMA_STORE")
         if kind == "fwd":
             nargs["a"].block_shape = [bm, bk]
             nargs["w"].block_shape = [br, bk]
-            nargs["out"].block_shape = [bm, br]
+            if store:
+                nargs["out"].block_shape = [bm, br]
         elif kind == "dgrad":
             nargs["a"].block_shape = [bm, bk]
             nargs["w"].block_shape = [bk, bc]
-            nargs["out"].block_shape = [bm, bc]
+            if store:
+                nargs["out"].block_shape = [bm, bc]
         else:  # wgrad: a = dY (M, N), w = X (M, K)
             nargs["a"].block_shape = [bk, br]
             nargs["w"].block_shape = [bk, bc]
@@ -127,8 +136,8 @@ def _autotune(kind: str, table):
 @triton.jit
 def _forward_kernel(
     a, w, out, row_ptr, row_cols, M, N, K, NNZ, stride_am, stride_om,
-    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr = False,
 ):  # fmt: skip
     tile = tl.program_id(0)  # one output tile per program
     n_rows = N // BR
@@ -141,7 +150,7 @@ def _forward_kernel(
     rm = m0 + tl.arange(0, BM)
     rk = tl.arange(0, BK)
     rr = tl.arange(0, BR)
-    for t in range(lo * steps, hi * steps):
+    for t in tl.range(lo * steps, hi * steps, warp_specialize=WS):
         blk = t // steps
         sub = (t % steps) * BK
         kb = tl.load(row_cols + blk)
@@ -152,7 +161,7 @@ def _forward_kernel(
             x = tl.load(a + rm[:, None] * stride_am + (kb * BC + sub + rk)[None, :], mask=rm[:, None] < M, other=0.0)
             wt = tl.load(w + blk.to(tl.int64) * (BR * BC) + rr[:, None] * BC + (sub + rk)[None, :])
         acc = tl.dot(x, tl.trans(wt), acc)
-    if USE_TMA:
+    if USE_TMA and TMA_STORE:
         out.store([m0, n * BR], acc.to(out.dtype))
     else:
         dst = out + rm[:, None] * stride_om + (n * BR + rr)[None, :]
@@ -163,8 +172,8 @@ def _forward_kernel(
 @triton.jit
 def _dgrad_kernel(
     a, w, out, col_ptr, col_rows, col_ids, M, N, K, NNZ, stride_am, stride_om,
-    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr = False,
 ):  # fmt: skip
     tile = tl.program_id(0)  # one output tile per program
     k_cols = K // BC
@@ -177,7 +186,7 @@ def _dgrad_kernel(
     rm = m0 + tl.arange(0, BM)
     rk = tl.arange(0, BK)
     rc = tl.arange(0, BC)
-    for t in range(lo * steps, hi * steps):
+    for t in tl.range(lo * steps, hi * steps, warp_specialize=WS):
         i = t // steps
         sub = (t % steps) * BK
         n = tl.load(col_rows + i)
@@ -189,7 +198,7 @@ def _dgrad_kernel(
             dy = tl.load(a + rm[:, None] * stride_am + (n * BR + sub + rk)[None, :], mask=rm[:, None] < M, other=0.0)
             wt = tl.load(w + blk.to(tl.int64) * (BR * BC) + (sub + rk)[:, None] * BC + rc[None, :])
         acc = tl.dot(dy, wt, acc)
-    if USE_TMA:
+    if USE_TMA and TMA_STORE:
         out.store([m0, kb * BC], acc.to(out.dtype))
     else:
         dst = out + rm[:, None] * stride_om + (kb * BC + rc)[None, :]
@@ -201,7 +210,7 @@ def _dgrad_kernel(
 def _wgrad_kernel(
     a, w, out, blk_rows, row_cols, M, N, K, NNZ, stride_am, stride_wm, per_slice,
     BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr, DIRECT: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr = False,
 ):  # fmt: skip
     # a = dY (M, N), w = X (M, K); BK is the step over M here (BM unused: one config axis).
     blk = tl.program_id(0)
@@ -214,7 +223,7 @@ def _wgrad_kernel(
     rk = tl.arange(0, BK)
     rr = tl.arange(0, BR)
     rc = tl.arange(0, BC)
-    for m0 in range(m_lo, m_hi, BK):
+    for m0 in tl.range(m_lo, m_hi, BK, warp_specialize=WS):
         if USE_TMA:
             dy = a.load([m0, n * BR])
             x = w.load([m0, kb * BC])
@@ -299,9 +308,9 @@ def forward(x: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, *, use_t
     w2 = packed.view(-1, bc)
     _launch(
         _forward_kernel, _grid(n // br, m),
-        _desc(x2, use_tma), _desc(w2, use_tma), _desc(y, use_tma), layout.row_ptr, layout.row_cols,
+        _desc(x2, use_tma), _desc(w2, use_tma), _desc(y, use_tma and TMA_STORE), layout.row_ptr, layout.row_cols,
         m, n, k, layout.nnz, x2.stride(0), y.stride(0),
-        BR=br, BC=bc, SPLIT_SIDE=bc, USE_TMA=use_tma,
+        BR=br, BC=bc, SPLIT_SIDE=bc, USE_TMA=use_tma, TMA_STORE=TMA_STORE,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
 
@@ -317,21 +326,18 @@ def dgrad(dy: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, *, use_tm
     w2 = packed.view(-1, bc)
     _launch(
         _dgrad_kernel, _grid(k // bc, m),
-        _desc(dy2, use_tma), _desc(w2, use_tma), _desc(dx, use_tma), layout.col_ptr, layout.col_rows, layout.col_ids,
-        m, n, k, layout.nnz, dy2.stride(0), dx.stride(0),
-        BR=br, BC=bc, SPLIT_SIDE=br, USE_TMA=use_tma,
+        _desc(dy2, use_tma), _desc(w2, use_tma), _desc(dx, use_tma and TMA_STORE), layout.col_ptr, layout.col_rows,
+        layout.col_ids, m, n, k, layout.nnz, dy2.stride(0), dx.stride(0),
+        BR=br, BC=bc, SPLIT_SIDE=br, USE_TMA=use_tma, TMA_STORE=TMA_STORE,
     )  # fmt: skip
     return dx.reshape(*dy.shape[:-1], k)
 
 
 def _slices(m: int, nnz: int, device: torch.device) -> int:
-    """Slices of M for the weight gradient: enough programs for two waves of the chip, each slice
-    at least 1024 rows (fewer, longer slices when live blocks alone fill the chip)."""
+    """Slices of M for the weight gradient on this device (see :func:`wgrad_slices`)."""
     if device.type != "cuda":
         return 1 if m <= 64 else 2  # the interpreter: exercise both paths cheaply
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(nnz, 1))
-    return max(1, min(want, m // 1024))
+    return wgrad_slices(m, nnz, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def wgrad(
