@@ -30,9 +30,9 @@ day=$(date -u +%F)
 
 case "$stage" in
   tests)
-    python3 -m pytest -q -m cuda tests -p no:cacheprovider --durations=10 | tee "$out/$day-pytest-cuda.txt" ;;
+    python3 -m pytest -v -m cuda tests -p no:cacheprovider --durations=10 | tee "$out/$day-pytest-cuda.txt" ;;
   tests2)
-    python3 -m pytest -q tests/test_distributed_gpu.py -p no:cacheprovider --durations=10 | tee "$out/$day-pytest-2gpu.txt" ;;
+    python3 -m pytest -v tests/test_distributed_gpu.py -p no:cacheprovider --durations=10 | tee "$out/$day-pytest-2gpu.txt" ;;
   gpt2)
     st bench train --preset gpt2-small --batch_size 16 --seq_len 1024 --sparsity 0.75 --steps 25 --warmup 10 \
       --json > "$out/$day-bench-gpt2small-unstructured75.json" ;;

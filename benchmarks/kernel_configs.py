@@ -1,6 +1,6 @@
 """Every candidate launch configuration of the block-sparse kernels, timed one by one against
-cuBLAS in one process: which tile shape, warp count, pipeline depth and (Hopper) warp
-specialisation wins per product, shape and sparsity. Feeds the autotune tables in
+cuBLAS in one process: which tile shape, warp count and pipeline depth wins per product, shape
+and sparsity, with each kernel's shared memory and registers. Feeds the autotune tables in
 ``src/sparsetrain/kernels/block_sparse.py`` (benchmarks/NOTES_block_kernels.md has the log).
 
     python benchmarks/kernel_configs.py --shapes 8192x2048,3072x768 --sparsity 0,0.75,0.9 --json out.json
@@ -8,7 +8,8 @@ specialisation wins per product, shape and sparsity. Feeds the autotune tables i
 Each configuration is launched directly (no autotuner), its output checked against the
 masked dense product, then timed over CUDA-graph replays (median of ``do_bench_cudagraph``). A
 configuration that does not compile or does not fit is listed with its error. The weight-gradient
-part also sweeps the number of M slices (``--slices``) with the product's autotuner.
+part also sweeps the number of M slices (``--slices``) with the product's autotuner; the slice
+count ``kernels/wgrad_slices.py`` would pick is printed as the default.
 """
 
 from __future__ import annotations
@@ -24,19 +25,15 @@ from sparsetrain.bench_layer import random_layout, rel
 from sparsetrain.kernels import block_sparse as bs
 from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks, unpack_blocks
 
-# (BM, BK, warps, stages, warp_specialize, TMA store); a 2026-11-28 sweep of 18 tile shapes is in
-# NOTES_block_kernels.md (warp specialisation with 128-row host descriptors does not compile in
-# Triton 3.6; no other shape beat (128, 64, 4 warps, 2-4 stages)).
+# (BM, BK, warps, stages). The 2026-11-28 sweeps (NOTES_block_kernels.md) also tried Triton's
+# warp specialisation (128-row tiles with 4 warps do not compile with host TMA descriptors in
+# Triton 3.6; what compiled was slower) and plain stores in place of TMA stores (0-5% slower);
+# both knobs were then taken out of the kernels (their code: commit 2a5ca70).
 MM = [
-    (128, 64, 4, 2, False, True), (128, 64, 4, 3, False, True), (128, 64, 4, 4, False, True),
-    (128, 64, 4, 2, False, False), (128, 64, 4, 3, False, False), (128, 64, 4, 4, False, False),
-    (128, 64, 8, 2, False, False), (64, 64, 4, 4, False, False), (64, 64, 4, 6, False, True),
-    (256, 64, 8, 3, False, False),
+    (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 2), (128, 64, 8, 4), (64, 64, 4, 4),
+    (64, 64, 4, 6), (128, 32, 4, 4), (128, 32, 4, 6), (256, 64, 8, 3), (128, 128, 8, 3),
 ]
-WGRAD = [
-    (64, 64, 4, 4, False, False), (64, 64, 8, 4, False, False), (64, 128, 4, 3, False, False),
-    (64, 32, 4, 6, False, False), (64, 64, 4, 3, False, False), (64, 64, 8, 3, False, False),
-]
+WGRAD = [(64, 64, 4, 4), (64, 64, 8, 4), (64, 128, 4, 3), (64, 128, 8, 3), (64, 32, 4, 6), (64, 64, 4, 3), (64, 64, 8, 3)]
 
 
 def timed(fn) -> float:
@@ -47,10 +44,10 @@ def timed(fn) -> float:
 
 def launch(kind: str, cfg, a, w, out, t: BlockLayout, m: int, slices: int = 1):
     """One direct launch of the product kernel ``kind`` with configuration ``cfg``."""
-    bm, bk, warps, stages, ws, store = cfg
+    bm, bk, warps, stages = cfg
     (n, k), (br, bc) = t.shape, t.block
     da, dw = bs._desc(a, True), bs._desc(w, True)
-    meta = {"BR": br, "BC": bc, "USE_TMA": True, "BM": bm, "BK": bk, "WS": ws, "num_warps": warps, "num_stages": stages}
+    meta = {"BR": br, "BC": bc, "USE_TMA": True, "BM": bm, "BK": bk, "num_warps": warps, "num_stages": stages}
     if kind == "wgrad":
         do = out
         bs._set_blocks(kind)({"a": da, "w": dw, "out": do, **meta})
@@ -59,8 +56,7 @@ def launch(kind: str, cfg, a, w, out, t: BlockLayout, m: int, slices: int = 1):
             da, dw, do, t.blk_rows, t.row_cols, m, n, k, t.nnz, a.stride(0), w.stride(0), per,
             SPLIT_SIDE=128, DIRECT=False, **meta,
         )  # fmt: skip
-    meta["TMA_STORE"] = store
-    do = bs._desc(out, True) if store else out
+    do = bs._desc(out, True)
     bs._set_blocks(kind)({"a": da, "w": dw, "out": do, **meta})
     if kind == "fwd":
         grid = (triton.cdiv(m, bm) * (n // br),)

@@ -674,3 +674,27 @@ def test_bad_sparsity_block_loses_nothing_saved(tmp_path, tiny_params, write_par
     # And the run still resumes from it with the good block.
     assert cli("train", "--params", tmp_path / "good.yaml", "--model_dir", d, "--set", "runconfig.max_steps=3") == 0
     check_nan_checkpoint(load(d / "checkpoint_3.mdl"), {n: expected_pruned(n, 0.5) for n in DEFAULT_SPARSE})
+
+
+def test_gradients_copied_out_between_micro_batches_under_cuda_graphs(tmp_path, tiny_params, monkeypatch):
+    """With CUDA graphs the step copies each micro-batch's gradients out of the graph pool before
+    the next one (train._own_gradients). On the CPU no graph exists, so the copy path is forced
+    here: it must run once per extra micro-batch and train exactly as the plain accumulation."""
+    from sparsetrain import train as tr
+
+    calls = []
+    real = tr._own_gradients
+    monkeypatch.setattr(tr, "_own_gradients", lambda model: (calls.append(1), real(model)))
+    losses, weights = {}, {}
+    for forced in (False, True):
+        params = params_from_dict(
+            make_params(tiny_params, {"sparsity": 0.75}, optimizer={"grad_accum_steps": 2}, runconfig={"max_steps": 3})
+        )
+        run = setup(params, tmp_path / str(forced), evaluate=False, write_metrics=False)
+        run.cuda_graphs = forced
+        losses[forced] = [float(train_step(run)) for _ in range(3)]
+        weights[forced] = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    assert len(calls) == 3  # 2 micro-batches per step: one copy per step, forced run only
+    assert losses[True] == losses[False]
+    for n in weights[False]:
+        assert torch.equal(weights[True][n], weights[False][n]), n

@@ -194,18 +194,23 @@ def main_bench_layer(args) -> int:
         raise UserError(f"--sparsity {args.sparsity!r}: each value must be in [0, 1)")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows, extra = [], []
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "tokens": args.tokens, "block": args.block_size, "command": " ".join(sys.argv),
+              "rows": rows, "two_four": extra}
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+
     for n, k in shapes:
         for s in sparsities:
             rows.append(one(n, k, s, args.block_size, args.tokens))
             print(json.dumps(rows[-1]), flush=True)
+            save()
         extra.append(two_four(n, k, args.tokens))
         print(json.dumps(extra[-1]), flush=True)
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "tokens": args.tokens, "block": args.block_size, "command": " ".join(sys.argv),
-              "rows": rows, "two_four": extra}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        save()
     print_table(result)
     return 0
 

@@ -25,8 +25,10 @@ DRAM about once and the packed weight stays in L2. Configurations are picked per
 ``triton.autotune`` (first call per shape).
 
 Measured on an H200 (BENCHMARKS.md, 16384 tokens, 128x128 blocks, CUDA-graph replays): with every
-block live the three products run at 0.80-0.93x of cuBLAS; at 75% sparsity 2.6-2.7x faster than
-cuBLAS dense on the GPT-3 XL MLP shapes, 5.1x at 90%. TMA loads: 0.91x of cuBLAS against 0.71x for
+block live the three products run at 0.86-0.92x of cuBLAS; at 75% sparsity forward and input
+gradient run 2.6-2.7x faster than cuBLAS dense on the GPT-3 XL MLP shapes and the weight gradient
+3.3-3.4x (4.9-5.7x and 6.3x at 90%). The weight gradient's slices of M come from
+``kernels/wgrad_slices.py``. TMA loads: 0.91x of cuBLAS against 0.71x for
 pointer loads (forward and backward, all blocks live). Host side, each autotuned launch costs tens of
 microseconds of Python: train with CUDA graphs (``compile_mode: auto`` takes ``reduce-overhead``
 for runs on these kernels).
@@ -67,11 +69,6 @@ _MM_CONFIGS = ((128, 64, 4, 4), (128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 
 _WGRAD_CONFIGS = ((64, 64, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 6))
 
 
-# Forward and input-gradient outputs through a TMA store (staged in shared memory) or plain
-# stores from registers; benchmarks/kernel_configs.py measures both.
-TMA_STORE = True
-
-
 def _configs(table) -> list[triton.Config]:
     return [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in table]
 
@@ -103,17 +100,14 @@ def _set_blocks(kind: str):
             return
         bm, bk = nargs["BM"], nargs["BK"]
         br, bc = nargs["BR"], nargs["BC"]
-        store = nargs.get("TMA_STORE")
         if kind == "fwd":
             nargs["a"].block_shape = [bm, bk]
             nargs["w"].block_shape = [br, bk]
-            if store:
-                nargs["out"].block_shape = [bm, br]
+            nargs["out"].block_shape = [bm, br]
         elif kind == "dgrad":
             nargs["a"].block_shape = [bm, bk]
             nargs["w"].block_shape = [bk, bc]
-            if store:
-                nargs["out"].block_shape = [bm, bc]
+            nargs["out"].block_shape = [bm, bc]
         else:  # wgrad: a = dY (M, N), w = X (M, K)
             nargs["a"].block_shape = [bk, br]
             nargs["w"].block_shape = [bk, bc]
@@ -136,8 +130,8 @@ def _autotune(kind: str, table):
 @triton.jit
 def _forward_kernel(
     a, w, out, row_ptr, row_cols, M, N, K, NNZ, stride_am, stride_om,
-    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr = False,
+    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)  # one output tile per program
     n_rows = N // BR
@@ -150,7 +144,7 @@ def _forward_kernel(
     rm = m0 + tl.arange(0, BM)
     rk = tl.arange(0, BK)
     rr = tl.arange(0, BR)
-    for t in tl.range(lo * steps, hi * steps, warp_specialize=WS):
+    for t in range(lo * steps, hi * steps):
         blk = t // steps
         sub = (t % steps) * BK
         kb = tl.load(row_cols + blk)
@@ -161,7 +155,7 @@ def _forward_kernel(
             x = tl.load(a + rm[:, None] * stride_am + (kb * BC + sub + rk)[None, :], mask=rm[:, None] < M, other=0.0)
             wt = tl.load(w + blk.to(tl.int64) * (BR * BC) + rr[:, None] * BC + (sub + rk)[None, :])
         acc = tl.dot(x, tl.trans(wt), acc)
-    if USE_TMA and TMA_STORE:
+    if USE_TMA:
         out.store([m0, n * BR], acc.to(out.dtype))
     else:
         dst = out + rm[:, None] * stride_om + (n * BR + rr)[None, :]
@@ -172,8 +166,8 @@ def _forward_kernel(
 @triton.jit
 def _dgrad_kernel(
     a, w, out, col_ptr, col_rows, col_ids, M, N, K, NNZ, stride_am, stride_om,
-    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr = False,
+    BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)  # one output tile per program
     k_cols = K // BC
@@ -186,7 +180,7 @@ def _dgrad_kernel(
     rm = m0 + tl.arange(0, BM)
     rk = tl.arange(0, BK)
     rc = tl.arange(0, BC)
-    for t in tl.range(lo * steps, hi * steps, warp_specialize=WS):
+    for t in range(lo * steps, hi * steps):
         i = t // steps
         sub = (t % steps) * BK
         n = tl.load(col_rows + i)
@@ -198,7 +192,7 @@ def _dgrad_kernel(
             dy = tl.load(a + rm[:, None] * stride_am + (n * BR + sub + rk)[None, :], mask=rm[:, None] < M, other=0.0)
             wt = tl.load(w + blk.to(tl.int64) * (BR * BC) + (sub + rk)[:, None] * BC + rc[None, :])
         acc = tl.dot(dy, wt, acc)
-    if USE_TMA and TMA_STORE:
+    if USE_TMA:
         out.store([m0, kb * BC], acc.to(out.dtype))
     else:
         dst = out + rm[:, None] * stride_om + (kb * BC + rc)[None, :]
@@ -210,7 +204,7 @@ def _dgrad_kernel(
 def _wgrad_kernel(
     a, w, out, blk_rows, row_cols, M, N, K, NNZ, stride_am, stride_wm, per_slice,
     BR: tl.constexpr, BC: tl.constexpr, SPLIT_SIDE: tl.constexpr, USE_TMA: tl.constexpr, DIRECT: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr = False,
+    BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     # a = dY (M, N), w = X (M, K); BK is the step over M here (BM unused: one config axis).
     blk = tl.program_id(0)
@@ -223,7 +217,7 @@ def _wgrad_kernel(
     rk = tl.arange(0, BK)
     rr = tl.arange(0, BR)
     rc = tl.arange(0, BC)
-    for m0 in tl.range(m_lo, m_hi, BK, warp_specialize=WS):
+    for m0 in range(m_lo, m_hi, BK):
         if USE_TMA:
             dy = a.load([m0, n * BR])
             x = w.load([m0, kb * BC])
@@ -308,9 +302,9 @@ def forward(x: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, *, use_t
     w2 = packed.view(-1, bc)
     _launch(
         _forward_kernel, _grid(n // br, m),
-        _desc(x2, use_tma), _desc(w2, use_tma), _desc(y, use_tma and TMA_STORE), layout.row_ptr, layout.row_cols,
+        _desc(x2, use_tma), _desc(w2, use_tma), _desc(y, use_tma), layout.row_ptr, layout.row_cols,
         m, n, k, layout.nnz, x2.stride(0), y.stride(0),
-        BR=br, BC=bc, SPLIT_SIDE=bc, USE_TMA=use_tma, TMA_STORE=TMA_STORE,
+        BR=br, BC=bc, SPLIT_SIDE=bc, USE_TMA=use_tma,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
 
@@ -326,9 +320,9 @@ def dgrad(dy: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, *, use_tm
     w2 = packed.view(-1, bc)
     _launch(
         _dgrad_kernel, _grid(k // bc, m),
-        _desc(dy2, use_tma), _desc(w2, use_tma), _desc(dx, use_tma and TMA_STORE), layout.col_ptr, layout.col_rows,
-        layout.col_ids, m, n, k, layout.nnz, dy2.stride(0), dx.stride(0),
-        BR=br, BC=bc, SPLIT_SIDE=br, USE_TMA=use_tma, TMA_STORE=TMA_STORE,
+        _desc(dy2, use_tma), _desc(w2, use_tma), _desc(dx, use_tma), layout.col_ptr, layout.col_rows, layout.col_ids,
+        m, n, k, layout.nnz, dy2.stride(0), dx.stride(0),
+        BR=br, BC=bc, SPLIT_SIDE=br, USE_TMA=use_tma,
     )  # fmt: skip
     return dx.reshape(*dy.shape[:-1], k)
 
