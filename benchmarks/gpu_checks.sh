@@ -15,6 +15,9 @@
 #               clipping, one after the other on the same GPU (their tokens/s should agree)
 #   layer       one layer: block-sparse kernels against cuBLAS, torch BSR and cuSPARSELt
 #   scaling     GPT-2 medium, 30% sparse, tokens/s on 1 and 2 GPUs (needs 2 devices)
+#   configs     every launch configuration of the block kernels and the weight-gradient slice counts
+#   profile     where the GPT-2 small block-sparse and dense steps spend GPU time (torch.profiler),
+#               and Nsight Compute on the forward kernel at 75% (8192x2048) beside cuBLAS
 #
 # Runs from a checkout without installing (PYTHONPATH=src). Raw outputs land in OUT_DIR.
 set -euo pipefail
@@ -64,6 +67,20 @@ case "$stage" in
   scaling)
     python3 benchmarks/scaling.py --set model.preset=gpt2-medium --nproc 1,2 --steps 60 --log_steps 10 \
       --json "$out/$day-scaling-gpt2medium.json" | tee "$out/$day-scaling-gpt2medium.txt" ;;
+  configs)
+    python3 benchmarks/kernel_configs.py --shapes 8192x2048,3072x768 --sparsity 0.75,0.9 \
+      --json "$out/$day-kernel-configs.json" | tee "$out/$day-kernel-configs.txt" ;;
+  profile)
+    python3 benchmarks/profile_step.py --preset gpt2-small --structure block --sparsity 0.75 \
+      --json "$out/$day-profile-gpt2small-block75.json" | tee "$out/$day-profile-gpt2small-block75.txt"
+    python3 benchmarks/profile_step.py --preset gpt2-small --sparsity 0 \
+      --json "$out/$day-profile-gpt2small-dense.json" | tee "$out/$day-profile-gpt2small-dense.txt"
+    ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --section WarpStateStats --section SchedulerStats --section LaunchStats \
+      python3 benchmarks/one_product.py --product fwd --shape 8192x2048 --sparsity 0.75 --repeat 1 \
+      > "$out/$day-ncu-fwd75.txt" 2>&1
+    grep -E "^  [a-z_]|Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Stall|Registers|Shared Memory" \
+      "$out/$day-ncu-fwd75.txt" | head -80 ;;
   *)
     echo "gpu_checks.sh: unknown stage '$stage' (see the list at the top of this file)" >&2; exit 2 ;;
 esac

@@ -19,11 +19,16 @@ import json
 import sys
 
 import torch
-import triton
 
 from sparsetrain.bench_layer import random_layout, rel
-from sparsetrain.kernels import block_sparse as bs
 from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks, unpack_blocks
+
+try:  # Triton: GPU machines only
+    import triton
+
+    from sparsetrain.kernels import block_sparse as bs
+except ImportError:
+    triton = bs = None
 
 # (BM, BK, warps, stages). The 2026-11-28 sweeps (NOTES_block_kernels.md) also tried Triton's
 # warp specialisation (128-row tiles with 4 warps do not compile with host TMA descriptors in
@@ -156,8 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slices", default="1,2,3,4,6,9,12,16")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernel_configs.py needs a CUDA GPU", file=sys.stderr)
+    if not torch.cuda.is_available() or bs is None:
+        print("kernel_configs.py needs a CUDA GPU and Triton", file=sys.stderr)
         return 2
     res = []
     for shape in a.shapes.split(","):

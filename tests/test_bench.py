@@ -58,3 +58,41 @@ def test_mfu_is_per_gpu():
     r2 = tr._train_record(two, 1.0, 2e5, 1024, 1e15)  # twice the tokens on twice the GPUs
     assert r1["mfu"] == pytest.approx(0.2)
     assert r2["mfu"] == pytest.approx(r1["mfu"])
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("kernel", "group"),
+    [
+        ("_forward_kernel", "block-sparse forward"),
+        ("_wgrad_kernel", "block-sparse weight grad"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM (cuBLAS)"),
+        ("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN", "GEMM (cuBLAS)"),
+        ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+        ("triton_per_fused__to_copy_add_native_layer_norm_0", "Triton fused (inductor)"),
+        ("void at::native::elementwise_kernel<128, 2>", "other"),
+    ],
+)
+def test_profile_step_groups_kernels_by_their_names(kernel, group):
+    assert _script("profile_step").group_of(kernel) == group
+
+
+@pytest.mark.parametrize("name", ["profile_step", "one_product", "kernel_configs"])
+def test_gpu_scripts_say_what_they_need_in_one_line(name, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the message is for machines without a GPU")
+    assert _script(name).main([]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
