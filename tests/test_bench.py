@@ -88,7 +88,7 @@ def test_profile_step_groups_kernels_by_their_names(kernel, group):
     assert _script("profile_step").group_of(kernel) == group
 
 
-@pytest.mark.parametrize("name", ["profile_step", "one_product", "kernel_configs"])
+@pytest.mark.parametrize("name", ["profile_step", "one_product", "kernel_configs", "kernel_variants"])
 def test_gpu_scripts_say_what_they_need_in_one_line(name, capsys):
     import torch
 
