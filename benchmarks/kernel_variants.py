@@ -1,4 +1,5 @@
-"""Experimental forward-kernel variants against the product kernel and cuBLAS, one process.
+"""Experimental forward and input-gradient kernel variants against the product kernels and
+cuBLAS, one process.
 
     python benchmarks/kernel_variants.py --shapes 8192x2048,3072x768 --sparsity 0.75,0.9 --json FILE
 
@@ -11,7 +12,8 @@ tiles' compute. The variants here try to overlap them:
   ``flatten``: the flattened persistent loop measured slower, third session). The TMA store of one
   tile is asynchronous, so the next tile's loads may start under it.
 - ``persistent_split``: the same, the output tile stored as two 128x64 halves (Triton's
-  "epilogue subtiling"): half the staging buffer, the first half's store issued earlier.
+  "epilogue subtiling"): half the staging buffer, the first half's store issued earlier
+  (forward only).
 
 Each variant is checked against the masked dense product, then timed over CUDA-graph replays
 with the product kernel's autotuned launch and cuBLAS in the same run. Not used by training: a
@@ -70,6 +72,57 @@ if triton is not None:
             else:
                 out.store([m0, n * BR], acc.to(out.dtype))
 
+    @triton.jit
+    def _dgrad_persistent(
+        a, w, out, col_ptr, col_rows, col_ids, M, K, NUM_PROGS,
+        BR: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    ):  # fmt: skip
+        k_cols = K // BC
+        tiles = tl.cdiv(M, BM) * k_cols
+        steps: tl.constexpr = BR // BK
+        for tile in tl.range(tl.program_id(0), tiles, NUM_PROGS):
+            kb = tile % k_cols  # block-columns fastest, as in the product kernel
+            m0 = (tile // k_cols) * BM
+            lo = tl.load(col_ptr + kb)
+            hi = tl.load(col_ptr + kb + 1)
+            acc = tl.zeros((BM, BC), dtype=tl.float32)
+            for t in range(lo * steps, hi * steps):
+                i = t // steps
+                sub = (t % steps) * BK
+                n = tl.load(col_rows + i)
+                blk = tl.load(col_ids + i)
+                dy = a.load([m0, n * BR + sub])
+                wt = w.load([blk * BR + sub, 0])
+                acc = tl.dot(dy, wt, acc)
+            out.store([m0, kb * BC], acc.to(out.dtype))
+
+
+def _programs(x: torch.Tensor, per_sm: int, tiles: int) -> int:
+    if x.device.type == "cuda":
+        progs = per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
+    else:  # Triton's interpreter (correctness checks on the CPU): two programs share the tiles
+        progs = 2
+    return min(progs, tiles)
+
+
+def dgrad_persistent(dy, packed, layout: BlockLayout, *, bm=128, bk=64, warps=4, stages=3, per_sm=1):
+    """``dX = dY W`` by the persistent variant (TMA only)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    (_, k), (br, bc) = layout.shape, layout.block
+    m = dy.shape[0]
+    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
+    w2 = packed.view(-1, bc)
+    da = TensorDescriptor(dy, list(dy.shape), list(dy.stride()), [bm, bk])
+    dw = TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [bk, bc])
+    do = TensorDescriptor(dx, list(dx.shape), list(dx.stride()), [bm, bc])
+    progs = _programs(dy, per_sm, triton.cdiv(m, bm) * (k // bc))
+    _dgrad_persistent[(progs,)](
+        da, dw, do, layout.col_ptr, layout.col_rows, layout.col_ids, m, k, progs,
+        BR=br, BC=bc, BM=bm, BK=bk, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return dx
+
 
 def forward_persistent(x, packed, layout: BlockLayout, *, bm=128, bk=64, warps=4, stages=3, per_sm=1, split=False):
     """``Y = X W^T`` by the persistent variant (TMA only)."""
@@ -82,11 +135,7 @@ def forward_persistent(x, packed, layout: BlockLayout, *, bm=128, bk=64, warps=4
     da = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, bk])
     dw = TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [br, bk])
     dy = TensorDescriptor(y, list(y.shape), list(y.stride()), [bm, br // 2 if split else br])
-    if x.device.type == "cuda":
-        progs = per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
-    else:  # Triton's interpreter (correctness checks on the CPU): two programs share the tiles
-        progs = 2
-    progs = min(progs, triton.cdiv(m, bm) * (n // br))
+    progs = _programs(x, per_sm, triton.cdiv(m, bm) * (n // br))
     _forward_persistent[(progs,)](
         da, dw, dy, layout.row_ptr, layout.row_cols, m, n, progs,
         BR=br, BC=bc, BM=bm, BK=bk, SPLIT_STORE=split, num_warps=warps, num_stages=stages,
@@ -113,20 +162,29 @@ def timed(fn) -> float:
 def one_shape(n: int, k: int, sparsity: float, m: int, block: int) -> dict:
     t = BlockLayout.build(random_layout(n // block, k // block, sparsity, seed=n * 7 + k).cuda(), (block, block))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     wp = pack_blocks(torch.randn(n, k, device="cuda"), t, torch.bfloat16)
     wm = unpack_blocks(wp, t, torch.bfloat16)
-    ref = x @ wm.T
     res: dict = {"shape": f"{n}x{k}", "sparsity": sparsity, "tokens": m, "live_blocks": t.nnz}
-    res["cublas_ms"] = timed(lambda: x @ wm.T)
-    res["product_ms"] = timed(lambda: bs.forward(x, wp, t, use_tma=True))
-    for name, kw in VARIANTS.items():
-        try:
-            err = rel(forward_persistent(x, wp, t, **kw), ref)
-            if not err < 2e-2:
-                raise AssertionError(f"relative error {err:.2e}")
-            res[name] = timed(lambda kw=kw: forward_persistent(x, wp, t, **kw))
-        except Exception as e:  # noqa: BLE001 - a variant that fails is a result too
-            res[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    products = {
+        "fwd": (lambda: x @ wm.T, lambda: bs.forward(x, wp, t, use_tma=True),
+                lambda kw: forward_persistent(x, wp, t, **kw)),
+        "dgrad": (lambda: dy @ wm, lambda: bs.dgrad(dy, wp, t, use_tma=True),
+                  lambda kw: dgrad_persistent(dy, wp, t, **kw)),
+    }  # fmt: skip
+    for product, (dense, ours, variant) in products.items():
+        ref = dense()
+        r = res[product] = {"cublas_ms": timed(dense), "product_ms": timed(ours)}
+        for name, kw in VARIANTS.items():
+            if product == "dgrad" and kw.get("split"):
+                continue
+            try:
+                err = rel(variant(kw), ref)
+                if not err < 2e-2:
+                    raise AssertionError(f"relative error {err:.2e}")
+                r[name] = timed(lambda kw=kw, variant=variant: variant(kw))
+            except Exception as e:  # noqa: BLE001 - a variant that fails is a result too
+                r[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     return res
 
 
@@ -147,11 +205,15 @@ def main(argv=None) -> int:
         for sp in (float(v) for v in a.sparsity.split(",")):
             r = one_shape(n, k, sp, a.tokens, a.block_size)
             out.append(r)
-            line = f"{r['shape']} {sp:g} ({r['live_blocks']} blocks): product {r['cublas_ms'] / r['product_ms']:.2f}x"
-            for name in VARIANTS:
-                v = r[name]
-                line += f" | {name} " + (f"{r['cublas_ms'] / v:.2f}x" if isinstance(v, float) else v)
-            print(line, flush=True)
+            for product in ("fwd", "dgrad"):
+                p = r[product]
+                line = (f"{r['shape']} {sp:g} ({r['live_blocks']} blocks) {product}: "
+                        f"product {p['cublas_ms'] / p['product_ms']:.2f}x")
+                for name in VARIANTS:
+                    if name in p:
+                        v = p[name]
+                        line += f" | {name} " + (f"{p['cublas_ms'] / v:.2f}x" if isinstance(v, float) else v)
+                print(line, flush=True)
             if a.json:
                 with open(a.json, "w") as f:
                     json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
