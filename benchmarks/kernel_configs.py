@@ -20,8 +20,8 @@ import sys
 
 import torch
 
-from sparsetrain.bench_layer import random_layout, rel
-from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks, unpack_blocks
+from sparsetrain.bench_layer import graph_ms, product_operands, rel
+from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks
 
 try:  # Triton: GPU machines only
     import triton
@@ -42,9 +42,7 @@ WGRAD = [(64, 64, 4, 4), (64, 64, 8, 4), (64, 128, 4, 3), (64, 128, 8, 3), (64, 
 
 
 def timed(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    return graph_ms(fn, rep=100)
 
 
 def launch(kind: str, cfg, a, w, out, t: BlockLayout, m: int, slices: int = 1):
@@ -78,13 +76,8 @@ def launch(kind: str, cfg, a, w, out, t: BlockLayout, m: int, slices: int = 1):
 
 def one_shape(n: int, k: int, sparsity: float, m: int, block: int, slices_list: list[int]) -> dict:
     dev = "cuda"
-    grid_layout = random_layout(n // block, k // block, sparsity, seed=n * 7 + k).to(dev)
-    t = BlockLayout.build(grid_layout, (block, block))
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(n, k, device=dev)
-    wp = pack_blocks(w, t, torch.bfloat16)
-    wm = unpack_blocks(wp, t, torch.bfloat16)  # the masked dense weight
+    ops = product_operands(n, k, sparsity, block, m, dev)
+    t, x, dy, wp, wm = ops.t, ops.x, ops.dy, ops.wp, ops.wm
     w2 = wp.view(-1, block)
     refs = {"fwd": x @ wm.T, "dgrad": dy @ wm, "wgrad": None}
     dense = {"fwd": timed(lambda: x @ wm.T), "dgrad": timed(lambda: dy @ wm), "wgrad": timed(lambda: dy.T @ x)}

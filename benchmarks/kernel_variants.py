@@ -28,8 +28,8 @@ import sys
 
 import torch
 
-from sparsetrain.bench_layer import random_layout, rel
-from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks, unpack_blocks
+from sparsetrain.bench_layer import graph_ms, product_operands, rel
+from sparsetrain.kernels.block_layout import BlockLayout
 
 try:  # Triton: GPU machines only
     import triton
@@ -153,18 +153,9 @@ VARIANTS = {  # name: keyword arguments of forward_persistent
 }
 
 
-def timed(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-
-
 def one_shape(n: int, k: int, sparsity: float, m: int, block: int) -> dict:
-    t = BlockLayout.build(random_layout(n // block, k // block, sparsity, seed=n * 7 + k).cuda(), (block, block))
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    wp = pack_blocks(torch.randn(n, k, device="cuda"), t, torch.bfloat16)
-    wm = unpack_blocks(wp, t, torch.bfloat16)
+    ops = product_operands(n, k, sparsity, block, m)
+    t, x, dy, wp, wm = ops.t, ops.x, ops.dy, ops.wp, ops.wm
     res: dict = {"shape": f"{n}x{k}", "sparsity": sparsity, "tokens": m, "live_blocks": t.nnz}
     products = {
         "fwd": (lambda: x @ wm.T, lambda: bs.forward(x, wp, t, use_tma=True),
@@ -174,7 +165,7 @@ def one_shape(n: int, k: int, sparsity: float, m: int, block: int) -> dict:
     }  # fmt: skip
     for product, (dense, ours, variant) in products.items():
         ref = dense()
-        r = res[product] = {"cublas_ms": timed(dense), "product_ms": timed(ours)}
+        r = res[product] = {"cublas_ms": graph_ms(dense, rep=100), "product_ms": graph_ms(ours, rep=100)}
         for name, kw in VARIANTS.items():
             if product == "dgrad" and kw.get("split"):
                 continue
@@ -182,7 +173,7 @@ def one_shape(n: int, k: int, sparsity: float, m: int, block: int) -> dict:
                 err = rel(variant(kw), ref)
                 if not err < 2e-2:
                     raise AssertionError(f"relative error {err:.2e}")
-                r[name] = timed(lambda kw=kw, variant=variant: variant(kw))
+                r[name] = graph_ms(lambda kw=kw, variant=variant: variant(kw), rep=100)
             except Exception as e:  # noqa: BLE001 - a variant that fails is a result too
                 r[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     return res

@@ -15,8 +15,7 @@ import sys
 
 import torch
 
-from sparsetrain.bench_layer import random_layout
-from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks, unpack_blocks
+from sparsetrain.bench_layer import product_operands
 
 try:  # Triton: GPU machines only
     from sparsetrain.kernels import block_sparse as bs
@@ -37,12 +36,8 @@ def main(argv=None) -> int:
         print("one_product.py needs a CUDA GPU and Triton", file=sys.stderr)
         return 2
     n, k = (int(v) for v in a.shape.split("x"))
-    b = a.block_size
-    t = BlockLayout.build(random_layout(n // b, k // b, a.sparsity, seed=n * 7 + k).cuda(), (b, b))
-    x = torch.randn(a.tokens, k, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(a.tokens, n, device="cuda", dtype=torch.bfloat16)
-    wp = pack_blocks(torch.randn(n, k, device="cuda"), t, torch.bfloat16)
-    wm = unpack_blocks(wp, t, torch.bfloat16)
+    ops = product_operands(n, k, a.sparsity, a.block_size, a.tokens)
+    t, x, dy, wp, wm = ops.t, ops.x, ops.dy, ops.wp, ops.wm
     ours = {
         "fwd": lambda: bs.forward(x, wp, t, use_tma=True),
         "dgrad": lambda: bs.dgrad(dy, wp, t, use_tma=True),

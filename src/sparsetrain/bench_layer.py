@@ -27,12 +27,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from sparsetrain.errors import UserError
-from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks
+from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks, unpack_blocks
 from sparsetrain.kernels.block_sparse_op import TABLES, block_sparse_linear
 from sparsetrain.sparsity.masks import layout_to_mask
 
@@ -51,15 +52,21 @@ def bench(fn, graph: bool = True) -> float:
     per-launch host cost, as under ``compile_mode: reduce-overhead``), or plain calls. A capture
     that fails falls back to plain calls and is listed in the output."""
     if graph:
-        for _ in range(3):  # warm up outside the capture: autotuning, cuBLAS handles
-            fn()
-        torch.cuda.synchronize()
         try:
-            return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+            return graph_ms(fn)
         except Exception as e:  # noqa: BLE001 - report and fall back
             GRAPH_FAILURES.append(f"{getattr(fn, '__name__', 'fn')}: {type(e).__name__}")
             torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def graph_ms(fn, rep: int = 200) -> float:
+    """Median ms of ``fn`` over CUDA-graph replays, after warm-up calls outside the capture
+    (autotuning, cuBLAS handles). A failing capture raises."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
 def rel(a, b) -> float:
@@ -75,14 +82,30 @@ def random_layout(rows: int, cols: int, sparsity: float, seed: int) -> torch.Ten
     return flat.view(rows, cols)
 
 
+def weight_layout(n: int, k: int, sparsity: float, block: int, device) -> tuple[torch.Tensor, BlockLayout]:
+    """The benchmarks' layout of an ``n x k`` weight: the block grid (an exact count of random
+    live blocks, seeded by the shape, so every script times the same pattern) and its tables."""
+    grid = random_layout(n // block, k // block, sparsity, seed=n * 7 + k).to(device)
+    return grid, BlockLayout.build(grid, (block, block))
+
+
+def product_operands(n: int, k: int, sparsity: float, block: int, m: int, device="cuda") -> SimpleNamespace:
+    """bf16 operands of the three products for the kernel benchmarks: the layout ``t``, ``x``
+    ``(m, k)``, ``dy`` ``(m, n)``, the packed live blocks ``wp`` and the masked dense weight ``wm``."""
+    _, t = weight_layout(n, k, sparsity, block, device)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    wp = pack_blocks(torch.randn(n, k, device=device), t, torch.bfloat16)
+    return SimpleNamespace(t=t, x=x, dy=dy, wp=wp, wm=unpack_blocks(wp, t, torch.bfloat16))
+
+
 def with_tma(flag: bool):
     os.environ["SPARSETRAIN_BLOCK_TMA"] = "1" if flag else "0"
 
 
 def one(n: int, k: int, sparsity: float, block: int, m: int) -> dict:
     dev = "cuda"
-    layout = random_layout(n // block, k // block, sparsity, seed=n * 7 + k).to(dev)
-    t = BlockLayout.build(layout, (block, block))
+    layout, t = weight_layout(n, k, sparsity, block, dev)
     tables = [getattr(t, name) for name in TABLES]
     mask = layout_to_mask(layout, (block, block), (n, k))
     w = (torch.randn(n, k, device=dev) * mask).requires_grad_()
