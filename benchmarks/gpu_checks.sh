@@ -16,7 +16,8 @@
 #   layer       one layer: block-sparse kernels against cuBLAS, torch BSR and cuSPARSELt
 #   scaling     GPT-2 medium, 30% sparse, tokens/s on 1 and 2 GPUs (needs 2 devices)
 #   configs     every launch configuration of the block kernels and the weight-gradient slice counts
-#   variants    experimental forward kernels (persistent, split stores) against the product kernel
+#   variants    experimental forward/input-gradient kernels against the product kernels: index loads
+#               and pipeline depth, the output store, warp specialisation (benchmarks/kernel_variants.py)
 #   profile     where the GPT-2 small block-sparse and dense steps spend GPU time (torch.profiler),
 #               and Nsight Compute on the forward kernel at 75% (8192x2048) beside cuBLAS
 #
@@ -72,8 +73,10 @@ case "$stage" in
     python3 benchmarks/kernel_configs.py --shapes 8192x2048,3072x768 --sparsity 0.75,0.9 \
       --json "$out/$day-kernel-configs.json" | tee "$out/$day-kernel-configs.txt" ;;
   variants)
-    python3 benchmarks/kernel_variants.py --shapes 8192x2048,3072x768 --sparsity 0,0.75,0.9 \
-      --json "$out/$day-kernel-variants.json" | tee "$out/$day-kernel-variants.txt" ;;
+    for set in stages stores ws; do
+      python3 benchmarks/kernel_variants.py --set $set --shapes 8192x2048,2048x8192,3072x768 --sparsity 0.75,0.9 \
+        --json "$out/$day-kernel-variants-$set.json" | tee "$out/$day-kernel-variants-$set.txt"
+    done ;;
   profile)
     python3 benchmarks/profile_step.py --preset gpt2-small --structure block --sparsity 0.75 \
       --json "$out/$day-profile-gpt2small-block75.json" | tee "$out/$day-profile-gpt2small-block75.txt"

@@ -4,6 +4,7 @@ layers storing live blocks, and MFU per GPU under torchrun."""
 from __future__ import annotations
 
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -95,4 +96,19 @@ def test_gpu_scripts_say_what_they_need_in_one_line(name, capsys):
     if torch.cuda.is_available():
         pytest.skip("the message is for machines without a GPU")
     assert _script(name).main([]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("regs", "shared", "warps", "per_sm"),
+    [(154, 65556, 4, 3), (90, 65556, 8, 2), (90, 131092, 8, 1), (163, 98328, 4, 2), (90, 49172, 4, 4)],
+)
+def test_kernel_resources_programs_per_sm_is_the_tightest_limit(regs, shared, warps, per_sm):
+    # the figures of the fifth session's offline compile, as Nsight Compute reported them on the H200
+    assert _script("kernel_resources").programs_per_sm(regs, shared, warps) == per_sm
+
+
+def test_kernel_resources_without_triton_says_so_in_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    assert _script("kernel_resources").main([]) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -62,5 +62,12 @@ def test_resume_on_gpu(tmp_path, tiny_params, write_params):
     b = torch.load(halves / "checkpoint_6.mdl", weights_only=True)["model"]
     for k in a:
         assert torch.equal(torch.isnan(a[k]), torch.isnan(b[k])), k
-        torch.testing.assert_close(a[k].nan_to_num(0.0), b[k].nan_to_num(0.0), rtol=1e-3, atol=1e-4)
+        x, y = a[k].nan_to_num(0.0), b[k].nan_to_num(0.0)
+        if k.endswith("attn.qkv.bias"):
+            # The key bias adds the same score to every key of a query, which softmax cancels: its
+            # gradient is zero up to rounding, and Adam turns that rounding noise (which differs
+            # between runs of the GPU's attention backward) into steps of +-lr. Compare q and v only.
+            d = x.numel() // 3
+            x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
     torch.testing.assert_close(_losses(straight), _losses(halves), rtol=1e-3, atol=1e-3)
