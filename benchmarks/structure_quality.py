@@ -2,6 +2,9 @@
 
     python benchmarks/structure_quality.py [--steps N] [--block_sizes 16 32] [--out runs/structure_quality]
                                            [--json runs/structure_quality.json]
+    # on a GPU, GPT-2 small with 128x128 blocks (the kernels' default), one sparsity level per GPU:
+    python benchmarks/structure_quality.py --config configs/gpt2_small.yaml --block_sizes 128 --levels 0.5 \
+        --steps 250 --set train_input.tokenizer=byte --set model.vocab_size=256 --set runconfig.eval_steps=16
 
 Every row is a full run of configs/gpt2_tiny_sparse.yaml (1000 steps unless ``--steps``; the same
 seed and data as the README's demo and ``cpu_sparsity_sweep.py``, through the same helper,
@@ -44,10 +47,14 @@ from tiny_runs import DEMO_CONFIG, ROOT, train_tiny
 NM = {0.5: "2:4", 0.75: "1:4"}  # the N:M pattern of each sparsity: 1 - N/M = s
 
 
-def configurations(block_sizes: list[int]) -> list[tuple[str, str, float, list[str]]]:
+def configurations(
+    block_sizes: list[int], levels: list[float] | None = None, dense: bool = True
+) -> list[tuple[str, str, float, list[str]]]:
     """(label, model_dir name, sparsity, extra overrides) of every run, in table order."""
-    confs = [("dense", "s0_dense", 0.0, [])]
+    confs = [("dense", "s0_dense", 0.0, [])] if dense else []
     for level, nm in NM.items():
+        if levels is not None and level not in levels:
+            continue
         confs.append(("unstructured", f"s{level}_unstructured", level, []))
         for b in block_sizes:
             block = ["sparsity.structure=block", f"sparsity.block_size={b}"]
@@ -57,7 +64,7 @@ def configurations(block_sizes: list[int]) -> list[tuple[str, str, float, list[s
 
 
 def table(rows: list[dict]) -> str:
-    dense = next((r["eval_loss"] for r in rows if r["sparsity"] == 0), None)
+    dense = next((r["eval_loss"] for r in rows if r["sparsity"] == 0), None)  # None without a dense row
     unstructured = {r["sparsity"]: r["eval_loss"] for r in rows if r["structure"] == "unstructured"}
     lines = [
         "| sparsity | structure | final eval loss (nats/byte) | vs dense | vs unstructured | training-FLOP ratio (dense / sparse) | pruned (actual) | wall time |",
@@ -105,16 +112,21 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "structure_quality", help="parent of the model_dirs")
     p.add_argument("--config", type=Path, default=DEMO_CONFIG)
     p.add_argument("--json", type=Path, default=None, help="also write the rows and their provenance here")
+    p.add_argument("--levels", type=float, nargs="+", choices=sorted(NM), default=None,
+                   help="sparsity levels to run (default: all)")
+    p.add_argument("--no_dense", action="store_true", help="leave out the dense run")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="an override for every run (repeatable), e.g. runconfig.eval_steps=16")
     args = p.parse_args()
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
-    confs = configurations(args.block_sizes)
+    confs = configurations(args.block_sizes, args.levels, dense=not args.no_dense)
     meta = provenance()
     print(f"# {meta['command']}  ({meta['date']}, {len(confs)} runs, one after another)", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     rows = []
     for i, (label, name, level, extra) in enumerate(confs, 1):
-        res = train_tiny(args.out / name, [f"sparsity.sparsity={level}", *extra], args.config, args.steps)
+        res = train_tiny(args.out / name, [*args.sets, f"sparsity.sparsity={level}", *extra], args.config, args.steps)
         rows.append({"sparsity": level, "structure": label, "model_dir": str(args.out / name), **res})
         print(
             f"[{i}/{len(confs)}] sparsity {level:g} {label}: eval loss {res['eval_loss']:.4f}, "
