@@ -69,5 +69,5 @@ def test_resume_on_gpu(tmp_path, tiny_params, write_params):
             # between runs of the GPU's attention backward) into steps of +-lr. Compare q and v only.
             d = x.numel() // 3
             x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
-        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     torch.testing.assert_close(_losses(straight), _losses(halves), rtol=1e-3, atol=1e-3)

@@ -32,6 +32,14 @@ gradient run 2.6-2.7x faster than cuBLAS dense on the GPT-3 XL MLP shapes and th
 pointer loads (forward and backward, all blocks live). Host side, each autotuned launch costs tens of
 microseconds of Python: train with CUDA graphs (``compile_mode: auto`` takes ``reduce-overhead``
 for runs on these kernels).
+
+Why forward and input gradient stop at 2.6-2.7x at 75% (benchmarks/NOTES_block_kernels.md, fifth
+session): the output store does not overlap compute. Each step's TMA coordinates come from an
+index loaded in the loop, so Triton pipelines the loads only two deep (64 KB of shared memory,
+154 registers: 3 programs per SM, which hide the load latency); every Triton 3.6 variant that
+should overlap the store (persistent programs, warp specialisation, deeper pipelines, indices read
+before the loop) measured slower. ``benchmarks/kernel_resources.py`` prints these resources
+without a GPU.
 """
 
 from __future__ import annotations
