@@ -83,6 +83,14 @@ def test_nm_sparsity_is_implied_or_must_match():
     assert parse_sparsity(raw).groups[0].structure == "2:4"
 
 
+def test_an_unquoted_invalid_nm_is_named_as_typed_not_as_its_base_60_number():
+    import yaml
+
+    raw = yaml.safe_load("sparsity: {structure: 3:2}")["sparsity"]  # N > M; YAML reads it as 182
+    with pytest.raises(ConfigError, match=r"182 is not valid \(YAML read an unquoted 3:2 as the number 182\)"):
+        parse_sparsity(raw)
+
+
 def test_structure_per_group_and_top_level_inheritance():
     config = parse_sparsity({
         "sparsity": 0.75,

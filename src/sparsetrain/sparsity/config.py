@@ -413,7 +413,8 @@ def _parse_structure(value: Any, where: str) -> str:
         n, m = divmod(int(value), 60)
         if 0 < n < m:
             return f"{n}:{m}"
-        raise ConfigError(f"{where}: {value!r} is not valid; {valid}; quote N:M values in YAML")
+        read_as = f" (YAML read an unquoted {n}:{m} as the number {value})" if n > 0 else ""
+        raise ConfigError(f"{where}: {value!r} is not valid{read_as}; {valid}; quote N:M values in YAML")
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string; {valid}; got {_kind(value)}")
     lower = value.strip().lower()
