@@ -15,12 +15,11 @@ count ``kernels/wgrad_slices.py`` would pick is printed as the default.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from sparsetrain.bench_layer import graph_ms, product_operands, rel
+from sparsetrain.bench_layer import graph_ms, product_operands, rel, sweep
 from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks
 
 try:  # Triton: GPU machines only
@@ -157,17 +156,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() or bs is None:
         print("kernel_configs.py needs a CUDA GPU and Triton", file=sys.stderr)
         return 2
-    res = []
-    for shape in a.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
-        for sp in (float(v) for v in a.sparsity.split(",")):
-            r = one_shape(n, k, sp, a.tokens, a.block_size, [int(v) for v in a.slices.split(",")])
-            show([r])
-            res.append(r)
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "triton": triton.__version__, "results": res}, f, indent=1)
+    slices = [int(v) for v in a.slices.split(",")]
+    sweep(a.shapes, a.sparsity, lambda n, k, sp: one_shape(n, k, sp, a.tokens, a.block_size, slices),
+          lambda r: show([r]), a.json)  # fmt: skip
     return 0
 
 

@@ -34,12 +34,11 @@ with cuBLAS in the same run. Not used by training: a variant that wins moves int
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from sparsetrain.bench_layer import graph_ms, product_operands, rel
+from sparsetrain.bench_layer import graph_ms, product_operands, rel, sweep
 from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks, unpack_blocks
 
 try:  # Triton: GPU machines only
@@ -349,25 +348,20 @@ def main(argv=None) -> int:
         print("kernel_variants.py needs a CUDA GPU and Triton", file=sys.stderr)
         return 2
     triton.set_allocator(_scratch)
-    out = []
-    for shape in a.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
-        for sp in (float(v) for v in a.sparsity.split(",")):
-            r = one_shape(n, k, sp, a.tokens, a.block_size, which=a.set)
-            out.append(r)
-            for product in ("fwd", "dgrad"):
-                p = r[product]
-                line = (f"{r['shape']} {sp:g} ({r['live_blocks']} blocks, regular {r['regular_live_blocks']}) "
-                        f"{product}: product {p['cublas_ms'] / p['product_ms']:.2f}x")
-                for name, v in p.items():
-                    if name not in ("cublas_ms", "product_ms"):
-                        line += f" | {name} " + (f"{p['cublas_ms'] / v:.2f}x" if isinstance(v, float) else v)
-                print(line, flush=True)
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "triton": triton.__version__, "results": out}, f, indent=1)
+    sweep(a.shapes, a.sparsity, lambda n, k, sp: one_shape(n, k, sp, a.tokens, a.block_size, which=a.set), show,
+          a.json)  # fmt: skip
     return 0
+
+
+def show(r: dict) -> None:
+    for product in ("fwd", "dgrad"):
+        p = r[product]
+        line = (f"{r['shape']} {r['sparsity']:g} ({r['live_blocks']} blocks, regular {r['regular_live_blocks']}) "
+                f"{product}: product {p['cublas_ms'] / p['product_ms']:.2f}x")
+        for name, v in p.items():
+            if name not in ("cublas_ms", "product_ms"):
+                line += f" | {name} " + (f"{p['cublas_ms'] / v:.2f}x" if isinstance(v, float) else v)
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

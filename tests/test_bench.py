@@ -112,3 +112,23 @@ def test_kernel_resources_without_triton_says_so_in_one_line(capsys, monkeypatch
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
     assert _script("kernel_resources").main([]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_sweep_measures_every_shape_and_sparsity_and_saves_after_each(tmp_path, monkeypatch):
+    from sparsetrain import bench_layer
+
+    monkeypatch.setattr(bench_layer.torch.cuda, "get_device_name", lambda: "test GPU")
+    monkeypatch.setattr(bench_layer, "triton", SimpleNamespace(__version__="0"))
+    path = tmp_path / "sweep.json"
+    shown, saved = [], []
+
+    def measure(n, k, sp):
+        saved.append(len(json.loads(path.read_text())["results"]) if path.exists() else 0)
+        return {"shape": f"{n}x{k}", "sparsity": sp}
+
+    out = bench_layer.sweep("8x4,2x2", "0,0.5", measure, shown.append, str(path))
+    order = [("8x4", 0.0), ("8x4", 0.5), ("2x2", 0.0), ("2x2", 0.5)]
+    assert [(r["shape"], r["sparsity"]) for r in out] == order
+    assert shown == out and saved == [0, 1, 2, 3]  # the file held every earlier result
+    doc = json.loads(path.read_text())
+    assert doc["results"] == out and doc["gpu"] == "test GPU"

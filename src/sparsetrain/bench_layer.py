@@ -99,6 +99,23 @@ def product_operands(n: int, k: int, sparsity: float, block: int, m: int, device
     return SimpleNamespace(t=t, x=x, dy=dy, wp=wp, wm=unpack_blocks(wp, t, torch.bfloat16))
 
 
+def sweep(shapes: str, sparsities: str, measure, show, json_path: str | None) -> list[dict]:
+    """The kernel benchmarks' loop: ``measure(n, k, sparsity)`` for every ``"NxK"`` of ``shapes``
+    and every value of ``sparsities`` (both comma separated), ``show`` each result as it comes,
+    and rewrite ``json_path`` after every one (a run cut short keeps what it measured)."""
+    results: list[dict] = []
+    for shape in shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        for sp in (float(v) for v in sparsities.split(",")):
+            results.append(measure(n, k, sp))
+            show(results[-1])
+            if json_path:
+                with open(json_path, "w") as f:
+                    doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "triton": triton.__version__, "results": results}  # fmt: skip
+                    json.dump(doc, f, indent=1)
+    return results
+
 def with_tma(flag: bool):
     os.environ["SPARSETRAIN_BLOCK_TMA"] = "1" if flag else "0"
 
