@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 
+from sparsetrain.kernels.block_sparse_op import TABLES  # imports no Triton
+
 # H100/H200 per-SM limits: registers, shared memory a kernel may use, threads.
 SM_REGISTERS, SM_SHARED, SM_THREADS = 65536, 232448, 2048
 
@@ -32,28 +34,30 @@ def programs_per_sm(regs: int, shared: int, warps: int) -> int:
     return min(by_regs, by_smem, SM_THREADS // threads)
 
 
-def _signature(kind: str, bm: int, bk: int, block: int) -> tuple[dict, dict]:
-    tables = {
-        "fwd": ("row_ptr", "row_cols"),
-        "dgrad": ("col_ptr", "col_rows", "col_ids"),
-        "wgrad": ("blk_rows", "row_cols"),
-    }[kind]
+def _signature(kernel, kind: str, bm: int, bk: int, block: int) -> tuple[dict, dict]:
+    """Triton's signature of one of the product kernels, read off its argument names: the operands
+    are TMA descriptors (their block shapes as each product's pre_hook sets them), the weight
+    gradient's output a float32 pointer, the index tables int32 pointers, the rest int32 scalars."""
     blocks = {
-        "fwd": ([bm, bk], [block, bk], [bm, block]),
-        "dgrad": ([bm, bk], [bk, block], [bm, block]),
-        "wgrad": ([bk, block], [bk, block], None),
+        "fwd": {"a": [bm, bk], "w": [block, bk], "out": [bm, block]},
+        "dgrad": {"a": [bm, bk], "w": [bk, block], "out": [bm, block]},
+        "wgrad": {"a": [bk, block], "w": [bk, block]},
     }[kind]
-    sig = {"a": f"tensordesc<bf16{blocks[0]}>", "w": f"tensordesc<bf16{blocks[1]}>"}
-    sig["out"] = f"tensordesc<bf16{blocks[2]}>" if blocks[2] else "*fp32"
-    sig.update({t: "*i32" for t in tables})
-    sig.update({v: "i32" for v in ("M", "N", "K", "NNZ", "stride_am")})
-    sig["stride_om" if kind != "wgrad" else "stride_wm"] = "i32"
-    if kind == "wgrad":
-        sig["per_slice"] = "i32"
     consts = {"BR": block, "BC": block, "SPLIT_SIDE": block if kind != "wgrad" else 128, "USE_TMA": True, "BM": bm, "BK": bk}
     if kind == "wgrad":
         consts["DIRECT"] = False
-    sig.update({c: "constexpr" for c in consts})
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in blocks:
+            sig[name] = f"tensordesc<bf16{blocks[name]}>"
+        elif name == "out":
+            sig[name] = "*fp32"
+        elif name in TABLES:
+            sig[name] = "*i32"
+        else:
+            sig[name] = "i32"
     return sig, consts
 
 
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     print(f"{'product':6} {'BM':>4} {'BK':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'shared':>8} {'pipeline':>8} {'per SM':>6}")
     for kind, (kernel, table) in kernels.items():
         for bm, bk, warps, stages in table:
-            sig, consts = _signature(kind, bm, bk, a.block_size)
+            sig, consts = _signature(kernel.fn, kind, bm, bk, a.block_size)
             src = ASTSource(fn=kernel.fn, signature=sig, constexprs=consts)
             k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
