@@ -14,8 +14,8 @@ import time
 import torch
 
 from sparsetrain.kernels import block_sparse as bs
-from sparsetrain.kernels.block_layout import BlockLayout
 from sparsetrain.kernels.block_sparse_op import TABLES, block_sparse_linear, block_sparse_mm
+from sparsetrain.kernels.blocks import BlockLayout
 
 
 def per_call_us(fn, n: int = 200) -> float:

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from sparsetrain.bench_layer import graph_ms, product_operands, rel, sweep
-from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks
+from sparsetrain.kernels.blocks import BlockLayout, pack_blocks
 
 try:  # Triton: GPU machines only
     import triton

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsetrain.kernels.block_layout import BlockLayout, kernel_block_ok, pack_blocks, unpack_blocks
+from sparsetrain.kernels.blocks import BlockLayout, kernel_block_ok, layout_to_mask, pack_blocks, unpack_blocks
 from sparsetrain.kernels.reference import (
     block_sparse_linear_grad_input,
     block_sparse_linear_grad_weight,
@@ -23,7 +23,6 @@ from sparsetrain.kernels.reference import (
 from sparsetrain.model import GPT
 from sparsetrain.params import ModelParams
 from sparsetrain.sparsity.block_linear import BlockSparseLinear, use_block_kernels, use_dense_kernels
-from sparsetrain.sparsity.masks import layout_to_mask
 from sparsetrain.sparsity.sparsifier import sparsify
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
@@ -194,7 +193,7 @@ def test_tables_follow_loaded_masks():
 INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks
+    from sparsetrain.kernels.blocks import BlockLayout, pack_blocks
     from sparsetrain.kernels import block_sparse as bs
     from sparsetrain.kernels.block_sparse_op import block_sparse_mm, TABLES
     from sparsetrain.kernels.reference import (block_sparse_linear_reference as fwd,
@@ -232,7 +231,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     g = torch.randn_like(y)
     y.backward(g)
     x2, w2 = x.detach().float().requires_grad_(), w.detach().clone().requires_grad_()
-    from sparsetrain.kernels.block_layout import unpack_blocks
+    from sparsetrain.kernels.blocks import unpack_blocks
     live = unpack_blocks(torch.ones(t.nnz, 32, 32), t).view(2, 32, 4, 32)[:, 0, :, 0].bool()
     yr = BlockSparseLinearFunction.apply(x2, w2, live, (32, 32))
     yr.backward(g.float())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sparsetrain import train as tr
-from sparsetrain.kernels.block_layout import pack_blocks
+from sparsetrain.kernels.blocks import pack_blocks
 from sparsetrain.model import GPT
 from sparsetrain.params import ModelParams, OptimizerParams, params_from_dict
 from sparsetrain.sparsity import nan_format
@@ -375,7 +375,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
     from sparsetrain.kernels import block_sparse as bs
-    from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks
+    from sparsetrain.kernels.blocks import BlockLayout, pack_blocks
     from sparsetrain.kernels.block_sparse_op import TABLES, _EagerBlockSparseMM, block_sparse_mm
     from sparsetrain.kernels.reference import block_sparse_linear_grad_weight as wgrad_ref
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ import torch
 
 from sparsetrain.cli import main
 from sparsetrain.errors import ConfigError
+from sparsetrain.kernels.blocks import block_grid, block_layout, is_block_structured, layout_to_mask
 from sparsetrain.kernels.reference import (
     BlockSparseLinearFunction,
     block_sparse_linear_grad_input,
@@ -26,15 +27,11 @@ from sparsetrain.kernels.reference import (
 )
 from sparsetrain.sparsity.config import GroupSettings, parse_sparsity
 from sparsetrain.sparsity.masks import (
-    block_grid,
-    block_layout,
     block_random_mask,
     block_topk_mask,
     expected_pruned,
     from_zeros_mask,
-    is_block_structured,
     is_nm_structured,
-    layout_to_mask,
     make_mask,
     mask_fits,
     nm_random_mask,

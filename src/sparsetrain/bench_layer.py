@@ -33,9 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsetrain.errors import UserError
-from sparsetrain.kernels.block_layout import BlockLayout, pack_blocks, unpack_blocks
 from sparsetrain.kernels.block_sparse_op import TABLES, block_sparse_linear
-from sparsetrain.sparsity.masks import layout_to_mask
+from sparsetrain.kernels.blocks import BlockLayout, layout_to_mask, pack_blocks, unpack_blocks
 
 try:  # --show needs neither Triton nor a GPU
     import triton

@@ -34,13 +34,12 @@ import torch
 from sparsetrain import checkpoint as ckpt
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.flops import flops_report
-from sparsetrain.kernels.block_layout import kernel_block_ok
+from sparsetrain.kernels.blocks import block_grid, kernel_block_ok
 from sparsetrain.memory import plan_memory
 from sparsetrain.params import Params
 from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.config import parse_sparsity
 from sparsetrain.sparsity.masks import (
-    block_grid,
     check_structure,
     expected_pruned,
     num_pruned_blocks,

@@ -2,7 +2,7 @@
 
 Imported only when :func:`sparsetrain.kernels.has_triton` is true (this module imports Triton).
 Shapes: ``X (M, K)``, ``W (N, K)`` in ``(br, bc)`` blocks with tables from
-:class:`~sparsetrain.kernels.block_layout.BlockLayout`, live blocks packed as ``Wp (nnz, br, bc)``
+:class:`~sparsetrain.kernels.blocks.BlockLayout`, live blocks packed as ``Wp (nnz, br, bc)``
 in the compute dtype (bf16 or fp16):
 
     forward      Y  (M, N)  = X Wp^T    one program per (M tile, block-row of W): a flat loop over
@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsetrain.kernels.block_layout import BlockLayout, write_blocks
+from sparsetrain.kernels.blocks import BlockLayout, write_blocks
 from sparsetrain.kernels.wgrad_slices import wgrad_slices
 
 try:  # TMA descriptors (Hopper and later); absent in older Tritons

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from sparsetrain.kernels import has_triton
-from sparsetrain.kernels.block_layout import BlockLayout, kernel_block_ok
+from sparsetrain.kernels.blocks import BlockLayout, kernel_block_ok
 
-__all__ = ["TABLES", "block_sparse_linear", "dense_from_blocks", "kernel_path", "layout_of"]
+__all__ = ["TABLES", "block_sparse_linear", "dense_from_blocks", "kernel_path", "layout_of", "triton_ready"]
 
 # The BlockLayout tables the op takes, in this order.
 TABLES = ("row_ptr", "row_cols", "col_ptr", "col_rows", "col_ids", "blk_rows")
@@ -186,7 +186,7 @@ def kernel_path(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int]) -
     if weight.dim() == 2 and not kernel_block_ok(tuple(weight.shape), block):
         return None
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    if dtype not in _KERNEL_DTYPES or not _triton_ok():
+    if dtype not in _KERNEL_DTYPES or not triton_ready():
         return None
     return dtype
 
@@ -194,7 +194,7 @@ def kernel_path(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int]) -
 _TRITON: list[bool] = []
 
 
-def _triton_ok() -> bool:
+def triton_ready() -> bool:
     """``has_triton()``, asked once (in eager code: ``BlockSparseLinear.set_layout`` asks first),
     so that torch.compile reads a plain module constant instead of tracing an import."""
     if not _TRITON:

@@ -2,7 +2,7 @@
 
 A weight ``W`` of shape ``(out_features, in_features)`` is cut into ``block = (br, bc)`` tiles
 from the top-left corner (partial edge tiles when a dimension is not a multiple of the block
-size, as in ``sparsetrain.sparsity.masks``). ``layout`` is a bool tensor of shape
+size; ``sparsetrain.kernels.blocks``). ``layout`` is a bool tensor of shape
 ``(ceil(out / br), ceil(in / bc))``: True = live block. Entries outside live blocks are never
 read (they may hold anything, NaN included), so every result equals the masked dense one with
 those entries taken as zero:
@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from sparsetrain.sparsity.masks import as_block, block_grid, layout_to_mask
+from sparsetrain.kernels.blocks import as_block, block_grid, layout_to_mask
 
 __all__ = [
     "BlockSparseLinearFunction",

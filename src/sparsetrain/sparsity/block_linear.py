@@ -14,7 +14,7 @@ wherever the kernels do not apply (CPU, fp32, no Triton). The model's own code i
 with zeros at pruned blocks, and a dense gradient; the sparsifier keeps the zeros. With
 ``packed=True`` (what ``sparsetrain train`` does wherever the kernels are on, one process or DDP)
 the layer stores only its live blocks: the parameter becomes ``weight_blocks``, fp32
-``(nnz, br, bc)`` in the layout's block order (:class:`~sparsetrain.kernels.block_layout.BlockLayout`),
+``(nnz, br, bc)`` in the layout's block order (:class:`~sparsetrain.kernels.blocks.BlockLayout`),
 and its gradient has the same shape (the kernels compute it on live blocks only, no dense tensor
 is made). Weight and gradient take 8 bytes per live entry instead of 8 per entry (at 75% sparsity,
 a quarter), and the optimizer, which sees a small dense parameter, keeps state of that size with
@@ -58,9 +58,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsetrain.kernels.block_layout import BlockLayout, kernel_block_ok, pack_blocks, unpack_blocks
-from sparsetrain.kernels.block_sparse_op import TABLES, _triton_ok, block_sparse_linear, layout_of
-from sparsetrain.sparsity.masks import block_layout, is_block_structured
+from sparsetrain.kernels.block_sparse_op import TABLES, block_sparse_linear, layout_of, triton_ready
+from sparsetrain.kernels.blocks import (
+    BlockLayout,
+    block_layout,
+    is_block_structured,
+    kernel_block_ok,
+    pack_blocks,
+    unpack_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +102,7 @@ class BlockSparseLinear(nn.Linear):
     def set_layout(self, layout: torch.Tensor, block: tuple[int, int], optimizers: Iterable = ()) -> None:
         """Take the live blocks ``layout`` (bool, one entry per block); stored blocks, and the
         state ``optimizers`` hold for them, move to the new layout (0 where a block is new)."""
-        _triton_ok()  # decided here, outside any compiled region
+        triton_ready()  # decided here, outside any compiled region
         tables = BlockLayout.build(layout.to(self.stored_weight().device), block)
         if self.packed:
             self._repack(tables, optimizers)

@@ -29,26 +29,31 @@ Structured masks (``settings.structure``, see ``sparsetrain.sparsity.config``):
   shape). ``topk`` keeps the N largest ``|w|`` of each group (ties: lower index; NaN smallest);
   ``random`` keeps N of each group from a generator seeded like ``random``.
 
-``block_layout`` gives the live blocks of any mask (a block is live when it keeps any entry),
-``layout_to_mask`` expands a layout back, ``is_block_structured`` / ``is_nm_structured`` check a
-mask (e.g. one recovered from a NaN checkpoint), and ``mask_fits`` says whether a given mask is
-one the settings could have drawn (structure and exact counts).
+The block geometry (grid, ``block_layout`` of a mask, ``layout_to_mask``, ``is_block_structured``)
+is :mod:`sparsetrain.kernels.blocks`, shared with the kernels. ``is_nm_structured`` checks a mask
+(e.g. one recovered from a NaN checkpoint), and ``mask_fits`` says whether a given mask is one the
+settings could have drawn (structure and exact counts).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import numbers
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from sparsetrain.errors import ConfigError
+from sparsetrain.kernels.blocks import (
+    BlockSize,
+    as_block,
+    block_grid,
+    block_layout,
+    blocked,
+    is_block_structured,
+    layout_to_mask,
+    matrix_shape,
+)
 from sparsetrain.sparsity.config import DEFAULT_BLOCK_SIZE, GroupSettings
-
-BlockSize = int | Sequence[int]
 
 
 def num_pruned(numel: int, sparsity: float) -> int:
@@ -107,77 +112,15 @@ def mask_from_nan(tensor: torch.Tensor) -> torch.Tensor:
 # -- block structure -------------------------------------------------------------------------------
 
 
-def as_block(block: BlockSize) -> tuple[int, int]:
-    """``(rows, cols)`` of a block size given as an int (square) or a pair of positive ints."""
-    if isinstance(block, numbers.Integral):
-        block = (block, block)
-    rows, cols = (int(b) for b in block)
-    if rows < 1 or cols < 1:
-        raise ValueError(f"block size must be positive, got {(rows, cols)}")
-    return rows, cols
-
-
-def matrix_shape(shape: torch.Size | Sequence[int]) -> tuple[int, int]:
-    """The matrix a weight is cut into blocks as: ``(shape[0], rest)``; a 1-D tensor is one row."""
-    shape = tuple(shape)
-    if len(shape) == 0:
-        return 1, 1
-    if len(shape) == 1:
-        return 1, shape[0]
-    return shape[0], math.prod(shape[1:])
-
-
-def block_grid(shape: torch.Size | Sequence[int], block: BlockSize) -> tuple[int, int]:
-    """Number of block rows and block columns, partial edge blocks included."""
-    rows, cols = matrix_shape(shape)
-    br, bc = as_block(block)
-    return -(-rows // br), -(-cols // bc)
-
-
 def num_pruned_blocks(shape: torch.Size | Sequence[int], sparsity: float, block: BlockSize) -> int:
     """Exact number of pruned blocks: ``round(sparsity * number_of_blocks)``, half to even."""
     grid_rows, grid_cols = block_grid(shape, block)
     return num_pruned(grid_rows * grid_cols, sparsity)
 
 
-def layout_to_mask(layout: torch.Tensor, block: BlockSize, shape: torch.Size | Sequence[int]) -> torch.Tensor:
-    """Expand a ``(block_rows, block_cols)`` bool layout to an entry mask of ``shape``."""
-    br, bc = as_block(block)
-    rows, cols = matrix_shape(shape)
-    if tuple(layout.shape) != block_grid(shape, (br, bc)):
-        raise ValueError(
-            f"layout of shape {tuple(layout.shape)} does not fit a {tuple(shape)} weight in {br}x{bc} "
-            f"blocks (expected {block_grid(shape, (br, bc))})"
-        )
-    mask = layout.to(torch.bool).repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
-    return mask[:rows, :cols].reshape(shape)
-
-
-def _blocked(tensor: torch.Tensor, block: tuple[int, int], fill) -> torch.Tensor:
-    """``tensor`` as a matrix padded with ``fill`` to whole blocks, viewed ``(R, br, C, bc)``."""
-    br, bc = block
-    rows, cols = matrix_shape(tensor.shape)
-    grid_rows, grid_cols = block_grid(tensor.shape, block)
-    matrix = tensor.reshape(rows, cols)
-    matrix = F.pad(matrix, (0, grid_cols * bc - cols, 0, grid_rows * br - rows), value=fill)
-    return matrix.reshape(grid_rows, br, grid_cols, bc)
-
-
-def block_layout(mask: torch.Tensor, block: BlockSize) -> torch.Tensor:
-    """Bool ``(block_rows, block_cols)``: True where the block keeps any entry (a live block)."""
-    blocks = _blocked(mask.detach().to(torch.uint8), as_block(block), 0)
-    return blocks.amax(dim=(1, 3)).to(torch.bool)
-
-
-def is_block_structured(mask: torch.Tensor, block: BlockSize) -> bool:
-    """Whether every block of ``mask`` is wholly kept or wholly pruned."""
-    block = as_block(block)
-    return torch.equal(layout_to_mask(block_layout(mask, block), block, mask.shape), mask.to(torch.bool))
-
-
 def block_norms(weight: torch.Tensor, block: BlockSize) -> torch.Tensor:
     """Frobenius norm of each block, float64 ``(block_rows, block_cols)``; NaN where a block holds a NaN."""
-    blocks = _blocked(weight.detach().to(torch.float64), as_block(block), 0.0)
+    blocks = blocked(weight.detach().to(torch.float64), as_block(block), 0.0)
     return blocks.square().sum(dim=(1, 3)).sqrt()
 
 
