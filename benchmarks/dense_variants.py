@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from sparsetrain.bench import add_rates, run_ours, run_reference
+from sparsetrain.bench.train import add_rates, run_ours, run_reference
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-from sparsetrain.bench_layer import graph_ms, product_operands, rel, sweep
+from sparsetrain.bench.layer import product_operands, sweep
+from sparsetrain.bench.timing import graph_ms, rel
 from sparsetrain.kernels.blocks import BlockLayout, pack_blocks
 
 try:  # Triton: GPU machines only

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from sparsetrain.bench_layer import product_operands
+from sparsetrain.bench.layer import product_operands
 
 try:  # Triton: GPU machines only
     from sparsetrain.kernels import block_sparse as bs

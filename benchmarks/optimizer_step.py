@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from sparsetrain.sparsity.packed_optim import PackedOptimizer
+from sparsetrain.optim.packed import PackedOptimizer
 from sparsetrain.sparsity.sparsifier import sparsify
 
 

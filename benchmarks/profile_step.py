@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sparsetrain import bench
-from sparsetrain import train as tr
+from sparsetrain import training as tr
+from sparsetrain.bench import train as bench
 
 # First match wins; patterns are searched in the kernel name.
 GROUPS = (

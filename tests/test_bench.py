@@ -9,12 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from sparsetrain import bench
-from sparsetrain import train as tr
+from sparsetrain import training as tr
+from sparsetrain.bench import train as bench
 from sparsetrain.cli import main
+from sparsetrain.config import params_from_dict
 from sparsetrain.distributed import DistInfo
-from sparsetrain.params import params_from_dict
 from sparsetrain.sparsity.block_linear import packed_layers
+from sparsetrain.training import build, loop
 
 TINY_BENCH = ["--preset", "gpt2-tiny", "--batch_size", "2", "--seq_len", "32", "--steps", "2", "--warmup", "1",
               "--compile", "false", "--device", "cpu", "--json"]  # fmt: skip
@@ -38,7 +39,7 @@ def test_bench_counts_the_state_of_weights_stored_as_blocks(tmp_path, tiny_param
     """With the block kernels, sparsified layers store live blocks only: their AdamW state is
     2 x 4 bytes per live entry, and the bench must count it (it is not in the bitmask part)."""
     raw = tiny_params(sparsity={"sparsity": 0.75, "structure": "block", "block_size": 16})
-    monkeypatch.setattr(tr, "_block_kernels_apply", lambda run: True)  # the CUDA + bf16 decision, forced
+    monkeypatch.setattr(build, "block_kernels_apply", lambda run: True)  # the CUDA + bf16 decision, forced
     run = tr.setup(params_from_dict(raw), tmp_path, evaluate=False, write_metrics=False)
     tr.train_step(run)
     layers = packed_layers(run.model)
@@ -55,8 +56,8 @@ def test_mfu_is_per_gpu():
     flops = {"sparse": 1e9, "dense": 2e9, "ratio": 2.0}
     one = SimpleNamespace(flops=flops, executed_flops=2e9, scheduler=scheduler, step=10, dist=DistInfo())
     two = SimpleNamespace(**{**vars(one), "dist": DistInfo(rank=0, world_size=2, mode="ddp")})
-    r1 = tr._train_record(one, 1.0, 1e5, 1024, 1e15)
-    r2 = tr._train_record(two, 1.0, 2e5, 1024, 1e15)  # twice the tokens on twice the GPUs
+    r1 = loop.train_record(one, 1.0, 1e5, 1024, 1e15)
+    r2 = loop.train_record(two, 1.0, 2e5, 1024, 1e15)  # twice the tokens on twice the GPUs
     assert r1["mfu"] == pytest.approx(0.2)
     assert r2["mfu"] == pytest.approx(r1["mfu"])
 
@@ -115,7 +116,7 @@ def test_kernel_resources_without_triton_says_so_in_one_line(capsys, monkeypatch
 
 
 def test_sweep_measures_every_shape_and_sparsity_and_saves_after_each(tmp_path, monkeypatch):
-    from sparsetrain import bench_layer
+    from sparsetrain.bench import layer as bench_layer
 
     monkeypatch.setattr(bench_layer.torch.cuda, "get_device_name", lambda: "test GPU")
     monkeypatch.setattr(bench_layer, "triton", SimpleNamespace(__version__="0"))

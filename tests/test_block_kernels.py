@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsetrain.config import ModelParams
 from sparsetrain.kernels.blocks import BlockLayout, kernel_block_ok, layout_to_mask, pack_blocks, unpack_blocks
 from sparsetrain.kernels.reference import (
     block_sparse_linear_grad_input,
@@ -21,7 +22,6 @@ from sparsetrain.kernels.reference import (
     block_sparse_linear_reference,
 )
 from sparsetrain.model import GPT
-from sparsetrain.params import ModelParams
 from sparsetrain.sparsity.block_linear import BlockSparseLinear, use_block_kernels, use_dense_kernels
 from sparsetrain.sparsity.sparsifier import sparsify
 
@@ -132,8 +132,8 @@ def test_block_linears_switch_and_fall_back_on_cpu():
 
 
 def test_cpu_runs_count_dense_executed_flops(tmp_path, tiny_params):
-    from sparsetrain import train as tr
-    from sparsetrain.params import params_from_dict
+    from sparsetrain import training as tr
+    from sparsetrain.config import params_from_dict
 
     p = tiny_params(sparsity={"sparsity": 0.5, "structure": "block", "block_size": 16}, model={"hidden_size": 64})
     run = tr.setup(params_from_dict(p), tmp_path, evaluate=False, write_metrics=False)
@@ -147,17 +147,18 @@ def test_cpu_runs_count_dense_executed_flops(tmp_path, tiny_params):
      ("default", True, False, "default"), ("max-autotune", False, False, "max-autotune")],
 )
 def test_compile_mode_auto_takes_cuda_graphs_for_the_block_kernels(setting, kernels, distributed, mode):
-    from sparsetrain.train import compile_mode
+    from sparsetrain.training.build import compile_mode
 
     assert compile_mode(setting, kernels, distributed) == mode
 
 
 @pytest.mark.parametrize("forced", [True, False], ids=["kernel-layers", "masked-dense"])
 def test_setup_logs_the_compile_mode_it_chose(tmp_path, tiny_params, monkeypatch, caplog, forced):
-    from sparsetrain import train as tr
-    from sparsetrain.params import params_from_dict
+    from sparsetrain import training as tr
+    from sparsetrain.config import params_from_dict
+    from sparsetrain.training import build
 
-    monkeypatch.setattr(tr, "_block_kernels_apply", lambda run: forced)  # what CUDA + bf16 decide
+    monkeypatch.setattr(build, "block_kernels_apply", lambda run: forced)  # what CUDA + bf16 decide
     p = tiny_params(sparsity={"sparsity": 0.5, "structure": "block", "block_size": 16},
                     model={"hidden_size": 64}, runconfig={"compile": True})
     with caplog.at_level("INFO", logger="sparsetrain"):
@@ -366,8 +367,8 @@ def test_block_linear_compiles_without_graph_break():
 
 @pytest.mark.cuda
 def test_training_with_block_kernels_matches_masked_dense(tmp_path, tiny_params):
-    from sparsetrain import train as tr
-    from sparsetrain.params import params_from_dict
+    from sparsetrain import training as tr
+    from sparsetrain.config import params_from_dict
 
     losses = {}
     for kernels in ("auto", "off"):
@@ -391,8 +392,8 @@ def test_compiled_training_on_the_kernels_takes_cuda_graphs_and_matches(tmp_path
     """The default compile_mode (auto) with layers on the kernels: CUDA graphs (reduce-overhead)
     over the custom op and live-block storage, against eager masked dense; with 2 micro-batches
     the first one's gradients must survive the second replay."""
-    from sparsetrain import train as tr
-    from sparsetrain.params import params_from_dict
+    from sparsetrain import training as tr
+    from sparsetrain.config import params_from_dict
 
     losses = {}
     for kernels, compiled in (("auto", True), ("off", False)):
@@ -409,8 +410,8 @@ def test_compiled_training_on_the_kernels_takes_cuda_graphs_and_matches(tmp_path
 @pytest.mark.cuda
 def test_dense_cuda_graphs_with_micro_batches_match_eager(tmp_path, tiny_params):
     """compile_mode reduce-overhead with gradient accumulation, no sparsity: same losses as eager."""
-    from sparsetrain import train as tr
-    from sparsetrain.params import params_from_dict
+    from sparsetrain import training as tr
+    from sparsetrain.config import params_from_dict
 
     losses = {}
     for compiled in (True, False):
@@ -426,8 +427,8 @@ def test_dense_cuda_graphs_with_micro_batches_match_eager(tmp_path, tiny_params)
 
 @pytest.mark.cuda
 def test_fp32_runs_keep_block_weights_masked_dense_with_a_warning(tmp_path, tiny_params, caplog):
-    from sparsetrain import train as tr
-    from sparsetrain.params import params_from_dict
+    from sparsetrain import training as tr
+    from sparsetrain.config import params_from_dict
 
     p = tiny_params(sparsity={"sparsity": 0.5, "structure": "block", "block_size": 16}, model={"hidden_size": 64})
     p["runconfig"].update({"device": "cuda", "compile": False, "precision": "fp32"})

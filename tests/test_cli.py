@@ -177,3 +177,35 @@ def test_checkpoint_from_other_model_shape(tmp_path, tiny_params, write_params, 
 def test_debug_shows_traceback(tmp_path):
     r = _run_py("--mode", "train", "--params", tmp_path / "missing.yaml", "--model_dir", tmp_path / "m", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_a_params_file_is_read_and_parsed_once_on_its_way_to_training(tmp_path, tiny_params, write_params, monkeypatch):
+    from sparsetrain.config import params as params_module
+    from sparsetrain.sparsity import sparsifier
+
+    calls = {"read_yaml": 0, "parse_sparsity": 0}
+
+    def counting(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(params_module, "read_yaml")
+    counting(params_module, "parse_sparsity")
+    counting(sparsifier, "parse_sparsity")
+    p = tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": {"mlp.*weight": {}}},
+                    runconfig={"max_steps": 2, "eval_steps": 1})
+    assert cli("train", "--params", write_params(p), "--model_dir", tmp_path / "run", *FAST) == 0
+    assert calls == {"read_yaml": 1, "parse_sparsity": 1}
+
+
+def test_a_pattern_that_selects_nothing_names_the_params_file(tmp_path, tiny_params, write_params, capsys):
+    path = write_params(tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": "decoder.*weight"}))
+    assert cli("train", "--params", path, "--model_dir", tmp_path / "run", *FAST) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: sparsity.param_name_patterns ('decoder.*weight'): matches no parameter"), err
+    assert not list((tmp_path / "run").glob("checkpoint_*")) and not (tmp_path / "run" / "metrics.jsonl").exists()

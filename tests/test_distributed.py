@@ -161,9 +161,9 @@ def test_checkpoints_move_between_process_counts(tmp_path, params, mode, packed)
 FSDP_PROBE = """
 import json, sys
 import torch
-from sparsetrain import distributed, train
-from sparsetrain.params import load_params
-from sparsetrain.sparsity.packed_optim import PackedOptimizer
+from sparsetrain import distributed, training as train
+from sparsetrain.config import load_params
+from sparsetrain.optim.packed import PackedOptimizer
 
 run = train.setup(load_params(sys.argv[1], ["runconfig.distributed=fsdp"]), sys.argv[2], evaluate=False, write_metrics=False)
 for _ in range(3):
@@ -230,7 +230,7 @@ import copy, json, sys
 import torch
 from torch import nn
 from sparsetrain import distributed
-from sparsetrain.sparsity.packed_optim import PackedOptimizer
+from sparsetrain.optim.packed import PackedOptimizer
 from sparsetrain.sparsity.sparsifier import sparsify
 
 info = distributed.init("fsdp", torch.device("cpu"))
@@ -348,7 +348,7 @@ PROBE = """
 import json, sys
 import torch
 from sparsetrain import data, distributed
-from sparsetrain.params import load_params
+from sparsetrain.config import load_params
 
 trained = []
 train_bpe = data.HFTokenizer.train_bpe.__func__
@@ -403,10 +403,10 @@ def test_bpe_tokenizer_failure_reaches_every_rank(tmp_path, tiny_params, write_p
 
 FORCE_BLOCK_LAYERS = """
 import sys
-from sparsetrain import train
+from sparsetrain.training import build
 # What CUDA + bf16 decide on a GPU, forced here: block layers become BlockSparseLinear and, except
 # under FSDP, store their live blocks only. The CPU fallback computes the same function.
-train._block_kernels_apply = lambda run: True
+build.block_kernels_apply = lambda run: True
 from sparsetrain.cli import run_py
 sys.exit(run_py())
 """

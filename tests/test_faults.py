@@ -37,8 +37,8 @@ import torch
 from sparsetrain import checkpoint as ckpt
 from sparsetrain import data
 from sparsetrain.cli import main
+from sparsetrain.config import ModelParams, params_from_dict
 from sparsetrain.model import GPT
-from sparsetrain.params import ModelParams, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "run.py"

@@ -30,9 +30,9 @@ import yaml
 
 from sparsetrain import checkpoint as ckpt
 from sparsetrain.cli import main
+from sparsetrain.config import params_from_dict
 from sparsetrain.errors import UserError
 from sparsetrain.model import GPT
-from sparsetrain.params import params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "run.py"

@@ -27,11 +27,11 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sparsetrain import params as params_mod
+from sparsetrain import config as params_mod
 from sparsetrain.cli import main
+from sparsetrain.config import load_params, params_from_dict
+from sparsetrain.config import sparsity as sparsity_config
 from sparsetrain.errors import UserError
-from sparsetrain.params import load_params, params_from_dict
-from sparsetrain.sparsity import config as sparsity_config
 
 EXPLORE = os.environ.get("SPARSETRAIN_FUZZ") == "explore"
 SCALE = int(os.environ.get("SPARSETRAIN_FUZZ_SCALE", "10")) if EXPLORE else 1

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from sparsetrain import train as tr
+from sparsetrain import training as tr
 from sparsetrain.cli import main
-from sparsetrain.params import params_from_dict
+from sparsetrain.config import params_from_dict
 from sparsetrain.sparsity.masks import num_pruned
 
 pytestmark = pytest.mark.cuda

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsetrain.sparsity.config import GroupSettings
+from sparsetrain.config.sparsity import GroupSettings
 from sparsetrain.sparsity.masks import (
     from_zeros_mask,
     make_mask,

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from sparsetrain import tools
-from sparsetrain import train as tr
+from sparsetrain import training as tr
+from sparsetrain.config import params_from_dict
 from sparsetrain.memory import packed_mask_bytes, training_state_bytes
-from sparsetrain.params import params_from_dict
+from sparsetrain.training import build
 
 
 def _held_bytes(run) -> int:
@@ -51,7 +52,7 @@ def test_plan_matches_what_a_cpu_run_holds(tmp_path, tiny_params, sections):
 
 
 def test_plan_matches_a_run_storing_live_blocks(tmp_path, tiny_params, monkeypatch):
-    monkeypatch.setattr(tr, "_block_kernels_apply", lambda run: True)  # what CUDA + bf16 decide
+    monkeypatch.setattr(build, "block_kernels_apply", lambda run: True)  # what CUDA + bf16 decide
     params, run = _run(tmp_path, tiny_params, sparsity={"sparsity": 0.75, "structure": "block", "block_size": 16})
     memory = tools.plan(params)["training_state_bytes"]
     assert memory["block_kernels"] is not None

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from sparsetrain.config import ModelParams, params_from_dict
 from sparsetrain.flops import flops_report, training_flops_per_token
 from sparsetrain.model import GPT
-from sparsetrain.params import ModelParams, params_from_dict
 
 
 def tiny(**kw) -> ModelParams:

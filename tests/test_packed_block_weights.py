@@ -15,10 +15,11 @@ import textwrap
 import pytest
 import torch
 
-from sparsetrain import train as tr
+from sparsetrain import training as tr
+from sparsetrain.config import ModelParams, OptimizerParams, params_from_dict
 from sparsetrain.kernels.blocks import pack_blocks
 from sparsetrain.model import GPT
-from sparsetrain.params import ModelParams, OptimizerParams, params_from_dict
+from sparsetrain.optim import build_optimizer
 from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.block_linear import (
     BLOCKS,
@@ -28,6 +29,7 @@ from sparsetrain.sparsity.block_linear import (
     use_dense_kernels,
 )
 from sparsetrain.sparsity.sparsifier import sparsify
+from sparsetrain.training import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,7 +116,7 @@ def test_bytes_are_the_live_fraction_of_dense():
     dense, sp_dense, packed, sp_packed = _pair()
     opts = {}
     for model, sp in ((dense, sp_dense), (packed, sp_packed)):
-        opt = tr.build_optimizer(model, OptimizerParams(optimizer_type="AdamW"), torch.device("cpu"))
+        opt = build_optimizer(model, OptimizerParams(optimizer_type="AdamW"), torch.device("cpu"))
         sp.attach(opt)
         idx, targets = _batch(0)
         model(idx, targets).backward()
@@ -151,7 +153,7 @@ LR = {"AdamW": 3e-3, "Adam": 3e-3, "SGD": 0.1}
 def _train(
     model, sp, kind: str, packed_state: bool, steps: int, clip: float = 0.0
 ) -> tuple[list[float], list[float], torch.optim.Optimizer]:
-    opt = tr.build_optimizer(model, OptimizerParams(**KINDS[kind]), torch.device("cpu"), packed=packed_state)
+    opt = build_optimizer(model, OptimizerParams(**KINDS[kind]), torch.device("cpu"), packed=packed_state)
     sp.attach(opt)
     for group in opt.param_groups:
         group["lr"] = LR[kind]
@@ -244,7 +246,7 @@ def test_state_dict_is_the_dense_models():
 def _setup(model_dir, tiny_params, monkeypatch, *, packed: bool, max_steps: int, **optimizer):
     """A CPU run; ``packed`` stands in for a CUDA bf16 run, whose block layers go to the kernels
     with live blocks stored only (on the CPU the fallback computes the same function)."""
-    monkeypatch.setattr(tr, "_block_kernels_apply", lambda run: packed)
+    monkeypatch.setattr(build, "block_kernels_apply", lambda run: packed)
     p = tiny_params(sparsity=BLOCK, model={"hidden_size": 64})
     p["optimizer"].update(optimizer)
     p["runconfig"].update({"max_steps": max_steps, "device": "cpu", "compile": False})

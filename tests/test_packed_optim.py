@@ -14,10 +14,11 @@ import zlib
 import pytest
 import torch
 
+from sparsetrain.config import ModelParams
 from sparsetrain.model import GPT
-from sparsetrain.params import ModelParams
+from sparsetrain.optim.packed import PackedOptimizer
+from sparsetrain.optim.packed_state import BLOCK, PackedMask, adam_reference, sgd_reference
 from sparsetrain.sparsity import nan_format
-from sparsetrain.sparsity.packed_optim import BLOCK, PackedMask, PackedOptimizer, adam_reference, sgd_reference
 from sparsetrain.sparsity.sparsifier import sparsify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +51,7 @@ def _model(device: str = "cpu") -> GPT:
 
 
 def _groups(model: torch.nn.Module) -> list[dict]:
-    """As train.build_optimizer: decay on matrices, not on norms, biases, embeddings."""
+    """As optim.build_optimizer: decay on matrices, not on norms, biases, embeddings."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)

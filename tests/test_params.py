@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sparsetrain.config import PRESETS, dump_params, load_params, params_from_dict
 from sparsetrain.errors import ConfigError
-from sparsetrain.params import PRESETS, dump_params, load_params, params_from_dict
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

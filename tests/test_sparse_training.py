@@ -18,10 +18,11 @@ import torch
 
 from sparsetrain import checkpoint as ckpt
 from sparsetrain.cli import main
+from sparsetrain.config import OptimizerParams, params_from_dict
 from sparsetrain.flops import flops_report
 from sparsetrain.model import GPT
-from sparsetrain.params import OptimizerParams, params_from_dict
-from sparsetrain.train import build_optimizer, setup, train_step
+from sparsetrain.optim import build_optimizer
+from sparsetrain.training import setup, train_step
 
 L, D, SEQ, BATCH = 2, 32, 32, 4
 KINDS = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
@@ -678,9 +679,9 @@ def test_bad_sparsity_block_loses_nothing_saved(tmp_path, tiny_params, write_par
 
 def test_gradients_copied_out_between_micro_batches_under_cuda_graphs(tmp_path, tiny_params, monkeypatch):
     """With CUDA graphs the step copies each micro-batch's gradients out of the graph pool before
-    the next one (train._own_gradients). On the CPU no graph exists, so the copy path is forced
+    the next one (training.step._own_gradients). On the CPU no graph exists, so the copy path is forced
     here: it must run once per extra micro-batch and train exactly as the plain accumulation."""
-    from sparsetrain import train as tr
+    from sparsetrain.training import step as tr
 
     calls = []
     real = tr._own_gradients

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from sparsetrain.config.sparsity import GroupSettings, parse_sparsity
 from sparsetrain.errors import ConfigError
-from sparsetrain.sparsity.config import GroupSettings, parse_sparsity, select_parameters
+from sparsetrain.sparsity.select import select_parameters
 
 
 class _Block(nn.Module):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from sparsetrain.cli import main
+from sparsetrain.config.sparsity import GroupSettings, parse_sparsity
 from sparsetrain.errors import ConfigError
 from sparsetrain.kernels.blocks import block_grid, block_layout, is_block_structured, layout_to_mask
 from sparsetrain.kernels.reference import (
@@ -25,7 +26,6 @@ from sparsetrain.kernels.reference import (
     block_sparse_linear_reference,
     masked_dense,
 )
-from sparsetrain.sparsity.config import GroupSettings, parse_sparsity
 from sparsetrain.sparsity.masks import (
     block_random_mask,
     block_topk_mask,

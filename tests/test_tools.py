@@ -10,7 +10,7 @@ from torch import nn
 
 import sparsetrain
 from sparsetrain.cli import main
-from sparsetrain.params import load_params
+from sparsetrain.config import load_params
 from sparsetrain.sparsity.masks import num_pruned
 
 SPARSE = {"sparsity": 0.75, "init_method": "topk"}

@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "sparsify": "sparsetrain.sparsity.sparsifier",
     "Sparsifier": "sparsetrain.sparsity.sparsifier",
-    "save_sparse_checkpoint": "sparsetrain.checkpoint",
-    "load_sparse_checkpoint": "sparsetrain.checkpoint",
+    "save_sparse_checkpoint": "sparsetrain.sparsity.checkpoints",
+    "load_sparse_checkpoint": "sparsetrain.sparsity.checkpoints",
     "use_block_kernels": "sparsetrain.sparsity.block_linear",
     "use_dense_kernels": "sparsetrain.sparsity.block_linear",
 }

@@ -1,7 +1,8 @@
 """Command line: ``sparsetrain <command>`` and the seed-compatible ``python run.py --mode ...``.
 
-User errors (bad params, data, checkpoints) print one line, ``error: ...``, and exit with code 2;
-``--debug`` shows the traceback instead.
+Each subcommand is a short function in :data:`COMMANDS`; :func:`build_parser` declares its
+arguments. User errors (bad params, data, checkpoints) print one line, ``error: ...``, and exit
+with code 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,159 +12,36 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sparsetrain.config import PRESETS
 from sparsetrain.errors import UserError
-from sparsetrain.params import PRESETS
 
 log = logging.getLogger("sparsetrain")
 MODES = ("train", "eval", "train_and_eval")
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", "-p", required=True, type=Path, help="YAML params file")
-    p.add_argument("--model_dir", "-o", required=True, type=Path, help="checkpoints, params, logs and metrics go here")
-    p.add_argument("--checkpoint_path", type=Path, help="load this checkpoint (outside model_dir: weights only, a warm start)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a params key (repeatable), e.g. --set runconfig.max_steps=100")
-    _add_debug(p)
+# -- the subcommands -------------------------------------------------------------------------------
 
 
-def _add_debug(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsetrain", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mode, text in zip(MODES, ("train (resumes from model_dir)", "evaluate the latest checkpoint", "train, evaluating as it goes")):
-        _add_run_args(sub.add_parser(mode, help=text))
-
-    g = sub.add_parser("generate", help="sample text from a trained model")
-    g.add_argument("--model_dir", "-o", required=True, type=Path)
-    g.add_argument("--checkpoint_path", type=Path, help="default: the newest checkpoint in model_dir")
-    g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max_new_tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top_k", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    _add_debug(g)
-
-    pr = sub.add_parser("prepare", help="tokenize a text source into memory-mapped token shards")
-    pr.add_argument("--params", "-p", required=True, type=Path, help="its train_input names the source and tokenizer")
-    pr.add_argument("--output", required=True, type=Path, help="directory for the shards and meta.json")
-    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    _add_debug(pr)
-
-    pl = sub.add_parser("plan", help="dry run: which weights a params file sparsifies, and the FLOPs")
-    pl.add_argument("--params", "-p", required=True, type=Path)
-    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    pl.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
-    _add_debug(pl)
-
-    ins = sub.add_parser("inspect", help="per-tensor NaN (pruned) counts and sparsity of a checkpoint")
-    ins.add_argument("checkpoint", type=Path)
-    ins.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
-    _add_debug(ins)
-
-    fin = sub.add_parser("finalize", help="NaN -> 0: a dense checkpoint for other tools")
-    fin.add_argument("-i", "--input", required=True, type=Path, help="sparse checkpoint")
-    fin.add_argument("-o", "--output", required=True, type=Path, help=".mdl (same layout) or .safetensors (weights)")
-    _add_debug(fin)
-
-    bench = sub.add_parser("bench", help="measure training speed and memory (dense vs sparse vs reference)")
-    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
-    bt = bsub.add_parser("train", help="training step: plain-loop reference, our dense, our sparse; one process")
-    bt.add_argument("--preset", default="gpt2-small", choices=sorted(PRESETS))
-    bt.add_argument("--batch_size", type=int, default=16)
-    bt.add_argument("--seq_len", type=int, default=1024)
-    bt.add_argument("--sparsity", type=float, default=0.75)
-    bt.add_argument("--structure", default="unstructured", help='unstructured | block | "N:M" (e.g. 2:4)')
-    bt.add_argument("--block_size", type=int, default=128, help="with --structure block: square block side")
-    bt.add_argument("--steps", type=int, default=20, help="timed steps")
-    bt.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
-    bt.add_argument("--compile", default="auto", type=_bool_or_auto, help="auto | true | false")
-    bt.add_argument("--device", default="auto")
-    bt.add_argument("--no_reference", action="store_true", help="skip the plain-loop reference")
-    bt.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="params override for our dense and sparse runs, e.g. runconfig.attention=cudnn")
-    bt.add_argument("--json", action="store_true")
-    _add_debug(bt)
-    bl = bsub.add_parser(
-        "layer", help="one linear layer: block-sparse kernels vs cuBLAS, torch BSR and 2:4 (CUDA + Triton)",
-        description="Time forward and backward of one block-sparse linear layer against dense on this GPU.",
-    )
-    _bench_layer_arguments(bl)
-    _add_debug(bl)
-    return parser
-
-
-def _bench_layer_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--shapes", default="8192x2048,2048x8192", help="weight shapes, out x in, comma separated")
-    ap.add_argument("--sparsity", default="0,0.75,0.9", help="block sparsities, comma separated")
-    ap.add_argument("--block_size", "--block", type=int, default=128, help="square block side")
-    ap.add_argument("--tokens", type=int, default=16384, help="rows of input (batch x context)")
-    ap.add_argument("--json", help="write all figures to this file")
-    ap.add_argument("--show", metavar="JSON", help="print the table of a saved --json file and exit (no GPU needed)")
-
-
-def _bool_or_auto(text: str) -> str | bool:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "auto":
-        return "auto"
-    raise argparse.ArgumentTypeError("expected auto, true or false")
-
-
-def tool(args: argparse.Namespace) -> int:
-    from sparsetrain import tools
-    from sparsetrain.params import load_params
-
-    if args.command == "plan":
-        report = tools.plan(load_params(args.params, args.overrides))
-        print(json.dumps(report, indent=2) if args.json else tools.format_plan(report))
-    elif args.command == "inspect":
-        report = tools.inspect(args.checkpoint)
-        print(json.dumps(report, indent=2) if args.json else tools.format_inspect(report))
-    else:
-        result = tools.finalize(args.input, args.output)
-        print(f"wrote dense checkpoint {result['output']} (step {result['global_step']}, NaN -> 0)")
-    return 0
-
-
-def run_mode(mode: str, args: argparse.Namespace) -> int:
-    from sparsetrain import distributed
-    from sparsetrain import train as tr
-    from sparsetrain.metrics import setup_logging
-    from sparsetrain.params import dump_params, load_params
-    from sparsetrain.sparsity.block_linear import dense_numel
+def run_mode(args: argparse.Namespace) -> int:
+    """``train`` | ``eval`` | ``train_and_eval``: one run on ``--model_dir`` (resumes there)."""
+    from sparsetrain import distributed, training
+    from sparsetrain.config import dump_params, load_params
+    from sparsetrain.training.loop import format_summary
+    from sparsetrain.training.metrics import setup_logging
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; rank 0 talks and writes
     params = load_params(args.params, args.overrides)
-    _check_sparsity_names(params, args.params)
     model_dir = _prepare_model_dir(args.model_dir)
     setup_logging(model_dir if main_rank else None, verbose=main_rank)
-    do_train = mode != "eval"
-    run = tr.setup(params, model_dir, checkpoint_path=args.checkpoint_path, train=do_train, evaluate=True)
+    run = training.setup(params, model_dir, checkpoint_path=args.checkpoint_path, train=args.command != "eval")
     try:
         if main_rank:
             _write_text(model_dir / "params.yaml", dump_params(params, args.overrides))
-        log.info(
-            "model: %s parameters on %s (%s%s%s); %s",
-            f"{dense_numel(run.model):,}", run.device, run.precision,
-            ", compiled" if params.runconfig.compile is True or (params.runconfig.compile == "auto" and run.device.type == "cuda") else "",
-            f", {run.dist.mode.upper()} x{run.dist.world_size}" if run.dist.active else "",
-            f"resuming at step {run.step}" if run.step else "starting at step 0",
-        )
-        if mode == "eval":
-            if run.loaded_from is None:
-                raise UserError(f"{model_dir}: no checkpoint to evaluate; train first or pass --checkpoint_path")
-            history = {"eval": tr.evaluate(run), "steps_run": 0, "start_step": run.step}
-        else:
-            history = tr.fit(run, do_eval=True, eval_frequency=params.runconfig.eval_frequency if mode == "train_and_eval" else 0,
-                             progress=_progress_factory(params.runconfig.progress and main_rank))
+        _log_start(run)
+        history = _evaluate_only(run) if args.command == "eval" else _train(run, args.command, main_rank)
         if run.sparsifier is not None:  # every rank: with FSDP the statistics gather shards
             history["sparsity_groups"] = run.sparsifier.group_stats()
     finally:
@@ -177,17 +55,126 @@ def run_mode(mode: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_sparsity_names(params, path: Path) -> None:
-    """Resolve the sparsity patterns on the model's shapes (meta device) before any data is read."""
-    if params.sparsity is None:
-        return
-    from sparsetrain.errors import ConfigError
-    from sparsetrain.tools import plan
+def generate(args: argparse.Namespace) -> int:
+    """Sample text from the newest (or a given) checkpoint of a model_dir."""
+    import torch
 
-    try:
-        plan(params)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    from sparsetrain import training
+    from sparsetrain.config import load_params
+    from sparsetrain.training.metrics import setup_logging
+
+    setup_logging(None, verbose=False)
+    params_file = args.model_dir / "params.yaml"
+    if not params_file.exists():
+        raise UserError(f"--model_dir {args.model_dir}: no params.yaml there; is it a sparsetrain model_dir?")
+    params = load_params(params_file)
+    params.runconfig.compile = False
+    run = training.setup(params, args.model_dir, checkpoint_path=args.checkpoint_path, train=False, evaluate=False,
+                         write_metrics=False)
+    if run.loaded_from is None:
+        raise UserError(f"--model_dir {args.model_dir}: no checkpoint to sample from; train first")
+    ids = run.tokenizer.encode(args.prompt) or [run.tokenizer.eos_id]
+    gen = torch.Generator(device=run.device).manual_seed(args.seed)
+    idx = torch.tensor([ids], device=run.device)
+    run.model.eval()
+    with run.autocast():
+        out = run.model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=gen)
+    print(run.tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """Tokenize the source of a params file's ``train_input`` into token shards."""
+    import dataclasses
+
+    from sparsetrain import data
+    from sparsetrain.config import load_params
+    from sparsetrain.training.metrics import setup_logging
+
+    setup_logging(None)
+    inp = load_params(args.params, args.overrides).train_input
+    meta = data.prepare_shards(dataclasses.replace(inp, split=inp.split or "all"), args.output, inp.tokenizer, inp.bpe_vocab_size)
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    from sparsetrain import tools
+    from sparsetrain.config import load_params
+
+    report = tools.plan(load_params(args.params, args.overrides))
+    print(json.dumps(report, indent=2) if args.json else tools.format_plan(report))
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from sparsetrain import tools
+
+    report = tools.inspect(args.checkpoint)
+    print(json.dumps(report, indent=2) if args.json else tools.format_inspect(report))
+    return 0
+
+
+def finalize(args: argparse.Namespace) -> int:
+    from sparsetrain import tools
+
+    result = tools.finalize(args.input, args.output)
+    print(f"wrote dense checkpoint {result['output']} (step {result['global_step']}, NaN -> 0)")
+    return 0
+
+
+def bench_train(args: argparse.Namespace) -> int:
+    from sparsetrain.bench.train import main_bench
+
+    return main_bench(args)
+
+
+def bench_layer(args: argparse.Namespace) -> int:
+    from sparsetrain.bench.layer import main_bench_layer
+
+    return main_bench_layer(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    **dict.fromkeys(MODES, run_mode),
+    "generate": generate,
+    "prepare": prepare,
+    "plan": plan,
+    "inspect": inspect,
+    "finalize": finalize,
+    "bench train": bench_train,
+    "bench layer": bench_layer,
+}
+
+
+# -- helpers of run_mode ---------------------------------------------------------------------------
+
+
+def _log_start(run) -> None:
+    from sparsetrain.sparsity.block_linear import dense_numel
+
+    log.info(
+        "model: %s parameters on %s (%s%s%s); %s",
+        f"{dense_numel(run.model):,}", run.device, run.precision, ", compiled" if run.compiled else "",
+        f", {run.dist.mode.upper()} x{run.dist.world_size}" if run.dist.active else "",
+        f"resuming at step {run.step}" if run.step else "starting at step 0",
+    )
+
+
+def _evaluate_only(run) -> dict:
+    from sparsetrain import training
+
+    if run.loaded_from is None:
+        raise UserError(f"{run.model_dir}: no checkpoint to evaluate; train first or pass --checkpoint_path")
+    return {"eval": training.evaluate(run), "steps_run": 0, "start_step": run.step}
+
+
+def _train(run, command: str, main_rank: bool) -> dict:
+    from sparsetrain import training
+
+    rc = run.params.runconfig
+    return training.fit(run, do_eval=True, eval_frequency=rc.eval_frequency if command == "train_and_eval" else 0,
+                        progress=_progress_factory(rc.progress and main_rank))
 
 
 def _progress_factory(enabled: bool):
@@ -219,93 +206,120 @@ def _write_text(path: Path, text: str) -> None:
         raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
-def format_summary(run, history: dict) -> str:
-    """The end-of-run summary: one screen, plain text."""
-    lines = ["", "=" * 64, f"sparsetrain summary  ({run.model_dir})", "-" * 64]
-    rc = run.params.runconfig
-    if history.get("steps_run"):
-        lines.append(f"steps            {history['start_step']} -> {run.step} of {rc.max_steps}  ({history['elapsed_s']:.1f} s)")
-        lines.append(f"throughput       {history['tokens_per_s']:,.0f} tokens/s")
-        if history.get("final_loss") is not None:
-            lines.append(f"final train loss {history['final_loss']:.4f}")
-    else:
-        lines.append(f"step             {run.step} (nothing to train)")
-    if "eval" in history:
-        e = history["eval"]
-        lines.append(f"eval loss        {e['eval_loss']:.4f}  (perplexity {e['perplexity']:.2f}, {e['eval_tokens']:,} tokens)")
-    f = run.flops
-    lines.append(f"train FLOPs/token dense {f['dense']:.3g}   sparse {f['sparse']:.3g}   ratio {f['ratio']:.2f}x")
-    for g in history.get("sparsity_groups", []):
-        lines.append(f"sparsity         {g['group']}: target {g['target']:.3f}, actual {g['actual']:.3f} ({g['tensors']} tensors)")
-    if history.get("last_checkpoint"):
-        lines.append(f"checkpoint       {history['last_checkpoint']}")
-    if history.get("interrupted"):
-        lines.append("interrupted      run the same command again to resume")
-    lines.append("=" * 64)
-    return "\n".join(lines)
+# -- arguments -------------------------------------------------------------------------------------
 
 
-def generate(args: argparse.Namespace) -> int:
-    import torch
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsetrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mode, text in zip(MODES, ("train (resumes from model_dir)", "evaluate the latest checkpoint", "train, evaluating as it goes")):
+        _add_run_args(sub.add_parser(mode, help=text))
 
-    from sparsetrain import train as tr
-    from sparsetrain.metrics import setup_logging
-    from sparsetrain.params import load_params
+    g = sub.add_parser("generate", help="sample text from a trained model")
+    g.add_argument("--model_dir", "-o", required=True, type=Path)
+    g.add_argument("--checkpoint_path", type=Path, help="default: the newest checkpoint in model_dir")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max_new_tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top_k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    _add_debug(g)
 
-    setup_logging(None, verbose=False)
-    params_file = args.model_dir / "params.yaml"
-    if not params_file.exists():
-        raise UserError(f"--model_dir {args.model_dir}: no params.yaml there; is it a sparsetrain model_dir?")
-    params = load_params(params_file)
-    params.runconfig.compile = False
-    run = tr.setup(params, args.model_dir, checkpoint_path=args.checkpoint_path, train=False, evaluate=False, write_metrics=False)
-    if run.loaded_from is None:
-        raise UserError(f"--model_dir {args.model_dir}: no checkpoint to sample from; train first")
-    ids = run.tokenizer.encode(args.prompt) or [run.tokenizer.eos_id]
-    gen = torch.Generator(device=run.device).manual_seed(args.seed)
-    idx = torch.tensor([ids], device=run.device)
-    run.model.eval()
-    with run.autocast():
-        out = run.model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=gen)
-    print(run.tokenizer.decode(out[0].tolist()))
-    return 0
+    pr = sub.add_parser("prepare", help="tokenize a text source into memory-mapped token shards")
+    pr.add_argument("--params", "-p", required=True, type=Path, help="its train_input names the source and tokenizer")
+    pr.add_argument("--output", required=True, type=Path, help="directory for the shards and meta.json")
+    _add_overrides(pr)
+    _add_debug(pr)
+
+    pl = sub.add_parser("plan", help="dry run: which weights a params file sparsifies, and the FLOPs")
+    pl.add_argument("--params", "-p", required=True, type=Path)
+    _add_overrides(pl)
+    pl.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
+    _add_debug(pl)
+
+    ins = sub.add_parser("inspect", help="per-tensor NaN (pruned) counts and sparsity of a checkpoint")
+    ins.add_argument("checkpoint", type=Path)
+    ins.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
+    _add_debug(ins)
+
+    fin = sub.add_parser("finalize", help="NaN -> 0: a dense checkpoint for other tools")
+    fin.add_argument("-i", "--input", required=True, type=Path, help="sparse checkpoint")
+    fin.add_argument("-o", "--output", required=True, type=Path, help=".mdl (same layout) or .safetensors (weights)")
+    _add_debug(fin)
+
+    bench = sub.add_parser("bench", help="measure training speed and memory (dense vs sparse vs reference)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    _bench_train_arguments(bsub.add_parser("train", help="training step: plain-loop reference, our dense, our sparse; one process"))
+    bl = bsub.add_parser(
+        "layer", help="one linear layer: block-sparse kernels vs cuBLAS, torch BSR and 2:4 (CUDA + Triton)",
+        description="Time forward and backward of one block-sparse linear layer against dense on this GPU.",
+    )
+    _bench_layer_arguments(bl)
+    _add_debug(bl)
+    return parser
 
 
-def prepare(args: argparse.Namespace) -> int:
-    from sparsetrain import data
-    from sparsetrain.metrics import setup_logging
-    from sparsetrain.params import load_params
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", "-p", required=True, type=Path, help="YAML params file")
+    p.add_argument("--model_dir", "-o", required=True, type=Path, help="checkpoints, params, logs and metrics go here")
+    p.add_argument("--checkpoint_path", type=Path, help="load this checkpoint (outside model_dir: weights only, a warm start)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a params key (repeatable), e.g. --set runconfig.max_steps=100")
+    _add_debug(p)
 
-    setup_logging(None)
-    params = load_params(args.params, args.overrides)
-    inp = params.train_input
-    import dataclasses
 
-    meta = data.prepare_shards(dataclasses.replace(inp, split=inp.split or "all"), args.output, inp.tokenizer, inp.bpe_vocab_size)
-    print(json.dumps(meta, indent=2))
-    return 0
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _bench_train_arguments(bt: argparse.ArgumentParser) -> None:
+    bt.add_argument("--preset", default="gpt2-small", choices=sorted(PRESETS))
+    bt.add_argument("--batch_size", type=int, default=16)
+    bt.add_argument("--seq_len", type=int, default=1024)
+    bt.add_argument("--sparsity", type=float, default=0.75)
+    bt.add_argument("--structure", default="unstructured", help='unstructured | block | "N:M" (e.g. 2:4)')
+    bt.add_argument("--block_size", type=int, default=128, help="with --structure block: square block side")
+    bt.add_argument("--steps", type=int, default=20, help="timed steps")
+    bt.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    bt.add_argument("--compile", default="auto", type=_bool_or_auto, help="auto | true | false")
+    bt.add_argument("--device", default="auto")
+    bt.add_argument("--no_reference", action="store_true", help="skip the plain-loop reference")
+    bt.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="params override for our dense and sparse runs, e.g. runconfig.attention=cudnn")
+    bt.add_argument("--json", action="store_true")
+    _add_debug(bt)
+
+
+def _bench_layer_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shapes", default="8192x2048,2048x8192", help="weight shapes, out x in, comma separated")
+    ap.add_argument("--sparsity", default="0,0.75,0.9", help="block sparsities, comma separated")
+    ap.add_argument("--block_size", "--block", type=int, default=128, help="square block side")
+    ap.add_argument("--tokens", type=int, default=16384, help="rows of input (batch x context)")
+    ap.add_argument("--json", help="write all figures to this file")
+    ap.add_argument("--show", metavar="JSON", help="print the table of a saved --json file and exit (no GPU needed)")
+
+
+def _bool_or_auto(text: str) -> str | bool:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "auto":
+        return "auto"
+    raise argparse.ArgumentTypeError("expected auto, true or false")
+
+
+# -- entry points ----------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = f"bench {args.bench_command}" if args.command == "bench" else args.command
     try:
-        if args.command in MODES:
-            return run_mode(args.command, args)
-        if args.command == "generate":
-            return generate(args)
-        if args.command == "prepare":
-            return prepare(args)
-        if args.command in ("plan", "inspect", "finalize"):
-            return tool(args)
-        if args.command == "bench" and args.bench_command == "layer":
-            from sparsetrain.bench_layer import main_bench_layer
-
-            return main_bench_layer(args)
-        if args.command == "bench":
-            from sparsetrain.bench import main_bench
-
-            return main_bench(args)
-        raise AssertionError(args.command)
+        return COMMANDS[command](args)
     except UserError as e:
         if args.debug:
             raise

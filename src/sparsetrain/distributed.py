@@ -82,7 +82,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) 
     others get empty dicts). Every rank must call this. The optimizer state comes back in torch's
     own index-keyed layout, so the checkpoint is the one single-process training writes.
 
-    A :class:`~sparsetrain.sparsity.packed_optim.PackedOptimizer` needs nothing special here: it
+    A :class:`~sparsetrain.optim.packed.PackedOptimizer` needs nothing special here: it
     holds packed state for the kept entries of its own shards, but its ``state_dict()`` exports
     each dense-shaped state tensor as a DTensor like its parameter (0 at pruned positions), i.e.
     what torch's optimizer holds under FSDP2, and ``get_optimizer_state_dict`` gathers those into

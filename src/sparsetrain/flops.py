@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sparsetrain.params import ModelParams
+from sparsetrain.config.sections import ModelParams
 
 HEAD_NAMES = ("lm_head.weight", "embed_tokens.weight")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sparsetrain.sparsity.packed_optim import BLOCK as TILE  # entries per offset of the mask layout
+from sparsetrain.optim.packed_state import BLOCK as TILE  # entries per offset of the mask layout
 
 
 def optimizer_state_per_entry(optimizer_type: str, momentum: float = 0.0) -> int:

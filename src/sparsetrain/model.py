@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsetrain.params import ModelParams
+from sparsetrain.config.sections import ModelParams
 
 
 class CausalSelfAttention(nn.Module):

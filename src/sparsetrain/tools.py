@@ -32,20 +32,19 @@ from typing import Any
 import torch
 
 from sparsetrain import checkpoint as ckpt
+from sparsetrain.config import Params
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.flops import flops_report
 from sparsetrain.kernels.blocks import block_grid, kernel_block_ok
 from sparsetrain.memory import plan_memory
-from sparsetrain.params import Params
 from sparsetrain.sparsity import nan_format
-from sparsetrain.sparsity.config import parse_sparsity
 from sparsetrain.sparsity.masks import (
     check_structure,
     expected_pruned,
     num_pruned_blocks,
     settings_block,
 )
-from sparsetrain.sparsity.sparsifier import select_for_model
+from sparsetrain.sparsity.select import select_for_model
 
 
 def _vocab_size(params: Params) -> int:
@@ -75,7 +74,7 @@ def plan(params: Params) -> dict[str, Any]:
     cfg = dataclasses.replace(params.model, vocab_size=_vocab_size(params))
     with torch.device("meta"):  # shapes only: no memory, even for gpt3-xl
         model = GPT(cfg)
-    config = parse_sparsity(params.sparsity)
+    config = params.sparsity
     settings = select_for_model(model, config) if config is not None else {}
     rows, dense, fractions = [], [], {}
     dense_numel = 0
@@ -155,8 +154,8 @@ def _sparsified_names(state: dict[str, Any]) -> set[str] | None:
         return None
     if not raw.get("sparsity"):
         return set()
+    from sparsetrain.config import params_from_dict
     from sparsetrain.errors import UserError
-    from sparsetrain.params import params_from_dict
 
     try:
         return {r["name"] for r in plan(params_from_dict(copy.deepcopy(raw)))["parameters"]}

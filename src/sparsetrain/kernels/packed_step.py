@@ -3,7 +3,7 @@
 Imported only when :func:`sparsetrain.kernels.has_triton` is true (this module imports Triton).
 The optimizer state of a masked weight of ``n`` entries holds its kept entries only, in the flat
 (row-major) order of the contiguous weight; the layout, built by
-:class:`sparsetrain.sparsity.packed_optim.PackedMask`, is
+:class:`sparsetrain.optim.packed_state.PackedMask`, is
 
     bits     uint8 [tiles * BLOCK / 8]  bit j of byte i set = flat entry 8 i + j is kept
                                         (bits past n are 0)
@@ -31,7 +31,7 @@ leaves too few bytes in flight. ptxas (sm_90a): 64 registers (AdamW, BLOCK 1024,
 spills, 16-byte vectors on full tiles.
 
 The math follows torch's single-tensor AdamW / Adam / SGD step operation by operation (the
-reference in ``packed_optim`` is the oracle), in float32 with correctly rounded division and
+reference in ``optim.packed_state`` is the oracle), in float32 with correctly rounded division and
 square root, so results agree to float rounding.
 """
 

@@ -7,7 +7,7 @@ See ``config`` for the block, ``masks`` for how masks are chosen, ``sparsifier``
 invariant it enforces, and ``nan_format`` for the checkpoint encoding.
 """
 
-from sparsetrain.sparsity.config import GroupSettings, SparsityConfig, parse_sparsity, select_parameters
+from sparsetrain.config.sparsity import GroupSettings, SparsityConfig, parse_sparsity
 from sparsetrain.sparsity.masks import (
     from_zeros_mask,
     make_mask,
@@ -23,6 +23,7 @@ from sparsetrain.sparsity.nan_format import (
     encode_optimizer_state,
     encode_state_dict,
 )
+from sparsetrain.sparsity.select import select_for_model, select_parameters
 from sparsetrain.sparsity.sparsifier import Sparsifier, sparsify
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "num_pruned",
     "parse_sparsity",
     "random_mask",
+    "select_for_model",
     "select_parameters",
     "sparsify",
     "topk_mask",

@@ -42,6 +42,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sparsetrain.config.sparsity import GroupSettings
+from sparsetrain.config.sparsity_values import DEFAULT_BLOCK_SIZE
 from sparsetrain.errors import ConfigError
 from sparsetrain.kernels.blocks import (
     BlockSize,
@@ -53,7 +55,6 @@ from sparsetrain.kernels.blocks import (
     layout_to_mask,
     matrix_shape,
 )
-from sparsetrain.sparsity.config import DEFAULT_BLOCK_SIZE, GroupSettings
 
 
 def num_pruned(numel: int, sparsity: float) -> int:

@@ -14,7 +14,7 @@ It is enforced by hooks, with no call to forget:
   gradients back, a user assigning ``.grad``), so nothing pruned leaks into the step;
 - an optimizer step post-hook zeroes pruned weights and same-shape state tensors.
 
-An optimizer with a ``set_masks`` method (``sparsetrain.sparsity.packed_optim.PackedOptimizer``)
+An optimizer with a ``set_masks`` method (``sparsetrain.optim.packed.PackedOptimizer``)
 is handed the masks on ``attach`` (and again whenever they change): it keeps state for kept
 entries only and writes pruned weights as zeros itself, so the post-step pass skips the
 parameters it enforces; gradients are still masked as above.
@@ -54,11 +54,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsetrain.config.sparsity import GroupSettings, SparsityConfig, parse_sparsity
 from sparsetrain.distributed import is_dtensor, local_part
 from sparsetrain.errors import CheckpointError
 from sparsetrain.sparsity import block_linear
-from sparsetrain.sparsity.config import GroupSettings, SparsityConfig, parse_sparsity, select_parameters
-from sparsetrain.sparsity.masks import make_mask, mask_fits
+from sparsetrain.sparsity.initial_masks import check_given, mask_for, warn_from_zeros
+from sparsetrain.sparsity.select import select_for_model
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,14 @@ def sparsify(
         masks = None
     settings = select_for_model(model, config) if config is not None else {}
     params = dict(model.named_parameters())
-    given = _check_given(masks or {}, params, settings)
+    given = check_given(masks or {}, params, settings)
     chosen: dict[str, torch.Tensor] = {}
     for name, group in settings.items():
-        chosen[name] = _mask_for(name, params[name], group, given.get(name))
+        chosen[name] = mask_for(name, params[name], group, given.get(name))
     sparsifier = Sparsifier(model, chosen, settings, config)
     if chosen:
         log.info("sparsity: %s", sparsifier.summary())
-        _warn_from_zeros(chosen, settings)
+        warn_from_zeros(chosen, settings)
     if optimizer is not None:
         sparsifier.attach(optimizer)
     return sparsifier
@@ -433,86 +434,3 @@ class Sparsifier:
 
 def _same_shape_float(value: Any, p: torch.Tensor) -> bool:
     return isinstance(value, torch.Tensor) and value.shape == p.shape and value.is_floating_point()
-
-
-def select_for_model(model: nn.Module, config: SparsityConfig) -> dict[str, GroupSettings]:
-    """``select_parameters`` on every name of every parameter, embeddings and ties detected."""
-    named = list(model.named_parameters(remove_duplicate=False))
-    embedding_params = {
-        id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()
-    }
-    names_of: dict[int, list[str]] = {}
-    for name, p in named:
-        names_of.setdefault(id(p), []).append(name)
-    tied = {
-        name
-        for key, names in names_of.items()
-        if key in embedding_params or (len(names) > 1 and any("embed" in n.lower() for n in names))
-        for name in names
-    }
-    return select_parameters(config, named, tied)
-
-
-def _check_given(
-    masks: Mapping[str, torch.Tensor],
-    params: Mapping[str, nn.Parameter],
-    settings: Mapping[str, GroupSettings],
-) -> dict[str, torch.Tensor]:
-    for name, mask in masks.items():
-        if name not in params:
-            raise CheckpointError(f"sparsity mask for {name!r}: the model has no such parameter")
-        if tuple(mask.shape) != tuple(params[name].shape):
-            raise CheckpointError(
-                f"sparsity mask for {name!r}: shape {tuple(mask.shape)}, the parameter {tuple(params[name].shape)}"
-            )
-    unused = [name for name in masks if name not in settings]
-    if unused:
-        log.warning(
-            "sparsity: %d stored mask(s) belong to parameters the sparsity block does not select; they train dense: %s",
-            len(unused),
-            ", ".join(unused[:10]) + (", ..." if len(unused) > 10 else ""),
-        )
-    return {name: mask.to(torch.bool) for name, mask in masks.items() if name in settings}
-
-
-def _mask_for(name: str, param: torch.Tensor, group: GroupSettings, given: torch.Tensor | None) -> torch.Tensor:
-    if given is None:
-        return make_mask(name, param, group)
-    given = given.to(param.device)
-    if group.init_method == "from_zeros":
-        return given
-    if mask_fits(given, group):
-        return given
-    if group.sparsity == 0.0:
-        log.info("sparsity: %s is made dense (sparsity 0.0)", name)
-        return torch.ones_like(given)
-    pruned = given.numel() - int(given.sum().item())
-    log.warning(
-        "sparsity: stored mask of %s (%d of %d entries pruned) does not fit the block's %s at sparsity %g; "
-        "drawing a new %s mask from the current weights",
-        name,
-        pruned,
-        given.numel(),
-        group.structure_label,
-        group.sparsity,
-        group.init_method,
-    )
-    return make_mask(name, param, group)
-
-
-def _warn_from_zeros(masks: Mapping[str, torch.Tensor], settings: Mapping[str, GroupSettings]) -> None:
-    """One warning when ``from_zeros`` masks are far from the block's stated sparsity."""
-    off = []
-    for name, mask in masks.items():
-        group = settings[name]
-        if group.init_method == "from_zeros" and mask.numel():
-            found = 1.0 - int(mask.sum().item()) / mask.numel()
-            if abs(found - group.sparsity) > 0.01:
-                off.append(f"{name} {found:.1%}")
-    if off:
-        log.warning(
-            "sparsity: from_zeros found other fractions of zeros than the block's sparsity in "
-            "%d tensor(s) (the masks follow the weights): %s",
-            len(off),
-            ", ".join(off[:5]) + (", ..." if len(off) > 5 else ""),
-        )

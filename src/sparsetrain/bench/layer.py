@@ -12,14 +12,14 @@ For each weight shape (out x in) and block sparsity, with ``--tokens`` rows of i
              each call, included); ``ours_ptr`` the same with TMA off (pointer loads);
 - per product: our forward / input-grad / weight-grad kernels against the dense bf16 products;
 - bsr_fwd    torch's ``bsr_dense_mm`` (Triton) on the same layout, forward product only;
-- 2:4_fwd    ``to_sparse_semi_structured`` (cuSPARSELt) forward product at 50% (2:4), as SPEC §7.
+- 2:4_fwd    ``to_sparse_semi_structured`` (cuSPARSELt) forward product at 50% (2:4).
 
 Timings are medians of ``triton.testing.do_bench``. The single products are timed over CUDA-graph
 replays (``do_bench_cudagraph``: no host launch cost, as under ``compile_mode: reduce-overhead``);
 their sum is the "kernels f+b" column. The autograd forward + backward is timed as plain calls
 (host launch costs included). Results are checked against the masked dense product (relative
 error of the norm) before they are timed. ``--show FILE`` prints the table of a saved ``--json``
-(no GPU needed). ``benchmarks/block_sparse_linear.py`` runs the same.
+(no GPU needed).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from sparsetrain.bench.timing import GRAPH_FAILURES, bench, rel
 from sparsetrain.errors import UserError
 from sparsetrain.kernels.block_sparse_op import TABLES, block_sparse_linear
 from sparsetrain.kernels.blocks import BlockLayout, layout_to_mask, pack_blocks, unpack_blocks
@@ -42,36 +43,6 @@ try:  # --show needs neither Triton nor a GPU
     from sparsetrain.kernels import block_sparse as bs
 except ImportError:
     triton = bs = None
-
-GRAPH_FAILURES: list[str] = []
-
-
-def bench(fn, graph: bool = True) -> float:
-    """Median ms of ``fn``: over CUDA-graph replays (``triton.testing.do_bench_cudagraph``: no
-    per-launch host cost, as under ``compile_mode: reduce-overhead``), or plain calls. A capture
-    that fails falls back to plain calls and is listed in the output."""
-    if graph:
-        try:
-            return graph_ms(fn)
-        except Exception as e:  # noqa: BLE001 - report and fall back
-            GRAPH_FAILURES.append(f"{getattr(fn, '__name__', 'fn')}: {type(e).__name__}")
-            torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-
-
-def graph_ms(fn, rep: int = 200) -> float:
-    """Median ms of ``fn`` over CUDA-graph replays, after warm-up calls outside the capture
-    (autotuning, cuBLAS handles). A failing capture raises."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
-
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
 
 def random_layout(rows: int, cols: int, sparsity: float, seed: int) -> torch.Tensor:
     live = rows * cols - round(sparsity * rows * cols)
@@ -114,6 +85,7 @@ def sweep(shapes: str, sparsities: str, measure, show, json_path: str | None) ->
                            "triton": triton.__version__, "results": results}  # fmt: skip
                     json.dump(doc, f, indent=1)
     return results
+
 
 def with_tma(flag: bool):
     os.environ["SPARSETRAIN_BLOCK_TMA"] = "1" if flag else "0"

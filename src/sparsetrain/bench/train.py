@@ -2,64 +2,39 @@
 
 Everything is measured in one invocation, so the ratios are one measurement on one machine state:
 
-1. the plain PyTorch reference loop of ``benchmarks/reference_loop.py`` (nanoGPT's settings),
-   when the repository's ``benchmarks/`` folder is there;
-2. our dense training step: :func:`sparsetrain.train.train_step` on a run built by
-   :func:`sparsetrain.train.setup`, i.e. the normal training path with its real data pipeline;
+1. the plain PyTorch reference loop of :mod:`sparsetrain.bench.reference_loop` (nanoGPT's settings);
+2. our dense training step: :func:`sparsetrain.training.train_step` on a run built by
+   :func:`sparsetrain.training.setup`, i.e. the normal training path with its real data pipeline;
 3. the same with a ``sparsity:`` block (default heuristic, ``topk``) at ``--sparsity``.
 
 Step times come from CUDA events around ``--steps`` steps after ``--warmup`` steps (which absorb
-``torch.compile``); MFU uses the dense FLOPs of SPEC §5 against the device's peak bf16 rate.
+``torch.compile``); MFU counts the FLOPs the GPU executes against the device's peak bf16 rate.
 """
 
 from __future__ import annotations
 
-import gc
-import importlib.util
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sparsetrain.params import PRESETS, apply_overrides, params_from_dict
+from sparsetrain import data
+from sparsetrain import training as tr
+from sparsetrain.bench import reference_loop as ref
+from sparsetrain.bench.timing import peak_memory, reset_memory, time_steps
+from sparsetrain.config import PRESETS, apply_overrides, params_from_dict, parse_sparsity
 from sparsetrain.sparsity.block_linear import packed_layers, state_dict_names
-from sparsetrain.sparsity.config import parse_sparsity
-from sparsetrain.sparsity.sparsifier import select_for_model
+from sparsetrain.sparsity.select import select_for_model
+from sparsetrain.training.build import compile_enabled
+from sparsetrain.training.loop import peak_flops
 
-REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_loop.py"
 BENCH_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT does, for both sides
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_memory(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def _time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    """Median-free plain timing: total time of ``steps`` consecutive steps (ms/step), last loss."""
-    for _ in range(warmup):
-        loss = step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    _sync(device)
-    return (time.perf_counter() - t0) * 1000.0 / steps, float(loss)
+# The weights the sparse run selects (the default heuristic, whatever the level): in the dense run
+# too, so that their optimizer state is compared like for like.
+SPARSE_RUN_SELECTION = parse_sparsity({"sparsity": 0.5})
 
 
 def _params(preset: str, batch_size: int, seq_len: int, sparsity: float | None, compile_: str | bool, device: str,
@@ -94,14 +69,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params: set[int] | N
 def run_ours(preset, batch_size, seq_len, sparsity, steps, warmup, compile_, device, overrides=(),
              structure="unstructured", block_size=128) -> dict[str, Any]:
     """Our training step through the normal path (setup + train_step)."""
-    from sparsetrain import train as tr
-
     params = _params(preset, batch_size, seq_len, sparsity, compile_, device, tuple(overrides), structure, block_size)
     with tempfile.TemporaryDirectory() as tmp:
         run = tr.setup(params, Path(tmp), train=True, evaluate=False, write_metrics=False)
-        _reset_memory(run.device)
-        ms, loss = _time_steps(lambda: tr.train_step(run), steps, warmup, run.device)
-        result = {"ms_per_step": ms, "loss": loss, "peak_memory_bytes": _peak_memory(run.device)}
+        reset_memory(run.device)
+        ms, loss = time_steps(lambda: tr.train_step(run), steps, warmup, run.device)
+        result = {"ms_per_step": ms, "loss": loss, "peak_memory_bytes": peak_memory(run.device)}
         result["optimizer_state_bytes"] = optimizer_state_bytes(run.optimizer)
         result["sparse_weights_state_bytes"] = _sparsified_state_bytes(run)
         result["flops_per_token"] = run.flops
@@ -115,7 +88,7 @@ def _sparsified_state_bytes(run) -> int:
     """Optimizer state of the weights the default heuristic sparsifies (the same weights in the
     dense and the sparse run): what packing saves. A packed optimizer's bitmasks and tile offsets
     count too; layers storing live blocks only (block kernels) hold state of their blocks' size."""
-    selected = set(run.sparsifier.masks) if run.sparsifier else select_for_model(run.model, parse_sparsity({"sparsity": 0.5}))
+    selected = set(run.sparsifier.masks) if run.sparsifier else select_for_model(run.model, SPARSE_RUN_SELECTION)
     ids = {i for i, name in state_dict_names(run.model).items() if name in selected}
     packed = getattr(run.optimizer, "state_bytes", None)
     if packed is None:
@@ -126,8 +99,6 @@ def _sparsified_state_bytes(run) -> int:
 
 def _batches(preset: str, batch_size: int, seq_len: int, device: torch.device):
     """The reference reads the same batches as our step, through the same host-to-device path."""
-    from sparsetrain import data
-
     params = _params(preset, batch_size, seq_len, None, False, str(device))
     tokenizer = data.load_tokenizer(params.train_input, None)
     stream = data.load_tokens(params.train_input, tokenizer, None)
@@ -141,25 +112,18 @@ def _batches(preset: str, batch_size: int, seq_len: int, device: torch.device):
 
 
 def run_reference(preset, batch_size, seq_len, steps, warmup, device, compile_) -> dict[str, Any] | None:
-    """The plain-loop reference of benchmarks/reference_loop.py, if this is a repository checkout."""
-    if not REFERENCE.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("sparsetrain_reference_loop", REFERENCE)
-    ref = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = ref  # dataclasses look their module up there
-    spec.loader.exec_module(ref)
+    """The plain-loop reference of :mod:`sparsetrain.bench.reference_loop`."""
     p = PRESETS[preset]
     vocab = 256 if preset == "gpt2-tiny" else BENCH_VOCAB
     cfg = ref.RefConfig(n_layer=p["num_hidden_layers"], n_head=p["num_heads"], n_embd=p["hidden_size"],
                         block_size=max(seq_len, p["max_position_embeddings"]), vocab_size=vocab)
     dev = torch.device(device)
     torch.manual_seed(0)
-    use_compile = dev.type == "cuda" if compile_ == "auto" else bool(compile_)
-    step, model = ref.make_step(cfg, dev, compile=use_compile)
+    step, model = ref.make_step(cfg, dev, compile=compile_enabled(compile_, dev))
     batches = _batches(preset, batch_size, seq_len, dev)
-    _reset_memory(dev)
-    ms, loss = _time_steps(lambda: step(*next(batches)), steps, warmup, dev)
-    result = {"ms_per_step": ms, "loss": loss, "peak_memory_bytes": _peak_memory(dev)}
+    reset_memory(dev)
+    ms, loss = time_steps(lambda: step(*next(batches)), steps, warmup, dev)
+    result = {"ms_per_step": ms, "loss": loss, "peak_memory_bytes": peak_memory(dev)}
     return result
 
 
@@ -200,8 +164,6 @@ def _say(text: str) -> None:
 
 
 def add_rates(results: dict[str, Any], tokens_per_step: int, device: str) -> None:
-    from sparsetrain.train import peak_flops
-
     peak = peak_flops(torch.device(device))
     dense_flops = results["dense"]["flops_per_token"]["dense"]
     for key in ("reference", "dense", "sparse"):

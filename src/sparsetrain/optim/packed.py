@@ -7,40 +7,32 @@ With a torch optimizer, the state of a weight at 75% sparsity is as large as for
 (Adam: two moments of the weight's shape), three quarters of it zeros that the sparsifier
 re-zeroes after every step. ``PackedOptimizer`` keeps, for each parameter whose mask it was given
 (:meth:`PackedOptimizer.set_masks`; the :class:`~sparsetrain.sparsity.sparsifier.Sparsifier`
-calls it on ``attach``), the state as 1-D tensors of the kept entries (in the flat order of the
-weight), plus a bitmask (n/8 bytes) and one int32 offset per tile of ``block`` entries for the GPU
-kernel: at 75% sparsity and fp32 about 0.27x the bytes of torch's state (Adam and SGD alike). It
-enforces the mask itself: pruned weights are written exactly 0 by every step, so the sparsifier
-skips its post-step pass for those parameters (it still masks gradients, so clipping sees the
-sparse norm).
+calls it on ``attach``), the state of the kept entries only, in the layout of
+:mod:`sparsetrain.optim.packed_state`. It enforces the mask itself: pruned weights are written
+exactly 0 by every step, so the sparsifier skips its post-step pass for those parameters (it still
+masks gradients, so clipping sees the sparse norm).
 
 - The math equals torch's ``AdamW`` / ``Adam`` (L2 decay added to the gradient) / ``SGD``
   (momentum buffer = first gradient, dampening, Nesterov) to float rounding; parameters without a
   mask are stepped by the torch optimizer itself (``fused=True`` on CUDA unless the group says
   ``fused: False``), with the usual dense state.
 - On CUDA, with Triton, one kernel launch per parameter group and step for all its masked
-  parameters (:mod:`sparsetrain.kernels.packed_step`); elsewhere, and with ``impl="torch"``, a
-  plain-torch reference (``masked_select`` / update / ``masked_scatter_``, one host sync per
-  tensor on CUDA) that is also the kernel's oracle.
+  parameters (:mod:`sparsetrain.optim.packed_kernel`); elsewhere, and with ``impl="torch"``, the
+  plain-torch reference steps (one host sync per tensor on CUDA) that are also the kernel's oracle.
 - ``state_dict()`` has exactly the layout of the torch optimizer of that kind (dense-shaped state,
   0 at pruned positions), so NaN checkpoints (:mod:`sparsetrain.sparsity.nan_format`) are the same
   and checkpoints move both ways between ``torch.optim.AdamW`` and ``PackedOptimizer``.
   ``load_state_dict`` takes that layout and packs it with the masks; given before the masks, the
   state stays dense until :meth:`set_masks` packs it.
 - FSDP2 (``fully_shard``) parameters are DTensors: each process is handed the mask of its own
-  shard (the sparsifier's local mask slice), steps ``p.to_local()`` with ``p.grad.to_local()`` and
-  keeps packed state for the kept entries of that shard only. ``state_dict()`` then exports what
-  torch's optimizer holds under FSDP2: each dense-shaped state tensor as a DTensor with the
-  parameter's mesh and placements (0 at pruned positions of the shard), and ``load_state_dict``
-  takes the same (its local part is packed). So ``torch.distributed.checkpoint.state_dict``'s
+  shard, steps ``p.to_local()`` with ``p.grad.to_local()`` and keeps packed state for the kept
+  entries of that shard only. ``state_dict()`` exports each dense-shaped state tensor as a DTensor
+  of the parameter's mesh and placements, as torch's optimizer holds it under FSDP2, so
   ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (``full_state_dict=True``) gather
-  and scatter it exactly as for ``torch.optim.AdamW`` (:mod:`sparsetrain.distributed`), and the
-  consolidated NaN checkpoint is the one a single process writes.
-- A block-sparse weight stored as its live blocks (``weight_blocks``, see
-  :mod:`sparsetrain.sparsity.block_linear`) is already packed: the sparsifier hands over no mask
-  for it, so it is an unmasked parameter here (no bitmask, the torch optimizer's step) whose state
-  is as small as the blocks; ``state_dict()`` gives that state the dense weight's layout through
-  the hooks the sparsifier registers.
+  and scatter it as for ``torch.optim.AdamW`` (:mod:`sparsetrain.distributed`).
+- A block-sparse weight stored as its live blocks (``weight_blocks``,
+  :mod:`sparsetrain.sparsity.block_linear`) is already packed: it gets no mask and is an unmasked
+  parameter here, whose state is as small as the blocks.
 
 Not supported on masked parameters: ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``,
 sparse gradients (unmasked parameters get whatever torch supports).
@@ -55,135 +47,26 @@ import torch
 
 from sparsetrain.distributed import is_dtensor, local_part
 from sparsetrain.kernels import has_triton
+from sparsetrain.optim.packed_kernel import KernelPath
+from sparsetrain.optim.packed_state import (
+    BLOCK,
+    PACKED_KEYS,
+    PackedMask,
+    adam_reference,
+    pack_state,
+    scalar_dtype,
+    sgd_reference,
+    unpack_state,
+)
 
-BLOCK = 1024
 KINDS = ("adamw", "adam", "sgd")
 _TORCH = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-_PACKED_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 _HYPER = {
     "adamw": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"),
     "adam": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"),
     "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"),
 }
 _UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _scalar_dtype() -> torch.dtype:
-    """torch's dtype for a CPU ``step`` tensor (``optimizer._get_scalar_dtype``)."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-class PackedMask:
-    """A boolean mask (True = kept) and its GPU layout: a bitmask and per-tile packed offsets.
-
-    ``mask`` is the caller's tensor (referenced, not copied: the sparsifier holds it anyway);
-    ``bits`` (uint8, bit j of byte i = flat entry 8 i + j kept, padded with 0 to whole tiles) and
-    ``offsets`` (int32, kept entries before each tile of ``block`` entries) are what the kernel reads.
-    """
-
-    def __init__(self, mask: torch.Tensor, block: int = BLOCK) -> None:
-        if mask.dtype != torch.bool:
-            raise ValueError(f"PackedMask: mask must be bool, got {mask.dtype}")
-        if block % 8 or block & (block - 1):
-            raise ValueError(f"PackedMask: block {block} is not a power of two >= 8")
-        self.mask = mask
-        self.block = block
-        self.numel = mask.numel()
-        tiles = -(-self.numel // block)
-        padded = torch.zeros(tiles * block, dtype=torch.bool, device=mask.device)
-        padded[: self.numel] = mask.reshape(-1)
-        counts = padded.view(tiles, block).sum(1)
-        offsets = counts.cumsum(0) - counts
-        self.kept = int(counts.sum().item()) if tiles else 0
-        self.offsets = offsets.to(torch.int32 if self.kept < 2**31 else torch.int64)
-        weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=mask.device)
-        self.bits = (padded.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the optimizer's own mask layout (bits + offsets; the bool mask is shared)."""
-        return self.bits.numel() * self.bits.element_size() + self.offsets.numel() * self.offsets.element_size()
-
-    def pack(self, dense: torch.Tensor) -> torch.Tensor:
-        """The kept entries of ``dense`` (the weight's shape), 1-D, in flat order."""
-        return dense.masked_select(self.mask.to(dense.device))
-
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """A dense tensor of the mask's shape: ``packed`` at kept positions, 0 elsewhere."""
-        out = torch.zeros(self.mask.shape, dtype=packed.dtype, device=packed.device)
-        return out.masked_scatter_(self.mask.to(packed.device), packed)
-
-
-# -- reference steps (plain torch; the oracle of the kernels) --------------------------------------
-
-
-@torch.no_grad()
-def adam_reference(
-    p: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    step: float,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-) -> None:
-    """One AdamW (``decoupled``) / Adam step of the kept entries of ``p`` with packed moments, in
-    place, operation by operation as torch's single-tensor Adam; pruned entries of ``p`` become 0.
-    ``step`` is the step count after this step (1 on the first)."""
-    param = p.masked_select(mask)
-    g = grad.masked_select(mask)
-    if weight_decay != 0:
-        if decoupled:
-            param.mul_(1 - lr * weight_decay)
-        else:
-            g = g.add(param, alpha=weight_decay)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
-    p.zero_().masked_scatter_(mask, param)
-
-
-@torch.no_grad()
-def sgd_reference(
-    p: torch.Tensor,
-    grad: torch.Tensor,
-    momentum_buffer: torch.Tensor | None,
-    mask: torch.Tensor,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    first: bool,
-) -> None:
-    """One SGD step of the kept entries of ``p`` with a packed momentum buffer, in place, as torch's
-    single-tensor SGD (``first``: the buffer becomes the gradient); pruned entries become 0."""
-    param = p.masked_select(mask)
-    g = grad.masked_select(mask)
-    if weight_decay != 0:
-        g = g.add(param, alpha=weight_decay)
-    if momentum != 0:
-        if momentum_buffer is None:
-            raise ValueError("packed SGD step: momentum needs a momentum buffer")
-        if first:
-            momentum_buffer.copy_(g)
-        else:
-            momentum_buffer.mul_(momentum).add_(g, alpha=1 - dampening)
-        g = g.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
-    param.add_(g, alpha=-lr)
-    p.zero_().masked_scatter_(mask, param)
 
 
 # -- the optimizer -------------------------------------------------------------------------------
@@ -233,7 +116,7 @@ class PackedOptimizer(torch.optim.Optimizer):
         self._packs: dict[torch.Tensor, PackedMask] = {}
         self._inner: torch.optim.Optimizer | None = None
         self._inner_pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        self._launches: dict[tuple, Any] = {}  # kernel tables, see _launch_for
+        self._kernel = KernelPath(impl, block)
         super().__init__(params, self._torch_defaults(lr, betas, eps, weight_decay, momentum, dampening, nesterov, foreach, fused))
 
     def _torch_defaults(self, lr, betas, eps, weight_decay, momentum, dampening, nesterov, foreach, fused) -> dict:
@@ -280,7 +163,7 @@ class PackedOptimizer(torch.optim.Optimizer):
                 if state:
                     self.state[p] = self._unpacked(p, state, old)
             self._inner = None
-            self._launches.clear()
+            self._kernel.clear()
             if mask is None:
                 continue
             pack = PackedMask(mask, self.block)
@@ -296,54 +179,10 @@ class PackedOptimizer(torch.optim.Optimizer):
         return {p: pack.mask for p, pack in self._packs.items()}
 
     def _pack_state(self, p: torch.Tensor, state: dict[str, Any], pack: PackedMask) -> None:
-        """Pack the dense-shaped state of ``p`` in place; a DTensor (FSDP2) gives its local part."""
-        local = local_part(p)
-        for key in _PACKED_KEYS[self.kind]:
-            value = state.get(key)
-            if value is None:
-                continue
-            if is_dtensor(value):
-                if not is_dtensor(p):
-                    raise ValueError(f"PackedOptimizer: state {key!r} is a DTensor, its parameter is not")
-                if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
-                    value = value.redistribute(p.device_mesh, p.placements)
-                if tuple(value.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"PackedOptimizer: state {key!r} of shape {tuple(value.shape)} for a parameter of shape {tuple(p.shape)}"
-                    )
-                value = value.to_local()
-            elif is_dtensor(p) and isinstance(value, torch.Tensor):
-                raise ValueError(
-                    f"PackedOptimizer: state {key!r} of a DTensor (FSDP2) parameter must be a DTensor of its "
-                    f"placements, got a plain tensor of shape {tuple(value.shape)}"
-                )
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(local.shape):
-                raise ValueError(
-                    f"PackedOptimizer: state {key!r} of shape {tuple(getattr(value, 'shape', ()))} "
-                    f"for a parameter of shape {tuple(local.shape)}"
-                )
-            state[key] = pack.pack(value.to(device=local.device, dtype=local.dtype)).contiguous()
-        step = state.get("step")
-        if isinstance(step, torch.Tensor) and (step.device.type != "cpu" or step.dtype != _scalar_dtype()):
-            state["step"] = torch.tensor(float(step), dtype=_scalar_dtype())
+        pack_state(p, state, pack, PACKED_KEYS[self.kind])
 
     def _unpacked(self, p: torch.Tensor, state: Mapping[str, Any], pack: PackedMask) -> dict[str, Any]:
-        """``state`` with packed tensors made dense-shaped: the parameter's shape, or for a DTensor
-        parameter (FSDP2) a DTensor of its mesh, placements and global shape, as torch's optimizer
-        holds it."""
-        keys = _PACKED_KEYS[self.kind]
-        return {
-            key: self._dense_like(p, pack.unpack(value)) if key in keys and isinstance(value, torch.Tensor) else value
-            for key, value in state.items()
-        }
-
-    @staticmethod
-    def _dense_like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        if not is_dtensor(p):
-            return local
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        return unpack_state(p, state, pack, PACKED_KEYS[self.kind])
 
     # -- step ----------------------------------------------------------------------------------
 
@@ -380,7 +219,7 @@ class PackedOptimizer(torch.optim.Optimizer):
             if grad.is_sparse:
                 raise RuntimeError("PackedOptimizer does not support sparse gradients")
             local, grad = local_part(p), local_part(grad)  # FSDP2: this process's shard and its gradient
-            if self._kernel_fits(local, grad, pack):
+            if self._kernel.fits(local, grad, pack):
                 fast.append((p, pack))
             else:
                 self._step_reference(p, local, grad, group, pack)
@@ -403,7 +242,7 @@ class PackedOptimizer(torch.optim.Optimizer):
         """The state of ``p`` (a DTensor's is that of its local shard), created on first use."""
         state = self.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
             state["exp_avg"] = torch.zeros(pack.kept, dtype=p.dtype, device=p.device)
             state["exp_avg_sq"] = torch.zeros(pack.kept, dtype=p.dtype, device=p.device)
         return state
@@ -439,8 +278,6 @@ class PackedOptimizer(torch.optim.Optimizer):
         )
 
     def _step_kernel(self, index: int, group: dict[str, Any], items: list[tuple[torch.Tensor, PackedMask]]) -> None:
-        from sparsetrain.kernels import packed_step
-
         options = self._options(group)
         buckets: dict[tuple, list] = {}
         if self.kind == "sgd":
@@ -449,8 +286,7 @@ class PackedOptimizer(torch.optim.Optimizer):
                 row = (local_part(p), local_part(p.grad), buf)
                 buckets.setdefault((first, p.dtype, p.device), []).append((p, pack, row))
             for (first, _, _), members in buckets.items():
-                rows = [row for _, _, row in members]
-                packed_step.sgd_launch(self._launch_for(index, members), rows, first=first, check=False, **options)
+                self._kernel.sgd(index, members, first=first, **options)
             return
         states = [self._adam_state(p, pack) for p, pack in items]
         steps = [state["step"] for state in states]
@@ -460,48 +296,7 @@ class PackedOptimizer(torch.optim.Optimizer):
             row = (local_part(p), local_part(p.grad), state["exp_avg"], state["exp_avg_sq"])
             buckets.setdefault((float(count), p.dtype, p.device), []).append((p, pack, row))
         for (count, _, _), members in buckets.items():
-            rows = [row for _, _, row in members]
-            packed_step.adam_launch(self._launch_for(index, members), rows, step=count, check=False, **options)
-
-    def _launch_for(self, index: int, members: list) -> Any:
-        """The kernel's fixed tables for these parameters (cached until the masks change)."""
-        key = (index, tuple(id(p) for p, _, _ in members))
-        launch = self._launches.get(key)
-        if launch is None:
-            from sparsetrain.kernels import packed_step
-
-            if len(self._launches) > 64:
-                self._launches.clear()
-            packs = [pack for _, pack, _ in members]
-            launch = packed_step.Launch(
-                [pack.numel for pack in packs], [pack.bits for pack in packs], [pack.offsets for pack in packs], self.block
-            )
-            self._launches[key] = launch
-        return launch
-
-    def _kernel_fits(self, p: torch.Tensor, grad: torch.Tensor, pack: PackedMask) -> bool:
-        """Whether this parameter takes the Triton path."""
-        if self.impl == "torch" or not p.is_cuda:
-            return False
-        if not has_triton():
-            if self.impl == "triton":
-                raise RuntimeError("PackedOptimizer: impl='triton' but Triton is not installed")
-            return False
-        fits = (
-            p.dtype in _KERNEL_DTYPES
-            and grad.dtype == p.dtype
-            and grad.device == p.device
-            and p.is_contiguous()
-            and grad.is_contiguous()
-            and pack.block == self.block
-            and 0 < pack.numel <= 2**31 - 1 - 2 * self.block  # the kernels index in int32
-        )
-        if not fits and self.impl == "triton" and pack.numel:
-            raise RuntimeError(
-                f"PackedOptimizer: impl='triton' needs a contiguous float32 / bfloat16 / float16 parameter "
-                f"and gradient of one dtype, got {p.dtype} / {grad.dtype}"
-            )
-        return fits
+            self._kernel.adam(index, members, step=count, **options)
 
     def _dense_optimizer(self) -> torch.optim.Optimizer | None:
         """The torch optimizer of the unmasked parameters, sharing this optimizer's state."""
@@ -540,7 +335,7 @@ class PackedOptimizer(torch.optim.Optimizer):
                     if on_device and step.device != p.device:
                         self.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
                     elif not on_device and step.device.type != "cpu":
-                        self.state[p]["step"] = torch.tensor(float(step), dtype=_scalar_dtype())
+                        self.state[p]["step"] = torch.tensor(float(step), dtype=scalar_dtype())
         self._inner = inner
         return inner
 
@@ -610,7 +405,7 @@ class PackedOptimizer(torch.optim.Optimizer):
         """What torch's optimizer would hold for the same state (same keys as :meth:`state_bytes`):
         each packed tensor at the weight's full size (under FSDP2: its local shard's), no bitmask."""
         masked = dense = 0
-        keys = _PACKED_KEYS[self.kind]
+        keys = PACKED_KEYS[self.kind]
         for p in self._params():
             state = self.state.get(p, {})
             pack = self._packs.get(p)

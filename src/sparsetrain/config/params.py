@@ -1,0 +1,243 @@
+"""The params file: one YAML document with the sections of the reference model zoo, read once.
+
+Sections: ``train_input``, ``eval_input``, ``model``, ``optimizer``, ``runconfig``
+(:mod:`sparsetrain.config.sections`) and the optional ``sparsity`` block, parsed into a typed
+:class:`~sparsetrain.config.sparsity.SparsityConfig`. :func:`load_params` validates every key and raises a
+:class:`~sparsetrain.errors.ConfigError` whose one-line message names the file, the section, the
+key and what would be valid. ``--set section.key=value`` overrides are applied on top of the file
+before validation, so they are checked the same way and end up in the resolved params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparsetrain.config.fields import build_section, check_range, closest, coerce, key_text
+from sparsetrain.config.sections import (
+    PRESETS,
+    SCHEDULERS,
+    InputParams,
+    ModelParams,
+    OptimizerParams,
+    RunConfig,
+)
+from sparsetrain.config.sparsity import SparsityConfig, parse_sparsity
+from sparsetrain.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class Params:
+    """A whole params file, validated. ``path`` is the file it was read from (None when built from a
+    mapping): errors found later, once the model exists, name it too."""
+
+    train_input: InputParams = field(default_factory=InputParams)
+    eval_input: InputParams = field(default_factory=lambda: InputParams(section="eval_input", shuffle=False))
+    model: ModelParams = field(default_factory=ModelParams)
+    optimizer: OptimizerParams = field(default_factory=OptimizerParams)
+    runconfig: RunConfig = field(default_factory=RunConfig)
+    sparsity: SparsityConfig | None = None
+    path: Path | None = field(default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, ready for YAML or a checkpoint (``torch.load(weights_only=True)`` safe)."""
+        out: dict[str, Any] = {}
+        for name in ("train_input", "eval_input", "model", "optimizer", "runconfig"):
+            section = getattr(self, name)
+            out[name] = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if not f.metadata.get("internal")}
+        if self.sparsity is not None:
+            out["sparsity"] = self.sparsity.to_params()
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    "train_input": InputParams,
+    "eval_input": InputParams,
+    "model": ModelParams,
+    "optimizer": OptimizerParams,
+    "runconfig": RunConfig,
+}
+
+
+def _build_model(raw: Any) -> ModelParams:
+    raw = dict(raw or {}) if isinstance(raw, dict) or raw is None else raw
+    if isinstance(raw, dict) and raw.get("preset") is not None:
+        preset = raw["preset"]
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise ConfigError(f"model.preset: {preset!r} is not valid; choose one of {', '.join(PRESETS)}")
+        raw = {**PRESETS[preset], **raw}
+    model = build_section(ModelParams, raw, "model")
+    if model.hidden_size % model.num_heads:
+        raise ConfigError(
+            f"model.num_heads: {model.num_heads} does not divide hidden_size {model.hidden_size}"
+        )
+    return model
+
+
+def _check_schedule(lr: float | list) -> None:
+    if isinstance(lr, float):
+        if lr < 0:
+            raise ConfigError(f"optimizer.learning_rate: {lr!r} is negative")
+        return
+    if not lr:
+        raise ConfigError("optimizer.learning_rate: an empty schedule; give a number or a list of phases")
+    keys = ("scheduler", "initial_learning_rate", "end_learning_rate", "total_iters")
+    for i, phase in enumerate(lr):
+        where = f"optimizer.learning_rate[{i}]"
+        if not isinstance(phase, dict):
+            raise ConfigError(f"{where}: expected a mapping with keys {', '.join(keys)}")
+        for key in phase:
+            if key not in keys:
+                raise ConfigError(f"{where}.{key_text(key)}: unknown key{closest(str(key), keys)}")
+        kind = phase.get("scheduler")
+        if kind not in SCHEDULERS:
+            raise ConfigError(f"{where}.scheduler: {kind!r} is not valid; choose one of {', '.join(SCHEDULERS)}")
+        for key in ("initial_learning_rate", "end_learning_rate"):
+            if key in phase:
+                phase[key] = coerce(phase[key], float, f"{where}.{key}")
+                check_range(phase[key], {"min": 0.0}, f"{where}.{key}")
+        if "initial_learning_rate" not in phase:
+            raise ConfigError(f"{where}.initial_learning_rate: required")
+        last = i == len(lr) - 1
+        if "total_iters" not in phase and not last:
+            raise ConfigError(f"{where}.total_iters: required on every phase but the last")
+        if "total_iters" in phase:
+            phase["total_iters"] = coerce(phase["total_iters"], int, f"{where}.total_iters")
+            check_range(phase["total_iters"], {"min": 1}, f"{where}.total_iters")
+
+
+def params_from_dict(raw: Any) -> Params:
+    """Validate a whole params mapping (already parsed from YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping with sections {', '.join([*SECTIONS, 'sparsity'])}")
+    valid = [*SECTIONS, "sparsity"]
+    for key in raw:
+        if key not in valid:
+            raise ConfigError(f"{key_text(key)}: unknown section{closest(str(key), valid)}")
+    train = build_section(InputParams, raw.get("train_input"), "train_input", section="train_input")
+    eval_raw = raw.get("eval_input")
+    if isinstance(eval_raw, dict) or eval_raw is None:
+        eval_raw = {"shuffle": False, **(eval_raw or {})}  # evaluation reads consecutive windows
+    eval_ = build_section(InputParams, eval_raw, "eval_input", section="eval_input")
+    optimizer = build_section(OptimizerParams, raw.get("optimizer"), "optimizer")
+    _check_schedule(optimizer.learning_rate)
+    if train.batch_size % optimizer.grad_accum_steps:
+        raise ConfigError(
+            f"optimizer.grad_accum_steps: {optimizer.grad_accum_steps} does not divide "
+            f"train_input.batch_size {train.batch_size}"
+        )
+    runconfig = build_section(RunConfig, raw.get("runconfig"), "runconfig")
+    runconfig.compile = _parse_compile(runconfig.compile)
+    if not (runconfig.device in ("auto", "cpu", "cuda") or runconfig.device.startswith("cuda:")):
+        raise ConfigError(f"runconfig.device: {runconfig.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
+    # Structure only: parameter names are resolved once the model exists (sparsity.select).
+    sparsity = parse_sparsity(raw.get("sparsity"))
+    params = Params(
+        train_input=train, eval_input=eval_, model=_build_model(raw.get("model")),
+        optimizer=optimizer, runconfig=runconfig, sparsity=sparsity,
+    )
+    for inp in (params.train_input, params.eval_input):
+        if inp.max_sequence_length > params.model.max_position_embeddings:
+            raise ConfigError(
+                f"{inp.section}.max_sequence_length: {inp.max_sequence_length} exceeds "
+                f"model.max_position_embeddings {params.model.max_position_embeddings}"
+            )
+    return params
+
+
+def _parse_compile(value: str | bool) -> str | bool:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    raise ConfigError(f"runconfig.compile: {value!r} is not valid; choose auto, true or false")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value parsed as YAML)."""
+    path, sep, value = text.partition("=")
+    keys = path.strip().split(".")
+    if not sep or len(keys) < 2 or not all(keys):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. runconfig.max_steps=100")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except Exception:  # a YAML error, or a constructor failing on a bad tagged value
+        parsed = value
+    return keys, parsed
+
+
+def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
+    """Apply ``--set`` overrides to a raw params mapping (in place) and return it."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {key} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; errors name the file and the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a YAML params file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read params file ({e})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    except Exception as e:  # safe_load runs no user code: a constructor failed on a bad
+        # tagged value (a date 2001-02-30, "!!int x", "!!int ''") with a plain Python error
+        raise ConfigError(f"{path}: YAML value error: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def load_params(path: str | Path, overrides: typing.Sequence[str] = ()) -> Params:
+    """Read, override and validate a params file. Errors are prefixed with the file name."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    try:
+        params = params_from_dict(apply_overrides(raw, overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    params.path = path
+    return params
+
+
+def dump_params(params: Params, overrides: typing.Sequence[str] = ()) -> str:
+    """The resolved params as YAML, with the command-line overrides noted at the top."""
+    header = "# resolved params written by sparsetrain\n"
+    if overrides:
+        header += "".join(f"# --set {o}\n" for o in overrides)
+    return header + yaml.safe_dump(params.to_dict(), sort_keys=False)

@@ -1,0 +1,48 @@
+"""Corpora, tokenizers, token shards and batches.
+
+A data section of the params file (``train_input`` / ``eval_input``) names a text source, a
+tokenizer and a split. This package turns it into a :class:`TokenStream` (token ids of the split,
+in memory or memory-mapped from shards) and draws batches from it. Its modules, bottom up:
+``sources`` (files, split, documents), ``tokenizers``, ``stream`` (token streams and batches),
+``shards`` (``sparsetrain prepare`` and reading shards back) and ``loading`` (a data section end
+to end).
+
+- sources: ``stdlib`` (the running interpreter's standard library), ``text`` (file, directory or
+  glob), ``jsonl`` (one document per line) and ``shards`` (written by :func:`prepare_shards`);
+- the train/eval split is a stable hash of each file's relative path (blake2b), so it never
+  depends on the machine, the process or the order files are listed in;
+- batches are a pure function of ``(seed, step, rank)``: there is no loader state to checkpoint and
+  a resumed run reads exactly the batches it would have read.
+"""
+
+from sparsetrain.data.loading import encode_corpus, load_tokenizer, load_tokens
+from sparsetrain.data.shards import SHARD_FORMAT, prepare_shards, read_shard_meta
+from sparsetrain.data.sources import SOURCES, SPLITS, DataInput, check_input, corpus_files, iter_documents, split_of
+from sparsetrain.data.stream import TokenStream, check_length, check_vocab, eval_batches, get_batch
+from sparsetrain.data.tokenizers import EOS_TOKEN, ByteTokenizer, HFTokenizer, Tokenizer, token_dtype
+
+__all__ = [
+    "EOS_TOKEN",
+    "SHARD_FORMAT",
+    "SOURCES",
+    "SPLITS",
+    "ByteTokenizer",
+    "DataInput",
+    "HFTokenizer",
+    "TokenStream",
+    "Tokenizer",
+    "check_input",
+    "check_length",
+    "check_vocab",
+    "corpus_files",
+    "encode_corpus",
+    "eval_batches",
+    "get_batch",
+    "iter_documents",
+    "load_tokenizer",
+    "load_tokens",
+    "prepare_shards",
+    "read_shard_meta",
+    "split_of",
+    "token_dtype",
+]

@@ -1,0 +1,273 @@
+"""Build a :class:`~sparsetrain.training.state.Run` from params: device and processes, tokenizer,
+model, checkpoint, sparsity, data, optimizer, and the compile decision.
+
+Determinism: the model is initialised from ``runconfig.seed``; every batch is a pure function of
+(seed, step), and the torch RNG state (dropout) travels in the checkpoint, so on CPU a resumed
+run reproduces the uninterrupted one exactly.
+
+Which checkpoint is loaded:
+- none given and ``model_dir`` has checkpoints: the newest one, as a full resume (weights,
+  optimizer, schedule, step, RNG, sparsity masks);
+- ``--checkpoint_path`` inside ``model_dir``: a full resume from that one;
+- ``--checkpoint_path`` elsewhere: a warm start -- weights only, step 0, a fresh optimizer. This is
+  the SPDF fine-tuning flow: point a new run at a sparse pre-training checkpoint.
+
+The ``sparsity:`` block is resolved against the model (its patterns, the masks) right after the
+model is built and its checkpoint loaded, before any data is read, so a pattern that selects
+nothing fails at once; its errors name the params file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsetrain import checkpoint as ckpt
+from sparsetrain import data
+from sparsetrain import distributed as dist
+from sparsetrain.config import ModelParams, Params
+from sparsetrain.errors import ConfigError
+from sparsetrain.flops import flops_report
+from sparsetrain.model import GPT
+from sparsetrain.optim import build_optimizer, lr_scheduler
+from sparsetrain.sparsity import nan_format
+from sparsetrain.sparsity.block_linear import use_block_kernels
+from sparsetrain.sparsity.sparsifier import sparsify
+from sparsetrain.training.metrics import MetricsWriter
+from sparsetrain.training.state import Run, load_training_state
+
+log = logging.getLogger("sparsetrain")
+
+
+def setup(
+    params: Params, model_dir: Path, *, checkpoint_path: Path | None = None,
+    train: bool = True, evaluate: bool = True, write_metrics: bool = True,
+) -> Run:
+    """Build tokenizer, model, sparsity, data and optimizer; load a checkpoint if there is one."""
+    rc = params.runconfig
+    device, info = _device_and_processes(params, train)
+    torch.manual_seed(rc.seed)  # the same on every rank: identical initial weights
+    tokenizer = data.load_tokenizer(params.train_input, model_dir)
+    _fit_vocab(params.model, tokenizer.vocab_size)
+    model = GPT(params.model).to(device)
+    path, full_resume = choose_checkpoint(model_dir, checkpoint_path)
+    run = Run(params=params, model_dir=Path(model_dir), device=device, model=model, forward=model,
+              tokenizer=tokenizer, loaded_from=path, dist=info)
+    state, masks = _load_weights(run, path, full_resume)
+    with _naming(params):
+        _sparsify(run, masks_to_keep(params, masks, path))
+    if train:
+        run.train_tokens = _tokens(params.train_input, tokenizer, model_dir, params.model.vocab_size)
+    if evaluate:
+        run.eval_tokens = _tokens(params.eval_input, tokenizer, model_dir, params.model.vocab_size)
+    if train:
+        _build_optimizer(run, state if full_resume else None, path)
+    if state is not None and full_resume:
+        run.step = int(state["global_step"])
+    if info.active:
+        _join_processes(run)
+    _count_flops(run)
+    _compile(run)
+    run.metrics = MetricsWriter(model_dir, enabled=write_metrics and info.is_main)
+    return run
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runconfig.device: {name!r} asked for, but CUDA is not available here; use auto or cpu")
+    return torch.device(name)
+
+
+def choose_checkpoint(model_dir: Path, explicit: Path | None) -> tuple[Path | None, bool]:
+    """The checkpoint to load, and whether it is a full resume (True) or a warm start."""
+    if explicit is not None:
+        inside = Path(explicit).resolve().parent == Path(model_dir).resolve()
+        return Path(explicit), inside
+    return ckpt.latest_checkpoint(model_dir), True
+
+
+def compile_enabled(setting: str | bool, device: torch.device) -> bool:
+    """``runconfig.compile`` resolved: ``auto`` compiles on CUDA only."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def compile_mode(setting: str, block_kernels: bool, distributed: bool) -> str:
+    """``runconfig.compile_mode`` resolved. ``auto``: CUDA graphs (``reduce-overhead``) when layers
+    run on the block-sparse kernels in a single process, because those kernels are launched from
+    Python and graphs replay them without that host cost; ``default`` otherwise (dense gains
+    little from graphs and pays their memory), and under DDP/FSDP, whose communication hooks run
+    outside graphs."""
+    if setting != "auto":
+        return setting
+    return "reduce-overhead" if block_kernels and not distributed else "default"
+
+
+def block_kernels_apply(run: Run) -> bool:
+    """Whether ``structure: block`` weights go to the block-sparse kernels: CUDA, bf16 and
+    ``runconfig.sparse_kernels: auto`` (fp32 keeps them masked dense, with a warning)."""
+    rc = run.params.runconfig
+    if rc.sparse_kernels != "auto" or run.device.type != "cuda":
+        return False
+    if run.precision != "bf16":
+        if any(s.structure == "block" for s in run.sparsifier.settings.values()):
+            log.warning(
+                "sparsity: the block-sparse kernels run in bf16; with runconfig.precision: %s the "
+                "block-sparse weights train masked dense (no speedup)", rc.precision,
+            )
+        return False
+    return True
+
+
+def masks_to_keep(params: Params, masks: dict, path: Path | None) -> dict:
+    """Masks recovered from the checkpoint's NaNs; none (dense fine-tuning) without a block.
+
+    With a block, :func:`~sparsetrain.sparsity.sparsifier.sparsify` keeps each stored mask whose
+    pruned count the block still asks for, makes it dense at ``sparsity: 0.0``, and draws a new
+    one otherwise.
+    """
+    if masks and params.sparsity is None:
+        pruned = sum(int((~m).sum()) for m in masks.values())
+        log.info(
+            "%s is sparse (%d pruned weights in %d tensors) and the params have no sparsity block: "
+            "dense fine-tuning, pruned weights start at 0 and all weights train", path, pruned, len(masks),
+        )
+        return {}
+    return masks
+
+
+# -- the steps of setup ----------------------------------------------------------------------------
+
+
+def _device_and_processes(params: Params, train: bool) -> tuple[torch.device, dist.DistInfo]:
+    """This process's device and place among the processes torchrun started."""
+    device = resolve_device(params.runconfig.device)
+    info = dist.init(params.runconfig.distributed, device)
+    device = dist.local_device(device, info)
+    if train:
+        per_rank = dist.rank_slice(params.train_input.batch_size, info)
+        if (per_rank.stop - per_rank.start) % params.optimizer.grad_accum_steps:
+            raise ConfigError(
+                f"optimizer.grad_accum_steps: {params.optimizer.grad_accum_steps} does not divide the "
+                f"{per_rank.stop - per_rank.start} sequences each of {info.world_size} processes gets"
+            )
+    return device, info
+
+
+def _fit_vocab(cfg: ModelParams, tokenizer_vocab: int) -> None:
+    """``model.vocab_size``: the tokenizer's when unset, never smaller than it."""
+    if cfg.vocab_size is None:
+        cfg.vocab_size = tokenizer_vocab
+    elif cfg.vocab_size < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})"
+        )
+
+
+def _load_weights(run: Run, path: Path | None, full_resume: bool) -> tuple[dict[str, Any] | None, dict]:
+    """Load checkpoint ``path``'s weights into the model (NaN -> 0); returns the checkpoint and
+    the masks its NaNs carry."""
+    if path is None:
+        return None, {}
+    state = ckpt.load_checkpoint(path)
+    ckpt.check_model_state(state["model"], run.model.state_dict(), path)
+    clean, masks = nan_format.decode_state_dict(state["model"])
+    run.model.load_state_dict(clean)
+    log.info("loaded %s (step %d)%s", path, state["global_step"], "" if full_resume else " as a warm start at step 0")
+    return state, masks
+
+
+@contextlib.contextmanager
+def _naming(params: Params) -> Iterator[None]:
+    """Config errors found once the model exists name the params file, as parsing errors do."""
+    try:
+        yield
+    except ConfigError as e:
+        if params.path is None:
+            raise
+        raise ConfigError(f"{params.path}: {e}") from None
+
+
+def _sparsify(run: Run, masks: dict[str, torch.Tensor]) -> None:
+    """Masks (kept from the checkpoint or drawn), FSDP sharding, and the block-sparse kernels."""
+    params, model = run.params, run.model
+    masks = {k: v.to(run.device) for k, v in masks.items()}
+    if run.dist.mode == "fsdp":
+        # Masks come from the full weights (identical on every rank), then the model is sharded
+        # and the sparsifier binds each rank's slice of them.
+        if params.sparsity is not None:
+            pre = sparsify(model, params.sparsity, masks=masks)
+            masks = dict(pre.masks)
+            pre.detach()
+        dist.shard(model)
+    if params.sparsity is None:
+        return
+    run.sparsifier = sparsify(model, params.sparsity, masks=masks)
+    if block_kernels_apply(run):
+        # Before the optimizer: layers that store live blocks only give it weight_blocks.
+        # Under FSDP they keep dense storage (see sparsity.block_linear).
+        run.block_kernel_layers = use_block_kernels(model, run.sparsifier, packed=run.dist.mode != "fsdp")
+
+
+def _tokens(section, tokenizer, model_dir: Path, vocab_size: int) -> data.TokenStream:
+    stream = data.load_tokens(section, tokenizer, model_dir)
+    data.check_vocab(stream, vocab_size, section.section)
+    data.check_length(stream, section.max_sequence_length, section.section)
+    return stream
+
+
+def _build_optimizer(run: Run, resume: dict[str, Any] | None, path: Path | None) -> None:
+    """Optimizer and schedule; with ``resume`` (a full resume's checkpoint) their state too."""
+    params = run.params
+    # Under FSDP too: the sparsifier hands each rank's PackedOptimizer the masks of its shards.
+    packed = params.sparsity is not None and params.optimizer.packed_state
+    run.optimizer = build_optimizer(run.model, params.optimizer, run.device, packed=packed)
+    if run.sparsifier is not None:
+        run.sparsifier.attach(run.optimizer)
+    run.scheduler = lr_scheduler(run.optimizer, params.optimizer.learning_rate, params.runconfig.max_steps)
+    if resume is not None:
+        load_training_state(run, resume, path)
+        if run.sparsifier is not None:
+            run.sparsifier.apply()  # loaded state of a weight whose mask was redrawn: 0 where pruned now
+
+
+def _join_processes(run: Run) -> None:
+    """Masks checked equal on every rank, the DDP wrapper, and each rank's dropout stream."""
+    info, rc = run.dist, run.params.runconfig
+    if run.sparsifier is not None:
+        dist.check_masks_agree(run.sparsifier.masks, info, run.device)
+    if info.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        run.ddp = DistributedDataParallel(run.model, device_ids=device_ids)
+        run.forward = run.ddp
+    if info.rank:  # each rank its own dropout stream; rank 0 keeps the checkpointed one
+        torch.manual_seed((rc.seed * 1_000_003 + info.rank * 7_919 + run.step) % 2**63)
+
+
+def _count_flops(run: Run) -> None:
+    cfg, seq = run.params.model, run.params.train_input.max_sequence_length
+    fractions = run.sparsifier.pruned_fractions() if run.sparsifier else {}
+    run.flops = flops_report(cfg, seq, fractions or None)
+    # Masked-dense layers execute their dense FLOPs on a GPU; block-kernel layers skip dead blocks.
+    on_kernels = {name: f for name, f in fractions.items() if name in run.block_kernel_layers}
+    run.executed_flops = flops_report(cfg, seq, on_kernels or None)["sparse"]
+
+
+def _compile(run: Run) -> None:
+    rc = run.params.runconfig
+    if not compile_enabled(rc.compile, run.device):
+        return
+    mode = compile_mode(rc.compile_mode, bool(run.block_kernel_layers), run.dist.active)
+    why = ", for the block-sparse kernels" if mode != rc.compile_mode and mode == "reduce-overhead" else ""
+    log.info("torch.compile: on (mode %s%s); the first steps compile", mode, why)
+    run.forward = torch.compile(run.forward, mode=None if mode == "default" else mode)
+    run.compiled = True
+    run.cuda_graphs = run.device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")

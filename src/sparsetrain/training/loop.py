@@ -1,0 +1,207 @@
+"""The training loop (:func:`fit`), evaluation, checkpoint saves and the logged records.
+
+MFU (model FLOP utilisation) counts the FLOPs the hardware executes against the device's peak
+dense bf16 rate (:data:`PEAK_BF16_FLOPS`, from vendor datasheets).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsetrain import checkpoint as ckpt
+from sparsetrain import data
+from sparsetrain import distributed as dist
+from sparsetrain.errors import UserError
+from sparsetrain.training.signals import Interrupt
+from sparsetrain.training.state import Run, TrainingError, checkpoint_state
+from sparsetrain.training.step import check_finite, train_step
+
+log = logging.getLogger("sparsetrain")
+
+# Peak dense bf16 tensor-core FLOP/s by device name, for MFU (vendor datasheets).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable | None = None) -> dict[str, Any]:
+    """Train from ``run.step`` to ``max_steps``, logging, evaluating and checkpointing."""
+    rc, inp = run.params.runconfig, run.params.train_input
+    tokens_per_step = inp.batch_size * inp.max_sequence_length
+    peak = peak_flops(run.device)
+    start_step = run.step
+    if run.sparsifier is not None:
+        _log_sparsity(run)
+    t_start = t_log = time.perf_counter()
+    step_log = run.step
+    bar = progress(initial=run.step, total=rc.max_steps) if progress else None
+    loss = None
+    with Interrupt() as interrupt:
+        while run.step < rc.max_steps:
+            loss_t = train_step(run)
+            logged = run.step % rc.log_steps == 0 or run.step == rc.max_steps
+            if logged:
+                check_finite(run)
+                loss = _log_step(run, loss_t, tokens_per_step, peak, bar, t_log, step_log)
+                t_log, step_log = time.perf_counter(), run.step
+            if bar is not None:
+                bar.update(1)
+            # Under torchrun every rank must stop at the same step: they agree at log steps.
+            if interrupt.requested(run, logged):
+                return _interrupted(run, bar, start_step, t_start, loss, tokens_per_step)
+            if rc.checkpoint_steps and run.step % rc.checkpoint_steps == 0 and run.step != rc.max_steps:
+                save(run)
+            if do_eval and eval_frequency and run.step % eval_frequency == 0 and run.step != rc.max_steps:
+                evaluate(run)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    if run.step > start_step or ckpt.latest_checkpoint(run.model_dir) is None:
+        save(run)
+    if do_eval:
+        evaluate(run)
+    return _finish(run, start_step, elapsed, loss, tokens_per_step)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean token loss and perplexity over ``eval_steps`` batches of the eval split."""
+    inp = run.params.eval_input
+    run.model.eval()
+    loss_sum, tokens = 0.0, 0
+    # Every rank walks the same global batches and scores its own rows: N processes evaluate
+    # exactly the tokens one process would.
+    rows = dist.rank_slice(inp.batch_size, run.dist, "eval_input") if run.dist.active else slice(None)
+    for x, y in data.eval_batches(run.eval_tokens, inp.batch_size, inp.max_sequence_length, run.params.runconfig.eval_steps):
+        x, y = x[rows].to(run.device), y[rows].to(run.device)
+        if y.numel() == 0:  # a short final batch may leave this rank no rows
+            continue
+        with run.autocast():
+            loss = run.model(x, y)
+        loss_sum += float(loss) * y.numel()
+        tokens += y.numel()
+    loss_sum, tokens = dist.total([loss_sum, float(tokens)], run.dist, run.device)
+    tokens = int(tokens)
+    mean = loss_sum / max(tokens, 1)
+    record = {"kind": "eval", "step": run.step, "eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
+    run.metrics.write(record)
+    run.history["eval"] = record
+    return record
+
+
+def save(run: Run) -> Path:
+    """Rank 0 writes the checkpoint: one file, whatever the number of processes.
+
+    Never after a non-finite step (``nonfinite: stop``): the weights may be poisoned.
+    """
+    check_finite(run)
+    path = ckpt.checkpoint_path(run.model_dir, run.step)
+    state = checkpoint_state(run) if run.dist.is_main or run.dist.mode == "fsdp" else None
+    failure: UserError | None = None
+    if run.dist.is_main:
+        try:
+            ckpt.save_checkpoint(state, path)
+            ckpt.prune_checkpoints(run.model_dir, run.params.runconfig.keep_checkpoints)
+        except UserError as e:
+            failure = e
+    # Every rank learns whether rank 0's write worked, so none waits for a rank that gave up.
+    if dist.total([1.0 if failure else 0.0], run.dist, run.device)[0] > 0:
+        raise failure or TrainingError(f"{path}: rank 0 could not write this checkpoint; see its error")
+    run.history["last_checkpoint"] = path
+    return path
+
+
+def _finish(run: Run, start_step: int, elapsed: float, loss, tokens_per_step: int, **extra: Any) -> dict[str, Any]:
+    run.history.update(
+        steps_run=run.step - start_step, start_step=start_step, elapsed_s=elapsed, final_loss=loss,
+        tokens_per_s=(run.step - start_step) * tokens_per_step / max(elapsed, 1e-9), **extra,
+    )
+    return run.history
+
+
+def _log_step(run: Run, loss_t: torch.Tensor, tokens_per_step: int, peak, bar, t_log: float, step_log: int) -> float:
+    rc = run.params.runconfig
+    loss = float(dist.mean(loss_t, run.dist))
+    now = time.perf_counter()
+    tps = (run.step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
+    record = train_record(run, loss, tps, tokens_per_step, peak)
+    run.metrics.write(record)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+    else:
+        log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", run.step, rc.max_steps, loss, record["lr"], tps)
+    return loss
+
+
+def _interrupted(run: Run, bar, start_step: int, t_start: float, loss, tokens_per_step: int) -> dict[str, Any]:
+    if bar is not None:
+        bar.close()
+    path = save(run)
+    elapsed = time.perf_counter() - t_start
+    log.warning("interrupted at step %d; checkpoint written to %s", run.step, path)
+    return _finish(run, start_step, elapsed, loss, tokens_per_step, interrupted=True)
+
+
+def train_record(run: Run, loss: float, tps: float, tokens_per_step: int, peak: float | None) -> dict[str, Any]:
+    f = run.flops
+    record = {
+        "kind": "train", "step": run.step, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+        "tokens": run.step * tokens_per_step, "tokens_per_s": tps,
+        "flops_per_step": f["sparse"] * tokens_per_step, "flops_per_step_dense": f["dense"] * tokens_per_step,
+        "flops_total": f["sparse"] * tokens_per_step * run.step,
+        "flops_total_dense": f["dense"] * tokens_per_step * run.step, "flops_ratio": f["ratio"],
+    }
+    if peak:
+        # MFU counts the FLOPs the hardware executes: dense for masked-dense layers (a GPU skips no
+        # zeros), live blocks only for layers on the block-sparse kernels. ``tps`` counts every
+        # rank's tokens and ``peak`` is one GPU's: MFU is per GPU.
+        record["mfu"] = run.executed_flops * tps / (peak * run.dist.world_size)
+    return record
+
+
+def _log_sparsity(run: Run) -> None:
+    rows = run.sparsifier.stats()
+    groups = run.sparsifier.group_stats(rows)
+    for s in groups:
+        run.metrics.scalar(f"sparsity/{s['group']}/target", s["target"], run.step)
+    for s in rows:
+        run.metrics.scalar(f"sparsity/{s['name']}/actual", s["actual"], run.step)
+    run.metrics.write({"kind": "sparsity", "step": run.step, "groups": groups, "flops_per_token": run.flops})
+
+
+def format_summary(run: Run, history: dict) -> str:
+    """The end-of-run summary: one screen, plain text."""
+    lines = ["", "=" * 64, f"sparsetrain summary  ({run.model_dir})", "-" * 64]
+    rc = run.params.runconfig
+    if history.get("steps_run"):
+        lines.append(f"steps            {history['start_step']} -> {run.step} of {rc.max_steps}  ({history['elapsed_s']:.1f} s)")
+        lines.append(f"throughput       {history['tokens_per_s']:,.0f} tokens/s")
+        if history.get("final_loss") is not None:
+            lines.append(f"final train loss {history['final_loss']:.4f}")
+    else:
+        lines.append(f"step             {run.step} (nothing to train)")
+    if "eval" in history:
+        e = history["eval"]
+        lines.append(f"eval loss        {e['eval_loss']:.4f}  (perplexity {e['perplexity']:.2f}, {e['eval_tokens']:,} tokens)")
+    f = run.flops
+    lines.append(f"train FLOPs/token dense {f['dense']:.3g}   sparse {f['sparse']:.3g}   ratio {f['ratio']:.2f}x")
+    for g in history.get("sparsity_groups", []):
+        lines.append(f"sparsity         {g['group']}: target {g['target']:.3f}, actual {g['actual']:.3f} ({g['tensors']} tensors)")
+    if history.get("last_checkpoint"):
+        lines.append(f"checkpoint       {history['last_checkpoint']}")
+    if history.get("interrupted"):
+        lines.append("interrupted      run the same command again to resume")
+    lines.append("=" * 64)
+    return "\n".join(lines)
