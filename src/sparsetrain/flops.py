@@ -1,4 +1,4 @@
-"""Training FLOPs per token (SPEC §5), dense and with sparse weights.
+"""Training FLOPs per token, dense and with sparse weights (the accounting of the sparse GPT-3 paper).
 
     3 * [ 2 * sum_w (1 - s_w) * numel(w)  +  4 * L * n * d  +  2 * d * V * (1 - s_head) ]
 

@@ -4,7 +4,7 @@ Activations, autocast's bf16 copies and library workspaces are not counted: they
 and context, not on sparsity (at GPT-3 XL, batch 8 x 2048, they are most of the peak;
 BENCHMARKS.md measures whole peaks). Per-tensor scalars (Adam's ``step``) are left out too.
 
-Three layouts, as ``train.setup`` makes them:
+Three layouts, as ``training.setup`` makes them:
 
 - **dense**: every entry 4 (weight) + 4 (gradient) + the optimizer's state (AdamW/Adam 8, SGD
   with momentum 4, plain SGD 0);

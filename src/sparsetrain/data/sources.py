@@ -30,7 +30,7 @@ STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tes
 
 
 class DataInput(Protocol):
-    """The fields of a data section that this module reads (see ``params.py``)."""
+    """The fields of a data section that this package reads (``config.sections.InputParams``)."""
 
     source: str
     data_path: str | None

@@ -17,29 +17,21 @@ in the compute dtype (bf16 or fp16):
                                         no atomics); dead blocks of dW stay exactly 0
 
 Every output tile is written, also where a block-row or block-column has no live block (zeros).
-Accumulation is float32; outputs are cast to the output's dtype. The design follows SPEC §7's
-probe (flat loop over live blocks, K-contiguous weight tiles); Hopper specifics: operands come
-either through pointers (cp.async pipelining) or through TMA tensor descriptors (``USE_TMA``);
-the launch order puts the programs that share an X tile next to each other so X is read from
-DRAM about once and the packed weight stays in L2. Configurations are picked per shape by
-``triton.autotune`` (first call per shape).
+Accumulation is float32; outputs are cast to the output's dtype. The loop shape is a flat loop
+over live blocks with K-contiguous weight tiles (the form that ran fastest); on Hopper, operands
+come either through pointers (cp.async pipelining) or through TMA tensor descriptors
+(``USE_TMA``, the faster of the two); the launch order puts the programs that share an X tile
+next to each other so X is read from DRAM about once and the packed weight stays in L2.
+Configurations are picked per shape by ``triton.autotune`` (first call per shape); the weight
+gradient's slices of M come from :mod:`sparsetrain.kernels.wgrad_slices`. Each autotuned launch
+costs tens of microseconds of Python: train with CUDA graphs (``compile_mode: auto`` takes
+``reduce-overhead`` for runs on these kernels).
 
-Measured on an H200 (BENCHMARKS.md, 16384 tokens, 128x128 blocks, CUDA-graph replays): with every
-block live the three products run at 0.86-0.92x of cuBLAS; at 75% sparsity forward and input
-gradient run 2.6-2.7x faster than cuBLAS dense on the GPT-3 XL MLP shapes and the weight gradient
-3.3-3.4x (4.9-5.7x and 6.3x at 90%). The weight gradient's slices of M come from
-``kernels/wgrad_slices.py``. TMA loads: 0.91x of cuBLAS against 0.71x for
-pointer loads (forward and backward, all blocks live). Host side, each autotuned launch costs tens of
-microseconds of Python: train with CUDA graphs (``compile_mode: auto`` takes ``reduce-overhead``
-for runs on these kernels).
-
-Why forward and input gradient stop at 2.6-2.7x at 75% (benchmarks/NOTES_block_kernels.md, fifth
-session): the output store does not overlap compute. Each step's TMA coordinates come from an
-index loaded in the loop, so Triton pipelines the loads only two deep (64 KB of shared memory,
-154 registers: 3 programs per SM, which hide the load latency); every Triton 3.6 variant that
-should overlap the store (persistent programs, warp specialisation, deeper pipelines, indices read
-before the loop) measured slower. ``benchmarks/kernel_resources.py`` prints these resources
-without a GPU.
+Forward and input gradient are bound by their output store, which does not overlap the next
+tile's MMAs: each step's TMA coordinates come from an index loaded in the loop, so Triton
+pipelines the loads only two deep. ``docs/block_kernels.md`` says what was tried against that and
+why it was refuted; BENCHMARKS.md has the figures; ``benchmarks/kernel_resources.py`` prints each
+kernel's registers and shared memory without a GPU.
 """
 
 from __future__ import annotations
@@ -256,7 +248,7 @@ def _pack_kernel(w, out, blk_rows, row_cols, K, BR: tl.constexpr, BC: tl.constex
 
 def pack(weight: torch.Tensor, layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
     """The live blocks of ``weight`` as ``(nnz, br, bc)`` in ``dtype``: one pass, reading the live
-    blocks only (what ``block_layout.pack_blocks`` computes with two torch ops)."""
+    blocks only (what ``blocks.pack_blocks`` computes with two torch ops)."""
     (br, bc), w = layout.block, weight.contiguous()
     out = torch.empty(layout.nnz, br, bc, dtype=dtype, device=weight.device)
     if layout.nnz:
@@ -281,8 +273,8 @@ def _desc(t: torch.Tensor, use_tma: bool):
 
 
 def _grid(count: int, rows: int):
-    """One program per output tile. (A persistent variant, one program per SM looping over tiles,
-    measured 0.63x of cuBLAS where this reaches 0.91x: benchmarks/NOTES_block_kernels.md.)"""
+    """One program per output tile (a persistent variant, one program per SM looping over tiles,
+    was slower: docs/block_kernels.md)."""
     return lambda meta: (triton.cdiv(rows, meta["BM"]) * count,)
 
 

@@ -20,7 +20,7 @@ sparsifier keeps pruned weights at exactly zero, so both paths compute the same 
 kernels just skip the zero blocks), or on the stored blocks unpacked to dense, differentiably.
 
 On Hopper the kernels load tiles through TMA descriptors; ``SPARSETRAIN_BLOCK_TMA=0`` in the
-environment makes them use pointer loads instead (for comparison: TMA measured faster on the H200).
+environment makes them use pointer loads instead (for comparison; TMA is the faster).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ block_sparse_mm.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerBlockSparseMM(torch.autograd.Function):
     """The same products for eager mode, without the custom op's per-call dispatch and checks
-    (measured: they cost more host time than the kernels take on GPT-2-small shapes)."""
+    (they cost more host time than the kernels take on GPT-2-small shapes)."""
 
     @staticmethod
     def forward(ctx, x, weight, br, bc, *tables):

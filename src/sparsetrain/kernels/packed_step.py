@@ -22,13 +22,9 @@ rate, bias corrections) are computed on the host and passed by value.
 
 Per entry (fp32, 75% sparsity) the step moves about 16 bytes (weight and gradient read, weight
 written, 1/8 byte of mask, state for a quarter of the entries) against 28 for torch's dense fused
-AdamW, and it replaces the post-step re-masking pass of the generic path (36 bytes). Measured on
-an H200 (GPT-2-small matrices, 85M fp32 weights, CUDA events, median of 40): dense fused AdamW
-0.85 ms; sparsifier + fused AdamW 1.94-2.02 ms; sparsifier + this kernel 1.30-1.32 ms (grad
-masking included, about 0.27 ms of it), at 50/75/90% sparsity: about 1.1-1.3 TB/s, well under the
-chip's 4 TB/s: the per-tile chain (table loads, mask, block-wide scan, dependent state gathers)
-leaves too few bytes in flight. ptxas (sm_90a): 64 registers (AdamW, BLOCK 1024, 8 warps), no
-spills, 16-byte vectors on full tiles.
+AdamW, and it replaces the post-step re-masking pass of the generic path (36 bytes). It runs well
+under the chip's memory bandwidth: the per-tile chain (table loads, mask, block-wide scan,
+dependent state gathers) leaves too few bytes in flight (BENCHMARKS.md, "Optimizer step alone").
 
 The math follows torch's single-tensor AdamW / Adam / SGD step operation by operation (the
 reference in ``optim.packed_state`` is the oracle), in float32 with correctly rounded division and

@@ -3,17 +3,16 @@ without a GPU (``block_sparse`` imports Triton).
 
 The kernel runs one program per (live block, slice of M). Few live blocks leave SMs idle unless M
 is sliced; slices cost a pass that sums the partial blocks, and each program a fixed start-up
-cost, so the count that wins depends on the live-block count. Measured on an H200
-(``benchmarks/kernel_configs.py``, 16384 tokens, 128x128 blocks; NOTES_block_kernels.md): one slice
-is best at 102-1024 live blocks (7.4x cuBLAS at 90% against 6.0x with the earlier rule of two
-waves), three at 36 (2.8x, against 1.5x with one slice), six to nine at 14.
+cost, so the count that wins depends on the live-block count: one slice from about as many live
+blocks as SMs, several below. The constants were fitted to the slice sweep of
+``benchmarks/kernel_configs.py`` (128x128 blocks; figures in BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 # The weight-gradient cost model's constants, in rows of M one program reduces in the same time
-# (H200, 128x128 blocks, fitted to the slice sweep of benchmarks/kernel_configs.py; see
-# NOTES_block_kernels.md): a program's fixed cost (pipeline fill, tile store), the partial-sum pass
+# (H200, 128x128 blocks, fitted to the slice sweep of benchmarks/kernel_configs.py): a program's
+# fixed cost (pipeline fill, tile store), the partial-sum pass
 # per (slice, live block) (one fp32 block written and read back), and that pass's launch.
 _PROGRAM_ROWS, _PARTIAL_ROWS, _SUM_LAUNCH_ROWS = 1024, 5, 460
 

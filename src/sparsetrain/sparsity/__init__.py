@@ -1,10 +1,13 @@
-"""Static weight sparsity: the ``sparsity:`` block, masks, the sparsifier, NaN checkpoints.
+"""Weight sparsity on any ``nn.Module``: which weights, their masks, the invariant, NaN checkpoints.
 
     from sparsetrain.sparsity import sparsify
-    sparsifier = sparsify(model, params["sparsity"], optimizer)   # after .to(device) and DDP
+    sparsifier = sparsify(model, {"sparsity": 0.75}, optimizer)   # after .to(device) and DDP
 
-See ``config`` for the block, ``masks`` for how masks are chosen, ``sparsifier`` for the
-invariant it enforces, and ``nan_format`` for the checkpoint encoding.
+Modules: ``select`` (which parameters a ``sparsity:`` block takes), ``masks`` (pure functions:
+tensor + settings -> mask), ``initial_masks`` (stored masks kept or drawn anew), ``sparsifier``
+(binds masks and enforces the invariant), ``nan_format`` (the checkpoint encoding),
+``checkpoints`` (the library's save / load) and ``block_linear`` (layers on the block-sparse
+kernels). The block itself is parsed by :mod:`sparsetrain.config.sparsity`.
 """
 
 from sparsetrain.config.sparsity import GroupSettings, SparsityConfig, parse_sparsity

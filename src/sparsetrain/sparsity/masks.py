@@ -13,7 +13,7 @@ Counts are exact: a tensor of n entries at sparsity s has exactly ``round(s * n)
 - ``from_zeros`` keeps the entries that are neither exactly zero nor NaN, for importing an already
   pruned model; it ignores the sparsity setting (and the structure: the zeros are taken as found).
 
-Structured masks (``settings.structure``, see ``sparsetrain.sparsity.config``):
+Structured masks (``settings.structure``, see :mod:`sparsetrain.config.sparsity`):
 
 - ``block``: the weight is viewed as a matrix ``(shape[0], numel / shape[0])`` (a 1-D tensor as
   one row) and cut into ``(rows, cols)`` blocks from the top-left corner; the last block row and
