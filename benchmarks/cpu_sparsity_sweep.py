@@ -4,7 +4,7 @@
 
 Each level is a full run of configs/gpt2_tiny_sparse.yaml (1000 steps unless ``--steps``; the
 same seed and data) with ``--set sparsity.sparsity=<level>``; the table reports the final eval
-loss and the training-FLOP ratio (dense / sparse, SPEC §5) read back from each run's
+loss and the training-FLOP ratio (dense / sparse, ``sparsetrain.flops``) read back from each run's
 metrics.jsonl. The runs go through ``tiny_runs.train_tiny``, shared with ``structure_quality.py``.
 """
 

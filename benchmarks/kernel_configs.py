@@ -1,7 +1,8 @@
 """Every candidate launch configuration of the block-sparse kernels, timed one by one against
 cuBLAS in one process: which tile shape, warp count and pipeline depth wins per product, shape
 and sparsity, with each kernel's shared memory and registers. Feeds the autotune tables in
-``src/sparsetrain/kernels/block_sparse.py`` (benchmarks/NOTES_block_kernels.md has the log).
+``src/sparsetrain/kernels/block_sparse.py`` (docs/block_kernels.md says what the sweeps decided;
+figures in BENCHMARKS.md, raw runs in benchmarks/results/kernel_configs.jsonl).
 
     python benchmarks/kernel_configs.py --shapes 8192x2048,3072x768 --sparsity 0,0.75,0.9 --json out.json
 
@@ -30,7 +31,7 @@ try:  # Triton: GPU machines only
 except ImportError:
     triton = bs = None
 
-# (BM, BK, warps, stages). The 2026-11-28 sweeps (NOTES_block_kernels.md) also tried Triton's
+# (BM, BK, warps, stages). The 2026-11-28 sweeps (docs/block_kernels.md) also tried Triton's
 # warp specialisation (128-row tiles with 4 warps do not compile with host TMA descriptors in
 # Triton 3.6; what compiled was slower) and plain stores in place of TMA stores (0-5% slower);
 # both knobs were then taken out of the kernels (their code: commit 2a5ca70).

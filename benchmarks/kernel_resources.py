@@ -5,9 +5,9 @@ how deep the TMA pipeline of the main loop is, and so how many programs fit on o
     python benchmarks/kernel_resources.py                  # every config of the three products
     python benchmarks/kernel_resources.py --ttgir DIR      # also keep each kernel's TritonGPU IR
 
-Needs Triton (its bundled ptxas and cuobjdump), not a GPU: it costs no device time. This is how
-the fifth session found that the forward and input-gradient kernels pipeline their loads only two
-deep whatever ``num_stages`` says (64 KB of shared memory at 2, 3 and 4 stages): each step's TMA
+Needs Triton (its bundled ptxas and cuobjdump), not a GPU: it costs no device time. It shows
+that the forward and input-gradient kernels pipeline their loads only two deep whatever
+``num_stages`` says (64 KB of shared memory at 2, 3 and 4 stages): each step's TMA
 coordinates come from an index loaded in the loop. ``pipeline`` below counts the buffers of the
 loop's first operand (``ttg.local_alloc`` of ``S x BM x BK``).
 """

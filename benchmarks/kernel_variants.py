@@ -4,8 +4,8 @@ cuBLAS, one process.
     python benchmarks/kernel_variants.py --set stages|stores|ws --shapes 8192x2048 --sparsity 0.75,0.9 --json FILE
 
 Why the forward and input-gradient products reach 2.6-2.7x of cuBLAS at 75% and not the 3.5x
-their efficiency with every block live would allow (NOTES_block_kernels.md, fifth session; results
-in BENCHMARKS.md). Each set tests one explanation:
+their efficiency with every block live would allow (docs/block_kernels.md; figures in BENCHMARKS.md,
+raw runs in benchmarks/results/kernel_variants.jsonl). Each set tests one explanation:
 
 - ``--set stages``: the index loads. Nsight Compute on the 75% forward puts 46% of the stall
   cycles on L1TEX waits, i.e. ordinary global loads, and the only ones are the index tables.
@@ -23,8 +23,8 @@ in BENCHMARKS.md). Each set tests one explanation:
   descriptors, with which Triton 3.6 compiles it for 128-row tiles on 4 warps (host descriptors
   do not: triton-lang/triton#11587), on the K loop or on the tile loop of a persistent grid.
 
-(The fourth session's persistent variants, 1-3 programs per SM with whole or split TMA stores,
-measured 1.3-2.0x against the product kernel's 2.64x at 75%; their code is in git history.)
+(Persistent variants, 1-3 programs per SM with whole or split TMA stores, measured 1.3-2.0x
+against the product kernel's 2.64x at 75%, 2026-11-28; their code is in git history, commit f23e694.)
 
 Each variant is checked against the masked dense product, then timed over CUDA-graph replays
 with cuBLAS in the same run. Not used by training: a variant that wins moves into

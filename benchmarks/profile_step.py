@@ -5,8 +5,8 @@ the rest), each group's share of the step.
     python benchmarks/profile_step.py --preset gpt2-small --structure block --sparsity 0.75 \
         --set runconfig.compile_mode=reduce-overhead --json FILE
 
-The run is built exactly as ``sparsetrain bench train`` builds it (``bench._params`` +
-``train.setup`` + ``train.train_step``), warmed up (compilation, autotuning), then profiled for
+The run is built exactly as ``sparsetrain bench train`` builds it (``sparsetrain.bench.train._params``
++ ``sparsetrain.training.setup`` + ``training.train_step``), warmed up (compilation, autotuning), then profiled for
 ``--steps`` steps. ``--sparsity 0`` profiles the dense step.
 """
 

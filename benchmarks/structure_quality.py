@@ -22,7 +22,7 @@ does not fit this model: the attention output weight would be a single block (al
 all pruned at 0.75) and QKV three blocks (two pruned at 0.5: 67%).
 
 The table reports the final eval loss, its difference to the dense run and to the unstructured
-run at the same sparsity, the training-FLOP ratio (dense / sparse, SPEC §5), the fraction of the
+run at the same sparsity, the training-FLOP ratio (dense / sparse, ``sparsetrain.flops``), the fraction of the
 sparsified entries actually pruned and each run's wall time. Runs are sequential; ``--json``
 also writes every row with the command, the commit and the versions, to reproduce the table.
 """

@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny model config (2 layers, width 32) and a small text corpus."""
+"""Shared fixtures, for every test under ``tests/``: a tiny params file (2 layers, width 32) on a
+small text corpus, ``write_params``, ``one_thread``, ``logs``, and the ``cuda`` marker's skip.
+
+Plain helpers (paths, the tiny GPT, the toy modules, ``cli``) are in :mod:`tests.helpers`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 TINY = {
     "train_input": {"source": "text", "batch_size": 4, "max_sequence_length": 32},

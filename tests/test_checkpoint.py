@@ -1,12 +1,20 @@
+"""``checkpoint.py``: save / list / prune / load of checkpoint files, atomic saves (a failed
+write, a full disk, an exit signal mid-write leave the previous checkpoint and no partial file),
+and bad files refused in one line naming the file."""
+
 from __future__ import annotations
 
+import errno
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
 from sparsetrain import checkpoint as ckpt
 from sparsetrain.errors import CheckpointError
+from tests.helpers import FailingFile
 
 
 def state(step=1):
@@ -99,3 +107,37 @@ def test_checkpoint_from_the_gpu_loads_without_one(tmp_path):
     assert back["model"]["embed"].untyped_storage().data_ptr() == back["model"]["head"].untyped_storage().data_ptr()
     torch.testing.assert_close(back["model"]["embed"], w.cpu())
     assert s["model"]["embed"].is_cuda  # the caller's state is untouched
+
+
+def test_real_enospc_from_dev_full_is_reported(tmp_path, monkeypatch):
+    """The kernel's own ENOSPC (writing to /dev/full) reaches torch.save as a RuntimeError: still 'disk full'."""
+    if not Path("/dev/full").exists():  # not Linux: the fake-writer cases above cover it
+        return
+    path = tmp_path / "checkpoint_3.mdl"
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        real_fdopen(fd, *args, **kwargs).close()
+        return open("/dev/full", "wb")
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    state = {"model": {"w": torch.randn(100_000)}, "global_step": 3}
+    with pytest.raises(ckpt.CheckpointWriteError) as e:
+        ckpt.save_checkpoint(state, path)
+    assert str(e.value).startswith(f"{path}: cannot write checkpoint: disk full (ENOSPC)")
+    assert e.value.errno == errno.ENOSPC and "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("exc", [SystemExit(143), KeyboardInterrupt()], ids=["SystemExit", "KeyboardInterrupt"])
+def test_signal_exit_inside_a_save_stays_an_exit(exc, tmp_path, monkeypatch):
+    """A signal handler that raises while torch.save is writing: torch reports a RuntimeError
+    ("unexpected pos"); the save removes its temporary file and lets the exit through."""
+    ckpt.save_checkpoint({"model": {"w": torch.ones(3)}, "global_step": 1}, tmp_path / "checkpoint_1.mdl")
+    before = (tmp_path / "checkpoint_1.mdl").read_bytes()
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FailingFile(real_fdopen(fd, *a, **k), exc, after=100))
+    with pytest.raises(type(exc)):
+        ckpt.save_checkpoint({"model": {"w": torch.randn(100_000)}, "global_step": 2}, tmp_path / "checkpoint_2.mdl")
+    assert os.listdir(tmp_path) == ["checkpoint_1.mdl"]
+    assert (tmp_path / "checkpoint_1.mdl").read_bytes() == before

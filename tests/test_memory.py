@@ -1,4 +1,5 @@
-"""``plan``'s training-state bytes equal what a run really holds after a step (CPU, tiny model)."""
+"""``memory.py``: the training-state bytes ``plan`` reports equal what a run really holds after a
+step (CPU, tiny model), and the formula behind them."""
 
 from __future__ import annotations
 

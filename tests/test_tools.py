@@ -1,4 +1,5 @@
-"""plan / inspect / finalize, and the library API outside the CLI."""
+"""``tools.py``: ``plan`` (its JSON and text, structured groups, the GPU-kernel marks, errors in one
+line), ``inspect`` (NaN at pruned positions told apart from poison) and ``finalize``, on tiny runs."""
 
 from __future__ import annotations
 
@@ -6,18 +7,18 @@ import json
 
 import pytest
 import torch
-from torch import nn
+import yaml
 
-import sparsetrain
-from sparsetrain.cli import main
+from sparsetrain import checkpoint as ckpt
+from sparsetrain import training as tr
 from sparsetrain.config import load_params
-from sparsetrain.sparsity.masks import num_pruned
+from sparsetrain.sparsity.masks import block_random_mask, num_pruned
+from tests.helpers import block_kernel_run, cli
 
 SPARSE = {"sparsity": 0.75, "init_method": "topk"}
 
 
-def cli(*args) -> int:
-    return main([str(a) for a in args])
+# -- plan ----------------------------------------------------------------------------------------
 
 
 def test_plan_json_shape_and_counts(tiny_params, write_params, capsys):
@@ -45,11 +46,95 @@ def test_plan_text_needs_no_data_or_memory(tmp_path, capsys):
     assert "96 sparsified tensors" in out and "ratio 2.49x" in out
 
 
+def test_plan_of_every_sparse_config():
+    from sparsetrain.tools import plan
+
+    for name in ("default", "regex", "list", "groups"):
+        report = plan(load_params(f"configs/gpt2_small_sparse_{name}.yaml"))
+        assert report["parameters"], name
+
+
+def test_plan_json_and_text_show_structure(tiny_params, write_params, capsys):
+    block = {"sparsity": 0.75, "structure": "block", "block_size": [16, 24], "param_name_patterns": {
+        "mlp.fc": {"init_method": "random"}, "mlp.proj": {}, "attn.qkv": {"structure": "2:4"}, "attn.proj": {"structure": "unstructured"}}}
+    path = write_params(tiny_params(sparsity=block))
+    assert cli("plan", "--params", path, "--json") == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["parameters"]}
+    for r in rows.values():  # the existing contract holds for every row
+        assert set(r) >= {"name", "shape", "numel", "group", "sparsity", "init_method", "pruned", "kept", "structure"}
+        assert r["pruned"] + r["kept"] == r["numel"]
+    fc = rows["layers.0.mlp.fc.weight"]  # 128 x 32 in 16x24 blocks: 8 x 2, the second column partial
+    assert (fc["structure"], fc["block_size"], fc["blocks"], fc["pruned_blocks"]) == ("block", [16, 24], 16, 12)
+    expected = block_random_mask("layers.0.mlp.fc.weight", (128, 32), 0.75, 0, (16, 24))
+    assert fc["pruned"] == int((~expected).sum()) and fc["pruned_exact"] is True
+    proj = rows["layers.0.mlp.proj.weight"]  # 32 x 128: 2 x 6 blocks, topk, partial -> estimate
+    assert (proj["blocks"], proj["pruned_blocks"], proj["pruned_exact"]) == (12, 9, False)
+    assert proj["pruned"] == 2 * 16 * 8 + 7 * 16 * 24  # the two 16x8 edge blocks go first
+    qkv = rows["layers.1.attn.qkv.weight"]
+    assert (qkv["structure"], qkv["sparsity"], qkv["pruned"]) == ("2:4", 0.5, 96 * 32 // 2) and "block_size" not in qkv
+    assert rows["layers.0.attn.proj.weight"]["structure"] == "unstructured"
+    assert cli("plan", "--params", path) == 0
+    out = capsys.readouterr().out
+    assert "structure" in out and "block 16x24" in out and "2:4" in out and "unstructured" in out
+    assert "~" in out  # the estimated count is marked
+
+
+def test_plan_marks_weights_on_the_gpu_kernels(tiny_params, write_params, capsys):
+    block = {"sparsity": 0.5, "structure": "block", "block_size": 16, "param_name_patterns": {
+        "mlp.fc": {}, "mlp.proj": {"block_size": 24}, "attn.qkv": {"block_size": [16, 32]}}}
+    path = write_params(tiny_params(sparsity=block))  # width 32: fc 128x32, proj 32x128, qkv 96x32
+    assert cli("plan", "--params", path, "--json") == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["parameters"]}
+    assert rows["layers.0.mlp.fc.weight"]["gpu_kernels"] is True
+    assert rows["layers.0.mlp.proj.weight"]["gpu_kernels"] is False  # 24 is not a power of two
+    assert rows["layers.0.attn.qkv.weight"]["gpu_kernels"] is True  # rectangular 16x32 fits 96x32
+    assert cli("plan", "--params", path) == 0
+    out = capsys.readouterr().out
+    assert "block 16x16*" in out and "block 24x24 " in out and "runs on the block-sparse GPU kernels" in out
+    assert "train masked dense (no speedup)" in out
+
+
+# -- plan: errors in one line ---------------------------------------------------------------------
+
+
 def test_plan_bad_pattern_lists_names(tiny_params, write_params, capsys):
     path = write_params(tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": "fc_layers.*weight"}))
     assert cli("plan", "--params", path) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "fc_layers.*weight" in err and "mlp.fc.weight" in err
+
+
+def test_plan_rejects_nm_on_indivisible_shape(tiny_params, write_params, capsys):
+    path = write_params(tiny_params(sparsity={"structure": "3:64", "param_name_patterns": "mlp.fc"}))
+    assert cli("plan", "--params", path) == 2
+    err = capsys.readouterr().err
+    assert "layers.0.mlp.fc.weight" in err and "(128, 32)" in err and "not a multiple of 64" in err
+
+
+def _plan_rc(tmp_path, doc, capsys) -> str:
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    capsys.readouterr()
+    assert cli("plan", "--params", path) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_plan_pattern_with_a_line_break_is_one_line(tmp_path, capsys):
+    # config.py: group_where() writes a dict-form pattern raw into the message
+    doc = {"model": {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2},
+           "sparsity": {"sparsity": 0.5, "param_name_patterns": {"mlp\nweight": {}}}}
+    _plan_rc(tmp_path, doc, capsys)
+
+
+def test_plan_shards_without_data_path_is_one_line(tmp_path, capsys):
+    # tools.py: _vocab_size() calls Path(None) before data.check_input() has said what is missing
+    err = _plan_rc(tmp_path, {"train_input": {"source": "shards"}}, capsys)
+    assert "train_input.data_path" in err
+
+
+# -- inspect and finalize --------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -74,6 +159,36 @@ def test_inspect_counts_nan(sparse_run, capsys):
     assert "NaN (pruned)" in capsys.readouterr().out
 
 
+def test_inspect_tells_pruned_nan_from_poison(tmp_path, tiny_params, write_params, capsys, one_thread):
+    d = tmp_path / "run"
+    params = write_params(tiny_params(sparsity={"sparsity": 0.5}, runconfig={"max_steps": 2}))
+    assert cli("train", "--params", params, "--model_dir", d) == 0
+    sparse = d / "checkpoint_2.mdl"
+    capsys.readouterr()
+    assert cli("inspect", sparse, "--json") == 0
+    clean = {t["name"]: t for t in json.loads(capsys.readouterr().out)["tensors"]}
+    assert clean["layers.0.mlp.fc.weight"]["nan"] > 0  # pruned positions
+    assert all(t.get("nonfinite") == 0 for t in clean.values()), "pruned NaN is not poison"
+    assert cli("inspect", sparse) == 0
+    assert "non-finite" not in capsys.readouterr().out
+
+    state = ckpt.load_checkpoint(sparse)
+    state["model"]["norm_f.weight"][0] = float("nan")  # never pruned: a norm
+    fc = state["model"]["layers.0.mlp.fc.weight"]
+    fc[~torch.isnan(fc)] = fc[~torch.isnan(fc)].index_fill(0, torch.tensor([0]), float("inf"))  # inf is never pruning
+    poisoned = tmp_path / "poisoned.mdl"
+    torch.save(state, poisoned)
+    assert cli("inspect", poisoned, "--json") == 0
+    report = {t["name"]: t for t in json.loads(capsys.readouterr().out)["tensors"]}
+    assert report["norm_f.weight"]["nonfinite"] == 1
+    assert report["layers.0.mlp.fc.weight"]["nonfinite"] == 1
+    assert report["layers.0.mlp.fc.weight"]["nan"] == clean["layers.0.mlp.fc.weight"]["nan"]
+    assert cli("inspect", poisoned) == 0
+    out = capsys.readouterr().out
+    for name in ("norm_f.weight", "layers.0.mlp.fc.weight"):
+        assert any(name in line and "non-finite" in line for line in out.splitlines()), out
+
+
 def test_finalize_mdl_and_safetensors(sparse_run, tmp_path):
     out = tmp_path / "dense.mdl"
     assert cli("finalize", "-i", sparse_run, "-o", out) == 0
@@ -90,52 +205,16 @@ def test_finalize_mdl_and_safetensors(sparse_run, tmp_path):
     assert cli("finalize", "-i", sparse_run, "-o", sparse_run) == 2  # never overwrite the input
 
 
-class HFStyleGPT(nn.Module):
-    """Names as in Hugging Face GPT-2 (wte, wpe, h.N.attn.c_attn, ln_f): no 'embed' in the names."""
+def test_inspect_and_finalize_read_a_packed_runs_checkpoint(tmp_path, tiny_params, monkeypatch, capsys):
+    from sparsetrain.cli import main
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.wte = nn.Embedding(50, 16)
-        self.wpe = nn.Embedding(8, 16)
-        self.h = nn.ModuleList(nn.ModuleDict({"c_attn": nn.Linear(16, 48), "c_fc": nn.Linear(16, 64), "ln_1": nn.LayerNorm(16)}) for _ in range(2))
-        self.lm_head = nn.Linear(16, 50, bias=False)
-        self.lm_head.weight = self.wte.weight
-
-    def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-        for blk in self.h:
-            x = x + blk["c_attn"](blk["ln_1"](x))[..., :16] + blk["c_fc"](x)[..., :16]
-        return self.lm_head(x)
-
-
-def test_library_api_outside_cli(tmp_path):
-    torch.manual_seed(0)
-    model = HFStyleGPT()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    sp = sparsetrain.sparsify(model, {"sparsity": 0.5}, opt)
-    assert sorted(sp.masks) == [f"h.{i}.{k}.weight" for i in range(2) for k in ("c_attn", "c_fc")]
-    for _ in range(5):
-        opt.zero_grad()
-        model(torch.randint(0, 50, (2, 8))).logsumexp(-1).mean().backward()
-        opt.step()
-    for name, mask in sp.masks.items():
-        p = dict(model.named_parameters())[name]
-        assert (p[~mask] == 0).all() and (opt.state[p]["exp_avg"][~mask] == 0).all()
-    path = tmp_path / "hf.mdl"
-    sparsetrain.save_sparse_checkpoint(path, model, sp, opt, global_step=5)
-    fresh = HFStyleGPT()
-    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    sp2 = sparsetrain.load_sparse_checkpoint(path, fresh, fresh_opt, block={"sparsity": 0.5})
-    for name, mask in sp.masks.items():
-        assert torch.equal(sp2.masks[name], mask)
-    dense = HFStyleGPT()
-    assert sparsetrain.load_sparse_checkpoint(path, dense) is None  # no block: dense fine-tuning
-    assert not any(torch.isnan(p).any() for p in dense.parameters())
-
-
-def test_plan_of_every_sparse_config():
-    from sparsetrain.tools import plan
-
-    for name in ("default", "regex", "list", "groups"):
-        report = plan(load_params(f"configs/gpt2_small_sparse_{name}.yaml"))
-        assert report["parameters"], name
+    run = block_kernel_run(tmp_path / "run", tiny_params, monkeypatch, packed=True, max_steps=2)
+    tr.train_step(run)
+    path = tr.save(run)
+    assert main(["inspect", str(path)]) == 0
+    assert "layers.0.mlp.fc.weight" in capsys.readouterr().out
+    out = tmp_path / "final.mdl"
+    assert main(["finalize", "--input", str(path), "--output", str(out)]) == 0
+    final = torch.load(out, weights_only=True)
+    model = final.get("model", final)
+    assert not any(torch.isnan(v).any() for v in model.values() if v.is_floating_point())

@@ -1,0 +1,33 @@
+"""Helpers of the data tests: a data section (``make_input``) and reproducible documents (``text_of``)."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+
+WORDS = "alpha beta gamma delta def return class import lambda yield größe naïve 数据 🙂".split()
+
+
+def make_input(**overrides) -> types.SimpleNamespace:
+    values = dict(
+        source="text",
+        data_path=None,
+        text_field="text",
+        tokenizer="byte",
+        bpe_vocab_size=300,
+        split="train",
+        eval_fraction=0.2,
+        batch_size=4,
+        max_sequence_length=16,
+        shuffle=True,
+        section="train_input",
+    )
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def text_of(i: int, n_words: int = 200) -> str:
+    rng = np.random.default_rng(i)
+    lines = [" ".join(rng.choice(WORDS, size=10)) for _ in range(n_words // 10)]
+    return f"# document {i}\n" + "\n".join(lines) + "\n"

@@ -1,0 +1,250 @@
+"""Helpers shared by the tests: plain functions and classes (the fixtures are in ``conftest.py``).
+
+- ``ROOT``, ``SRC``: the repository and its ``src/``;
+- ``tiny_config`` / ``tiny_gpt``: the real :class:`~sparsetrain.model.GPT`, small;
+- ``ToyBlock`` / ``ToyGPT`` / ``toy_gpt``: GPT's parameter names around no real attention, for the
+  sparsity library on any ``nn.Module``;
+- ``TOY_SPARSITY``: a sparsity block of three groups for the toy;
+- ``BLOCK_MATRICES``: the 8 block matrices of a 2-layer GPT (what the default heuristic takes);
+- ``cli``, ``records``: the command line in process, and what a run logged to metrics.jsonl;
+- ``FailingFile``: a file that fails like a full disk after some bytes;
+- ``triton_module``: a Triton kernel module, or a skip where Triton is missing; ``rel_err``;
+- ``block_kernel_run``: a CPU run whose block layers are switched as on a CUDA bf16 run;
+- ``torchrun`` / ``launch``, ``rank_reports``, ``checkpoint_model``: runs of 1 or N processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.cli import main
+from sparsetrain.config import ModelParams, params_from_dict
+from sparsetrain.model import GPT
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+# -- models ------------------------------------------------------------------------------------
+
+TINY_GPT = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=97, max_position_embeddings=32)
+
+
+def tiny_config(**overrides) -> ModelParams:
+    """``ModelParams`` of a tiny GPT: 2 layers, width 64, 2 heads, vocab 97, context 32 unless overridden."""
+    return ModelParams(**{**TINY_GPT, **overrides})
+
+
+def tiny_gpt(*, seed: int | None = 0, device: str = "cpu", **overrides) -> GPT:
+    """A tiny :class:`GPT` (:func:`tiny_config` with ``overrides``) on ``device``, its weights drawn
+    after ``torch.manual_seed(seed)`` (``seed=None``: from the global generator as it stands)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides)).to(device)
+
+
+class ToyBlock(nn.Module):
+    """A transformer block's parameter names (``norm_1``, ``attn.qkv``, ``attn.proj``, ``norm_2``,
+    ``mlp.fc``, ``mlp.proj``) with no real attention: ``attn.proj`` reads qkv's whole output
+    (``3 d``) unless ``proj_in`` says otherwise."""
+
+    def __init__(self, d: int, proj_in: int | None = None) -> None:
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(d)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(d, 3 * d)
+        self.attn.proj = nn.Linear(3 * d if proj_in is None else proj_in, d)
+        self.norm_2 = nn.LayerNorm(d)
+        self.mlp = nn.Module()
+        self.mlp.fc = nn.Linear(d, 4 * d)
+        self.mlp.proj = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.proj(torch.tanh(self.attn.qkv(self.norm_1(x))))
+        return x + self.mlp.proj(torch.relu(self.mlp.fc(self.norm_2(x))))
+
+
+TOY_VOCAB, TOY_WIDTH, TOY_CONTEXT = 13, 8, 6
+
+
+class ToyGPT(nn.Module):
+    """GPT-shaped enough for sparsity: the same parameter names, no real attention."""
+
+    def __init__(
+        self,
+        tied: bool = False,
+        n_layer: int = 2,
+        *,
+        d: int = TOY_WIDTH,
+        vocab: int = TOY_VOCAB,
+        context: int = TOY_CONTEXT,
+        proj_in: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.embed_positions = nn.Embedding(context, d)
+        self.layers = nn.ModuleList(ToyBlock(d, proj_in) for _ in range(n_layer))
+        self.norm_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(idx) + self.embed_positions(torch.arange(idx.shape[1]))
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.norm_f(x))
+
+
+def toy_gpt(seed: int = 0, **kwargs) -> ToyGPT:
+    """A :class:`ToyGPT` drawn after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return ToyGPT(**kwargs)
+
+
+# A sparsity block for the toy: three groups with settings of their own (``mlp`` random at 0.75,
+# ``attn`` topk at the top-level 0.5, the head at 0.3), seed 3.
+TOY_SPARSITY = {
+    "sparsity": 0.5,
+    "seed": 3,
+    "param_name_patterns": {
+        "mlp": {"sparsity": 0.75, "init_method": "random"},
+        "attn": {},
+        "lm_head": {"sparsity": 0.3},
+    },
+}
+
+BLOCK_MATRICES = [
+    f"layers.{i}.{s}"
+    for i in range(2)
+    for s in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
+]
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def cli(*args) -> int:
+    """``sparsetrain ARGS`` in this process (paths and numbers as strings); the exit code."""
+    return main([str(a) for a in args])
+
+
+def records(model_dir: Path, kind: str = "train") -> list[dict]:
+    """The records of one ``kind`` a run wrote to ``model_dir/metrics.jsonl``."""
+    lines = (model_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+
+class FailingFile:
+    """Wraps the temporary checkpoint file: writes part of the data, then fails like a full disk."""
+
+    def __init__(self, f, exc: BaseException, after: int = 4096):
+        self.f, self.exc, self.left = f, exc, after
+
+    def write(self, data):
+        if self.left <= 0:
+            raise self.exc
+        n = self.f.write(bytes(data)[: self.left])
+        self.left -= n
+        return len(data) if self.left > 0 else n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+# -- kernels -----------------------------------------------------------------------------------
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` in float64 (Frobenius norms)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def triton_module(name: str):
+    """``sparsetrain.kernels.<name>`` (which imports Triton), or skip the test where Triton is missing."""
+    from sparsetrain.kernels import has_triton
+
+    if not has_triton():
+        pytest.skip("needs Triton")
+    return importlib.import_module(f"sparsetrain.kernels.{name}")
+
+
+# -- runs whose block layers are on the block-sparse kernels' class ------------------------------
+
+BLOCK16_75 = {"sparsity": 0.75, "structure": "block", "block_size": 16, "init_method": "topk"}
+
+
+def block_kernel_run(model_dir, tiny_params, monkeypatch, *, packed: bool, max_steps: int, **optimizer):
+    """A CPU run; ``packed`` stands in for a CUDA bf16 run, whose block layers go to the kernels
+    with live blocks stored only (on the CPU the fallback computes the same function)."""
+    from sparsetrain import training as tr
+    from sparsetrain.sparsity.block_linear import packed_layers
+    from sparsetrain.training import build
+
+    monkeypatch.setattr(build, "block_kernels_apply", lambda run: packed)
+    p = tiny_params(sparsity=BLOCK16_75, model={"hidden_size": 64})
+    p["optimizer"].update(optimizer)
+    p["runconfig"].update({"max_steps": max_steps, "device": "cpu", "compile": False})
+    model_dir.mkdir(exist_ok=True)
+    run = tr.setup(params_from_dict(p), model_dir, evaluate=False, write_metrics=False)
+    assert len(packed_layers(run.model)) == (8 if packed else 0) == len(run.block_kernel_layers)
+    return run
+
+
+# -- runs of one process, or of several under torchrun -------------------------------------------
+
+
+def launch(nproc: int, params: Path, model_dir: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``run.py --mode train`` with ``--set`` ``overrides``, in one process or ``nproc``."""
+    sets = [x for o in overrides for x in ("--set", o)]
+    args = [str(ROOT / "run.py"), "--mode", "train", "--params", str(params), "--model_dir", str(model_dir), *sets]
+    return torchrun(nproc, args, timeout)
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python ARGS`` in one process, or under torchrun in ``nproc``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        # --standalone: a private rendezvous on a free port, so parallel or stale jobs never meet.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    # A session of its own, so that a hung job's worker processes can be killed with it.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun timed out after {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def rank_reports(directory: Path) -> list[dict]:
+    """The JSON reports a 2-process probe wrote, one file per rank."""
+    return [json.loads((directory / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def checkpoint_model(path: Path) -> dict:
+    """The model state of a checkpoint file, on the CPU (a GPU run's too)."""
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
