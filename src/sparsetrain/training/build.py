@@ -30,7 +30,7 @@ import torch
 from sparsetrain import checkpoint as ckpt
 from sparsetrain import data
 from sparsetrain import distributed as dist
-from sparsetrain.config import ModelParams, Params
+from sparsetrain.config import InputParams, ModelParams, Params
 from sparsetrain.errors import ConfigError
 from sparsetrain.flops import flops_report
 from sparsetrain.model import GPT
@@ -215,7 +215,8 @@ def _sparsify(run: Run, masks: dict[str, torch.Tensor]) -> None:
         run.block_kernel_layers = use_block_kernels(model, run.sparsifier, packed=run.dist.mode != "fsdp")
 
 
-def _tokens(section, tokenizer, model_dir: Path, vocab_size: int) -> data.TokenStream:
+def _tokens(section: InputParams, tokenizer: data.Tokenizer, model_dir: Path, vocab_size: int) -> data.TokenStream:
+    """A data section's token stream, checked against the model's vocabulary and context."""
     stream = data.load_tokens(section, tokenizer, model_dir)
     data.check_vocab(stream, vocab_size, section.section)
     data.check_length(stream, section.max_sequence_length, section.section)
