@@ -136,3 +136,15 @@ def test_a_pattern_that_selects_nothing_names_the_params_file(tmp_path, tiny_par
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: sparsity.param_name_patterns ('decoder.*weight'): matches no parameter"), err
     assert not list((tmp_path / "run").glob("checkpoint_*")) and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_bad_pattern_on_a_trained_model_dir_is_one_line_before_anything_loads(tmp_path, tiny_params, write_params, capsys):
+    good = write_params(tiny_params(sparsity={"sparsity": 0.5}, runconfig={"max_steps": 1, "eval_steps": 1}), "good.yaml")
+    assert cli("train", "--params", good, "--model_dir", tmp_path / "run", *FAST) == 0
+    saved = (tmp_path / "run" / "checkpoint_1.mdl").read_bytes()
+    bad = write_params(tiny_params(sparsity={"structure": "2:3"}), "bad.yaml")  # width 32: no whole groups of 3
+    capsys.readouterr()
+    assert cli("train", "--params", bad, "--model_dir", tmp_path / "run", *FAST) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {bad}: sparsity.structure 2:3: parameter "), err
+    assert (tmp_path / "run" / "checkpoint_1.mdl").read_bytes() == saved

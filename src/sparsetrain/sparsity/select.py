@@ -13,6 +13,7 @@ from torch import nn
 
 from sparsetrain.config.sparsity import GroupSettings, SparsityConfig
 from sparsetrain.errors import ConfigError
+from sparsetrain.sparsity.masks import check_structure
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,9 @@ def _list_names(names_of: Mapping[int, list[str]]) -> str:
 
 
 def select_for_model(model: nn.Module, config: SparsityConfig) -> dict[str, GroupSettings]:
-    """``select_parameters`` on every name of every parameter, embeddings and ties detected."""
+    """``select_parameters`` on every name of every parameter, embeddings and ties detected; each
+    selected weight's shape is checked against its group's structure (N:M needs a last dimension
+    that is a multiple of M), so a block that cannot apply fails before any mask is drawn."""
     named = list(model.named_parameters(remove_duplicate=False))
     embedding_params = {
         id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()
@@ -128,4 +131,8 @@ def select_for_model(model: nn.Module, config: SparsityConfig) -> dict[str, Grou
         if key in embedding_params or (len(names) > 1 and any("embed" in n.lower() for n in names))
         for name in names
     }
-    return select_parameters(config, named, tied)
+    settings = select_parameters(config, named, tied)
+    shapes = dict(named)
+    for name, group in settings.items():
+        check_structure(name, shapes[name].shape, group)
+    return settings

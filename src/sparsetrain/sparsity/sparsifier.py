@@ -72,6 +72,7 @@ def sparsify(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     masks: Mapping[str, torch.Tensor] | None = None,
+    settings: Mapping[str, GroupSettings] | None = None,
 ) -> Sparsifier:
     """Draw (or take) the masks of ``model``'s selected parameters, zero pruned weights, and
     attach to ``optimizer`` if given.
@@ -80,13 +81,18 @@ def sparsify(
     found there keeps that mask (resuming never re-draws or compounds it), unless its group asks
     for ``sparsity: 0.0`` (the weight becomes dense) or for a different number of pruned entries
     (a new mask is drawn from the current weights, with a warning). No block gives a sparsifier
-    with no masks: dense training.
+    with no masks: dense training. ``settings``: the block's selection on this model, when the
+    caller resolved it already (:func:`~sparsetrain.sparsity.select.select_for_model`).
     """
     config = block if isinstance(block, SparsityConfig) or block is None else parse_sparsity(block)
     if config is None and masks:
         log.info("sparsity: no sparsity block; the %d sparse tensors given train dense (dense fine-tuning)", len(masks))
         masks = None
-    settings = select_for_model(model, config) if config is not None else {}
+    if config is None:
+        settings = {}
+    elif settings is None:
+        settings = select_for_model(model, config)
+    settings = dict(settings)
     params = dict(model.named_parameters())
     given = check_given(masks or {}, params, settings)
     chosen: dict[str, torch.Tensor] = {}

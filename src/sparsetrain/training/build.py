@@ -12,9 +12,9 @@ Which checkpoint is loaded:
 - ``--checkpoint_path`` elsewhere: a warm start -- weights only, step 0, a fresh optimizer. This is
   the SPDF fine-tuning flow: point a new run at a sparse pre-training checkpoint.
 
-The ``sparsity:`` block is resolved against the model (its patterns, the masks) right after the
-model is built and its checkpoint loaded, before any data is read, so a pattern that selects
-nothing fails at once; its errors name the params file.
+The ``sparsity:`` block is resolved against the model (which weights, with which settings) once,
+right after the model is built: before a checkpoint or any data is read, so a pattern that
+selects nothing fails at once; its errors name the params file.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ import torch
 from sparsetrain import checkpoint as ckpt
 from sparsetrain import data
 from sparsetrain import distributed as dist
-from sparsetrain.config import InputParams, ModelParams, Params
+from sparsetrain.config import GroupSettings, InputParams, ModelParams, Params
 from sparsetrain.errors import ConfigError
 from sparsetrain.flops import flops_report
 from sparsetrain.model import GPT
 from sparsetrain.optim import build_optimizer, lr_scheduler
 from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.block_linear import use_block_kernels
+from sparsetrain.sparsity.select import select_for_model
 from sparsetrain.sparsity.sparsifier import sparsify
 from sparsetrain.training.metrics import MetricsWriter
 from sparsetrain.training.state import Run, load_training_state
@@ -55,12 +56,14 @@ def setup(
     tokenizer = data.load_tokenizer(params.train_input, model_dir)
     _fit_vocab(params.model, tokenizer.vocab_size)
     model = GPT(params.model).to(device)
+    with _naming(params):
+        selection = select_for_model(model, params.sparsity) if params.sparsity is not None else {}
     path, full_resume = choose_checkpoint(model_dir, checkpoint_path)
     run = Run(params=params, model_dir=Path(model_dir), device=device, model=model, forward=model,
               tokenizer=tokenizer, loaded_from=path, dist=info)
     state, masks = _load_weights(run, path, full_resume)
     with _naming(params):
-        _sparsify(run, masks_to_keep(params, masks, path))
+        _sparsify(run, masks_to_keep(params, masks, path), selection)
     if train:
         run.train_tokens = _tokens(params.train_input, tokenizer, model_dir, params.model.vocab_size)
     if evaluate:
@@ -194,21 +197,22 @@ def _naming(params: Params) -> Iterator[None]:
         raise ConfigError(f"{params.path}: {e}") from None
 
 
-def _sparsify(run: Run, masks: dict[str, torch.Tensor]) -> None:
-    """Masks (kept from the checkpoint or drawn), FSDP sharding, and the block-sparse kernels."""
+def _sparsify(run: Run, masks: dict[str, torch.Tensor], selection: dict[str, GroupSettings]) -> None:
+    """Masks (kept from the checkpoint or drawn) of the ``selection``, FSDP sharding, and the
+    block-sparse kernels."""
     params, model = run.params, run.model
     masks = {k: v.to(run.device) for k, v in masks.items()}
     if run.dist.mode == "fsdp":
         # Masks come from the full weights (identical on every rank), then the model is sharded
         # and the sparsifier binds each rank's slice of them.
         if params.sparsity is not None:
-            pre = sparsify(model, params.sparsity, masks=masks)
+            pre = sparsify(model, params.sparsity, masks=masks, settings=selection)
             masks = dict(pre.masks)
             pre.detach()
         dist.shard(model)
     if params.sparsity is None:
         return
-    run.sparsifier = sparsify(model, params.sparsity, masks=masks)
+    run.sparsifier = sparsify(model, params.sparsity, masks=masks, settings=selection)
     if block_kernels_apply(run):
         # Before the optimizer: layers that store live blocks only give it weight_blocks.
         # Under FSDP they keep dense storage (see sparsity.block_linear).
