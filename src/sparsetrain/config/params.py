@@ -10,8 +10,10 @@ before validation, so they are checked the same way and end up in the resolved p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,12 +229,22 @@ def load_params(path: str | Path, overrides: typing.Sequence[str] = ()) -> Param
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
-    try:
+    with naming_file(path):
         params = params_from_dict(apply_overrides(raw, overrides))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
     params.path = path
     return params
+
+
+@contextlib.contextmanager
+def naming_file(path: Path | None) -> Iterator[None]:
+    """Config errors raised inside name the params file ``path`` first (nothing when None): for
+    parsing, and for the checks that need the model (``training.build``)."""
+    try:
+        yield
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def dump_params(params: Params, overrides: typing.Sequence[str] = ()) -> str:

@@ -19,9 +19,7 @@ selects nothing fails at once; its errors name the params file.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from sparsetrain import checkpoint as ckpt
 from sparsetrain import data
 from sparsetrain import distributed as dist
 from sparsetrain.config import GroupSettings, InputParams, ModelParams, Params
+from sparsetrain.config.params import naming_file
 from sparsetrain.errors import ConfigError
 from sparsetrain.flops import flops_report
 from sparsetrain.model import GPT
@@ -56,13 +55,13 @@ def setup(
     tokenizer = data.load_tokenizer(params.train_input, model_dir)
     _fit_vocab(params.model, tokenizer.vocab_size)
     model = GPT(params.model).to(device)
-    with _naming(params):
+    with naming_file(params.path):
         selection = select_for_model(model, params.sparsity) if params.sparsity is not None else {}
     path, full_resume = choose_checkpoint(model_dir, checkpoint_path)
     run = Run(params=params, model_dir=Path(model_dir), device=device, model=model, forward=model,
               tokenizer=tokenizer, loaded_from=path, dist=info)
     state, masks = _load_weights(run, path, full_resume)
-    with _naming(params):
+    with naming_file(params.path):
         _sparsify(run, masks_to_keep(params, masks, path), selection)
     if train:
         run.train_tokens = _tokens(params.train_input, tokenizer, model_dir, params.model.vocab_size)
@@ -184,17 +183,6 @@ def _load_weights(run: Run, path: Path | None, full_resume: bool) -> tuple[dict[
     run.model.load_state_dict(clean)
     log.info("loaded %s (step %d)%s", path, state["global_step"], "" if full_resume else " as a warm start at step 0")
     return state, masks
-
-
-@contextlib.contextmanager
-def _naming(params: Params) -> Iterator[None]:
-    """Config errors found once the model exists name the params file, as parsing errors do."""
-    try:
-        yield
-    except ConfigError as e:
-        if params.path is None:
-            raise
-        raise ConfigError(f"{params.path}: {e}") from None
 
 
 def _sparsify(run: Run, masks: dict[str, torch.Tensor], selection: dict[str, GroupSettings]) -> None:
