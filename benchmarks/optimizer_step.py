@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/optimizer_step.py
 
-GPT-2 small's block matrices (12 x qkv/proj/fc/proj, fp32, 85M weights) with random gradients; prints
+GPT-2 small's block matrices (12 x q/k/v/output/ffn 0/ffn 1, the model's names, fp32, 85M weights) with random gradients; prints
 GPU time per step (median of CUDA-event timings), host time, and the optimizer-state size.
 """
 
@@ -18,16 +18,18 @@ from sparsetrain.sparsity.sparsifier import sparsify
 
 def model(L=12, d=768):
     m = nn.Module()
-    m.layers = nn.ModuleList()
+    m.transformer_decoder = nn.Module()
+    m.transformer_decoder.layers = nn.ModuleList()
     for _ in range(L):
         b = nn.Module()
-        b.attn = nn.Module()
-        b.mlp = nn.Module()
-        b.attn.qkv = nn.Linear(d, 3 * d, bias=False)
-        b.attn.proj = nn.Linear(d, d, bias=False)
-        b.mlp.fc = nn.Linear(d, 4 * d, bias=False)
-        b.mlp.proj = nn.Linear(4 * d, d, bias=False)
-        m.layers.append(b)
+        b.self_attn = nn.Module()
+        for x in ("q", "k", "v", "output"):
+            setattr(b.self_attn, f"proj_{x}_dense_layer", nn.Linear(d, d, bias=False))
+        b.ffn = nn.Module()
+        b.ffn.ffn = nn.ModuleList(nn.Module() for _ in range(2))
+        b.ffn.ffn[0].linear_layer = nn.Linear(d, 4 * d, bias=False)
+        b.ffn.ffn[1].linear_layer = nn.Linear(4 * d, d, bias=False)
+        m.transformer_decoder.layers.append(b)
     return m.cuda()
 
 

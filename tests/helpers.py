@@ -5,7 +5,9 @@
 - ``ToyBlock`` / ``ToyGPT`` / ``toy_gpt``: GPT's parameter names around no real attention, for the
   sparsity library on any ``nn.Module``;
 - ``TOY_SPARSITY``: a sparsity block of three groups for the toy;
-- ``BLOCK_MATRICES``: the 8 block matrices of a 2-layer GPT (what the default heuristic takes);
+- ``BLOCK_KINDS`` (``QKV_KINDS`` its first three), ``layer_names``, ``BLOCK_MATRICES``: the 6 block
+  matrices of a decoder layer (q, k, v, attention output, the two feed-forward layers), their
+  full names, and the 12 of a 2-layer GPT (what the default heuristic takes);
 - ``cli``, ``records``: the command line in process, and what a run logged to metrics.jsonl;
 - ``FailingFile``: a file that fails like a full disk after some bytes;
 - ``triton_module``: a Triton kernel module, or a skip where Triton is missing; ``rel_err``;
@@ -52,32 +54,46 @@ def tiny_gpt(*, seed: int | None = 0, device: str = "cpu", **overrides) -> GPT:
     return GPT(tiny_config(**overrides)).to(device)
 
 
+class ToyLinear(nn.Module):
+    """The model zoo's feed-forward layer: an ``nn.Linear`` under ``linear_layer``."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.linear_layer = nn.Linear(n_in, n_out)
+
+
 class ToyBlock(nn.Module):
-    """A transformer block's parameter names (``norm_1``, ``attn.qkv``, ``attn.proj``, ``norm_2``,
-    ``mlp.fc``, ``mlp.proj``) with no real attention: ``attn.proj`` reads qkv's whole output
-    (``3 d``) unless ``proj_in`` says otherwise."""
+    """A decoder layer's parameter names (``self_attn.proj_{q,k,v}_dense_layer``,
+    ``self_attn.proj_output_dense_layer``, ``norm1``, ``norm3``, ``ffn.ffn.{0,1}.linear_layer``)
+    with no real attention: the output projection reads q, k and v side by side (``3 d``) unless
+    ``proj_in`` says otherwise."""
 
     def __init__(self, d: int, proj_in: int | None = None) -> None:
         super().__init__()
-        self.norm_1 = nn.LayerNorm(d)
-        self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(d, 3 * d)
-        self.attn.proj = nn.Linear(3 * d if proj_in is None else proj_in, d)
-        self.norm_2 = nn.LayerNorm(d)
-        self.mlp = nn.Module()
-        self.mlp.fc = nn.Linear(d, 4 * d)
-        self.mlp.proj = nn.Linear(4 * d, d)
+        self.self_attn = nn.Module()
+        self.self_attn.proj_q_dense_layer = nn.Linear(d, d)
+        self.self_attn.proj_k_dense_layer = nn.Linear(d, d)
+        self.self_attn.proj_v_dense_layer = nn.Linear(d, d)
+        self.self_attn.proj_output_dense_layer = nn.Linear(3 * d if proj_in is None else proj_in, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.norm3 = nn.LayerNorm(d)
+        self.ffn = nn.Module()
+        self.ffn.ffn = nn.ModuleList([ToyLinear(d, 4 * d), ToyLinear(4 * d, d)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn.proj(torch.tanh(self.attn.qkv(self.norm_1(x))))
-        return x + self.mlp.proj(torch.relu(self.mlp.fc(self.norm_2(x))))
+        attn, h = self.self_attn, self.norm1(x)
+        qkv = torch.cat([attn.proj_q_dense_layer(h), attn.proj_k_dense_layer(h), attn.proj_v_dense_layer(h)], dim=-1)
+        x = x + attn.proj_output_dense_layer(torch.tanh(qkv))
+        fc, proj = (layer.linear_layer for layer in self.ffn.ffn)
+        return x + proj(torch.relu(fc(self.norm3(x))))
 
 
 TOY_VOCAB, TOY_WIDTH, TOY_CONTEXT = 13, 8, 6
 
 
 class ToyGPT(nn.Module):
-    """GPT-shaped enough for sparsity: the same parameter names, no real attention."""
+    """GPT-shaped enough for sparsity: the same parameter names (the ``ln_f`` alias of the final
+    norm too), no real attention."""
 
     def __init__(
         self,
@@ -90,19 +106,23 @@ class ToyGPT(nn.Module):
         proj_in: int | None = None,
     ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, d)
-        self.embed_positions = nn.Embedding(context, d)
-        self.layers = nn.ModuleList(ToyBlock(d, proj_in) for _ in range(n_layer))
-        self.norm_f = nn.LayerNorm(d)
+        self.embedding_layer = nn.Module()
+        self.embedding_layer.word_embeddings = nn.Embedding(vocab, d)
+        self.embedding_layer.position_embeddings = nn.Embedding(context, d)
+        self.transformer_decoder = nn.Module()
+        self.transformer_decoder.layers = nn.ModuleList(ToyBlock(d, proj_in) for _ in range(n_layer))
+        self.transformer_decoder.norm = nn.LayerNorm(d)
+        self.ln_f = self.transformer_decoder.norm
         self.lm_head = nn.Linear(d, vocab, bias=False)
         if tied:
-            self.lm_head.weight = self.embed_tokens.weight
+            self.lm_head.weight = self.embedding_layer.word_embeddings.weight
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(idx) + self.embed_positions(torch.arange(idx.shape[1]))
-        for layer in self.layers:
+        emb = self.embedding_layer
+        x = emb.word_embeddings(idx) + emb.position_embeddings(torch.arange(idx.shape[1]))
+        for layer in self.transformer_decoder.layers:
             x = layer(x)
-        return self.lm_head(self.norm_f(x))
+        return self.lm_head(self.transformer_decoder.norm(x))
 
 
 def toy_gpt(seed: int = 0, **kwargs) -> ToyGPT:
@@ -111,23 +131,36 @@ def toy_gpt(seed: int = 0, **kwargs) -> ToyGPT:
     return ToyGPT(**kwargs)
 
 
-# A sparsity block for the toy: three groups with settings of their own (``mlp`` random at 0.75,
-# ``attn`` topk at the top-level 0.5, the head at 0.3), seed 3.
+# A sparsity block for the toy: three groups with settings of their own (``ffn`` random at 0.75,
+# ``self_attn`` topk at the top-level 0.5, the head at 0.3), seed 3.
 TOY_SPARSITY = {
     "sparsity": 0.5,
     "seed": 3,
     "param_name_patterns": {
-        "mlp": {"sparsity": 0.75, "init_method": "random"},
-        "attn": {},
+        "ffn": {"sparsity": 0.75, "init_method": "random"},
+        "self_attn": {},
         "lm_head": {"sparsity": 0.3},
     },
 }
 
-BLOCK_MATRICES = [
-    f"layers.{i}.{s}"
-    for i in range(2)
-    for s in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
-]
+# The block matrices of one decoder layer, in the order of ``named_parameters()``.
+BLOCK_KINDS = (
+    "self_attn.proj_q_dense_layer.weight",
+    "self_attn.proj_k_dense_layer.weight",
+    "self_attn.proj_v_dense_layer.weight",
+    "self_attn.proj_output_dense_layer.weight",
+    "ffn.ffn.0.linear_layer.weight",
+    "ffn.ffn.1.linear_layer.weight",
+)
+QKV_KINDS = BLOCK_KINDS[:3]
+
+
+def layer_names(*kinds: str, n_layer: int = 2) -> list[str]:
+    """``transformer_decoder.layers.{i}.{kind}`` for every layer ``i``, then every kind."""
+    return [f"transformer_decoder.layers.{i}.{k}" for i in range(n_layer) for k in kinds]
+
+
+BLOCK_MATRICES = layer_names(*BLOCK_KINDS)
 
 # -- the command line --------------------------------------------------------------------------
 
@@ -205,7 +238,7 @@ def block_kernel_run(model_dir, tiny_params, monkeypatch, *, packed: bool, max_s
     p["runconfig"].update({"max_steps": max_steps, "device": "cpu", "compile": False})
     model_dir.mkdir(exist_ok=True)
     run = tr.setup(params_from_dict(p), model_dir, evaluate=False, write_metrics=False)
-    assert len(packed_layers(run.model)) == (8 if packed else 0) == len(run.block_kernel_layers)
+    assert len(packed_layers(run.model)) == (12 if packed else 0) == len(run.block_kernel_layers)
     return run
 
 

@@ -22,6 +22,7 @@ FLOORS = [
     {"memory", "training"},
     {"tools", "bench"},
     {"cli"},
+    {"zoo_cli"},
 ]
 FLOOR = {room: level for level, rooms in enumerate(FLOORS) for room in rooms}
 MAX_LINES = 450

@@ -124,17 +124,17 @@ def test_a_params_file_is_read_and_parsed_once_on_its_way_to_training(tmp_path, 
     counting(params_module, "read_yaml")
     counting(params_module, "parse_sparsity")
     counting(sparsifier, "parse_sparsity")
-    p = tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": {"mlp.*weight": {}}},
+    p = tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": {"ffn.*linear_layer.weight": {}}},
                     runconfig={"max_steps": 2, "eval_steps": 1})
     assert cli("train", "--params", write_params(p), "--model_dir", tmp_path / "run", *FAST) == 0
     assert calls == {"read_yaml": 1, "parse_sparsity": 1}
 
 
 def test_a_pattern_that_selects_nothing_names_the_params_file(tmp_path, tiny_params, write_params, capsys):
-    path = write_params(tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": "decoder.*weight"}))
+    path = write_params(tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": "encoder.*weight"}))
     assert cli("train", "--params", path, "--model_dir", tmp_path / "run", *FAST) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {path}: sparsity.param_name_patterns ('decoder.*weight'): matches no parameter"), err
+    assert err.startswith(f"error: {path}: sparsity.param_name_patterns ('encoder.*weight'): matches no parameter"), err
     assert not list((tmp_path / "run").glob("checkpoint_*")) and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

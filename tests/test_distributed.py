@@ -47,7 +47,7 @@ for kind, options in OPTIONS.items():
     torch_opt = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[kind](ref.parameters(), **options)
     sparsify(ref, BLOCK, torch_opt, masks=masks)
     model = copy.deepcopy(ref)
-    distributed.shard(model)
+    distributed.shard(model, [])
     opt = PackedOptimizer(model.parameters(), kind=kind, **options)
     sparsify(model, BLOCK, opt, masks=masks)
     for x in inputs[:3]:
@@ -65,7 +65,7 @@ for kind, options in OPTIONS.items():
     # Load the consolidated state into a fresh sharded model (before the masks for AdamW, as
     # training's resume does; after them for SGD), then one more step on both.
     again = copy.deepcopy(ref)
-    distributed.shard(again)
+    distributed.shard(again, [])
     opt2 = PackedOptimizer(again.parameters(), kind=kind, **options)
     saved = copy.deepcopy(torch_opt.state_dict())  # as read from a file: no tensor shared with torch_opt
     if kind == "adamw":

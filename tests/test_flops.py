@@ -10,7 +10,11 @@ from sparsetrain.flops import flops_report, training_flops_per_token
 from tests.helpers import tiny_gpt
 
 SMALL = dict(hidden_size=32, max_position_embeddings=16, vocab_size=50)
-KINDS = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
+KINDS = (
+    *(f"self_attn.proj_{x}_dense_layer.weight" for x in ("q", "k", "v", "output")),
+    "ffn.ffn.0.linear_layer.weight",
+    "ffn.ffn.1.linear_layer.weight",
+)
 
 
 def test_flops_gpt3_xl_ratio_matches_seed():
@@ -27,7 +31,7 @@ def test_flops_gpt3_xl_ratio_matches_seed():
 def test_flops_headline_gpt3_xl():
     """SPEC §5: GPT-3 XL at 75% sparsity trains with 2.49x fewer FLOPs than dense."""
     cfg = params_from_dict({"model": {"preset": "gpt3-xl"}}).model
-    names = {f"layers.{i}.{k}": 0.75 for i in range(cfg.num_hidden_layers) for k in KINDS}
+    names = {f"transformer_decoder.layers.{i}.{k}": 0.75 for i in range(cfg.num_hidden_layers) for k in KINDS}
     report = flops_report(cfg, 2048, names)
     assert round(report["ratio"], 2) == 2.49
     d, L_, n, V = 2048, 24, 2048, 50257
@@ -42,4 +46,4 @@ def test_flops_count_model_linears():
     sizes = block_linear_weights(cfg)
     params = dict(model.named_parameters())
     assert all(params[k].numel() == v for k, v in sizes.items())
-    assert len(sizes) == 8
+    assert len(sizes) == 12  # q, k, v, output, ffn 0, ffn 1 of 2 layers

@@ -15,10 +15,11 @@ SMALL = dict(hidden_size=32, max_position_embeddings=16, vocab_size=50)
 def test_names_and_tying():
     model = tiny_gpt(seed=None, **SMALL)
     names = [n for n, _ in model.named_parameters()]
-    assert names[:2] == ["embed_tokens.weight", "embed_positions.weight"]
-    assert "layers.1.attn.qkv.weight" in names and "layers.0.mlp.proj.weight" in names
+    assert names[:2] == ["embedding_layer.word_embeddings.weight", "embedding_layer.position_embeddings.weight"]
+    assert "transformer_decoder.layers.1.self_attn.proj_q_dense_layer.weight" in names
+    assert "transformer_decoder.layers.0.ffn.ffn.1.linear_layer.weight" in names
     assert "lm_head.weight" not in names  # tied: one tensor, named once
-    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.lm_head.weight is model.embedding_layer.word_embeddings.weight
     untied = tiny_gpt(seed=None, **SMALL, share_embedding_weights=False, use_bias=False)
     names = [n for n, _ in untied.named_parameters()]
     assert "lm_head.weight" in names and not any(n.endswith("bias") for n in names)

@@ -13,7 +13,7 @@ from sparsetrain import checkpoint as ckpt
 from sparsetrain import training as tr
 from sparsetrain.config import load_params
 from sparsetrain.sparsity.masks import block_random_mask, num_pruned
-from tests.helpers import block_kernel_run, cli
+from tests.helpers import BLOCK_KINDS, QKV_KINDS, block_kernel_run, cli, layer_names
 
 SPARSE = {"sparsity": 0.75, "init_method": "topk"}
 
@@ -22,18 +22,21 @@ SPARSE = {"sparsity": 0.75, "init_method": "topk"}
 
 
 def test_plan_json_shape_and_counts(tiny_params, write_params, capsys):
-    path = write_params(tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": {"mlp.*weight": {"sparsity": 0.75}, "attn.qkv": {}}}))
+    patterns = {"ffn.*linear_layer.weight": {"sparsity": 0.75}, "proj_[qkv]_dense_layer": {}}
+    path = write_params(tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": patterns}))
     assert cli("plan", "--params", path, "--json") == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"parameters", "dense", "flops_per_token", "training_state_bytes"}
+    assert set(report) == {"parameters", "dense", "flops_per_token", "training_state_bytes", "sequence_length"}
+    assert report["sequence_length"] == {"value": 32, "from": "train_input.max_sequence_length"}
     assert set(report["training_state_bytes"]) == {"dense", "masked_dense", "block_kernels"}
     names = [r["name"] for r in report["parameters"]]
-    assert names == [f"layers.{i}.{k}" for i in range(2) for k in ("attn.qkv.weight", "mlp.fc.weight", "mlp.proj.weight")]
+    assert names == layer_names(*QKV_KINDS, *BLOCK_KINDS[4:])
     for r in report["parameters"]:
         assert set(r) >= {"name", "shape", "numel", "group", "sparsity", "init_method", "pruned"}
         assert r["pruned"] == num_pruned(r["numel"], r["sparsity"])
-        assert r["sparsity"] == (0.75 if "mlp" in r["name"] else 0.5)
-    assert "layers.0.attn.proj.weight" in report["dense"] and "embed_tokens.weight" in report["dense"]
+        assert r["sparsity"] == (0.75 if "ffn" in r["name"] else 0.5)
+    assert "transformer_decoder.layers.0.self_attn.proj_output_dense_layer.weight" in report["dense"]
+    assert "embedding_layer.word_embeddings.weight" in report["dense"]
     f = report["flops_per_token"]
     assert f["ratio"] == pytest.approx(f["dense"] / f["sparse"]) and f["ratio"] > 1
 
@@ -43,7 +46,7 @@ def test_plan_text_needs_no_data_or_memory(tmp_path, capsys):
     assert cli("plan", "--params", "configs/gpt3_xl.yaml", "--set", "sparsity.sparsity=0.75",
                "--set", "model.vocab_size=50257") == 0
     out = capsys.readouterr().out
-    assert "96 sparsified tensors" in out and "ratio 2.49x" in out
+    assert "144 sparsified tensors" in out and "ratio 2.49x" in out  # 24 layers x (q, k, v, output, 2 ffn)
 
 
 def test_plan_of_every_sparse_config():
@@ -56,23 +59,25 @@ def test_plan_of_every_sparse_config():
 
 def test_plan_json_and_text_show_structure(tiny_params, write_params, capsys):
     block = {"sparsity": 0.75, "structure": "block", "block_size": [16, 24], "param_name_patterns": {
-        "mlp.fc": {"init_method": "random"}, "mlp.proj": {}, "attn.qkv": {"structure": "2:4"}, "attn.proj": {"structure": "unstructured"}}}
+        "ffn.ffn.0": {"init_method": "random"}, "ffn.ffn.1": {}, "proj_[qkv]_dense_layer": {"structure": "2:4"},
+        "proj_output_dense_layer": {"structure": "unstructured"}}}
     path = write_params(tiny_params(sparsity=block))
     assert cli("plan", "--params", path, "--json") == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["parameters"]}
     for r in rows.values():  # the existing contract holds for every row
         assert set(r) >= {"name", "shape", "numel", "group", "sparsity", "init_method", "pruned", "kept", "structure"}
         assert r["pruned"] + r["kept"] == r["numel"]
-    fc = rows["layers.0.mlp.fc.weight"]  # 128 x 32 in 16x24 blocks: 8 x 2, the second column partial
+    fc = rows["transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"]  # 128 x 32 in 16x24 blocks: 8 x 2, the second column partial
     assert (fc["structure"], fc["block_size"], fc["blocks"], fc["pruned_blocks"]) == ("block", [16, 24], 16, 12)
-    expected = block_random_mask("layers.0.mlp.fc.weight", (128, 32), 0.75, 0, (16, 24))
+    expected = block_random_mask("transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight", (128, 32), 0.75, 0, (16, 24))
     assert fc["pruned"] == int((~expected).sum()) and fc["pruned_exact"] is True
-    proj = rows["layers.0.mlp.proj.weight"]  # 32 x 128: 2 x 6 blocks, topk, partial -> estimate
+    proj = rows["transformer_decoder.layers.0.ffn.ffn.1.linear_layer.weight"]  # 32 x 128: 2 x 6 blocks, topk, partial -> estimate
     assert (proj["blocks"], proj["pruned_blocks"], proj["pruned_exact"]) == (12, 9, False)
     assert proj["pruned"] == 2 * 16 * 8 + 7 * 16 * 24  # the two 16x8 edge blocks go first
-    qkv = rows["layers.1.attn.qkv.weight"]
-    assert (qkv["structure"], qkv["sparsity"], qkv["pruned"]) == ("2:4", 0.5, 96 * 32 // 2) and "block_size" not in qkv
-    assert rows["layers.0.attn.proj.weight"]["structure"] == "unstructured"
+    for kind in QKV_KINDS:  # 32 x 32 each
+        qkv = rows[f"transformer_decoder.layers.1.{kind}"]
+        assert (qkv["structure"], qkv["sparsity"], qkv["pruned"]) == ("2:4", 0.5, 32 * 32 // 2) and "block_size" not in qkv
+    assert rows["transformer_decoder.layers.0.self_attn.proj_output_dense_layer.weight"]["structure"] == "unstructured"
     assert cli("plan", "--params", path) == 0
     out = capsys.readouterr().out
     assert "structure" in out and "block 16x24" in out and "2:4" in out and "unstructured" in out
@@ -81,13 +86,14 @@ def test_plan_json_and_text_show_structure(tiny_params, write_params, capsys):
 
 def test_plan_marks_weights_on_the_gpu_kernels(tiny_params, write_params, capsys):
     block = {"sparsity": 0.5, "structure": "block", "block_size": 16, "param_name_patterns": {
-        "mlp.fc": {}, "mlp.proj": {"block_size": 24}, "attn.qkv": {"block_size": [16, 32]}}}
-    path = write_params(tiny_params(sparsity=block))  # width 32: fc 128x32, proj 32x128, qkv 96x32
+        "ffn.ffn.0": {}, "ffn.ffn.1": {"block_size": 24}, "proj_[qkv]_dense_layer": {"block_size": [16, 32]}}}
+    path = write_params(tiny_params(sparsity=block))  # width 32: ffn 0 128x32, ffn 1 32x128, q, k, v 32x32
     assert cli("plan", "--params", path, "--json") == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["parameters"]}
-    assert rows["layers.0.mlp.fc.weight"]["gpu_kernels"] is True
-    assert rows["layers.0.mlp.proj.weight"]["gpu_kernels"] is False  # 24 is not a power of two
-    assert rows["layers.0.attn.qkv.weight"]["gpu_kernels"] is True  # rectangular 16x32 fits 96x32
+    assert rows["transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"]["gpu_kernels"] is True
+    assert rows["transformer_decoder.layers.0.ffn.ffn.1.linear_layer.weight"]["gpu_kernels"] is False  # 24: no power of two
+    for kind in QKV_KINDS:
+        assert rows[f"transformer_decoder.layers.0.{kind}"]["gpu_kernels"] is True  # rectangular 16x32 fits 32x32
     assert cli("plan", "--params", path) == 0
     out = capsys.readouterr().out
     assert "block 16x16*" in out and "block 24x24 " in out and "runs on the block-sparse GPU kernels" in out
@@ -101,14 +107,15 @@ def test_plan_bad_pattern_lists_names(tiny_params, write_params, capsys):
     path = write_params(tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": "fc_layers.*weight"}))
     assert cli("plan", "--params", path) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "fc_layers.*weight" in err and "mlp.fc.weight" in err
+    assert err.startswith("error: ") and "fc_layers.*weight" in err
+    assert "self_attn.proj_q_dense_layer.weight" in err and "linear_layer.weight" in err
 
 
 def test_plan_rejects_nm_on_indivisible_shape(tiny_params, write_params, capsys):
-    path = write_params(tiny_params(sparsity={"structure": "3:64", "param_name_patterns": "mlp.fc"}))
+    path = write_params(tiny_params(sparsity={"structure": "3:64", "param_name_patterns": "ffn.ffn.0"}))
     assert cli("plan", "--params", path) == 2
     err = capsys.readouterr().err
-    assert "layers.0.mlp.fc.weight" in err and "(128, 32)" in err and "not a multiple of 64" in err
+    assert "transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight" in err and "(128, 32)" in err and "not a multiple of 64" in err
 
 
 def _plan_rc(tmp_path, doc, capsys) -> str:
@@ -150,10 +157,11 @@ def test_inspect_counts_nan(sparse_run, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["global_step"] == 4
     by_name = {t["name"]: t for t in report["tensors"]}
-    qkv = by_name["layers.0.attn.qkv.weight"]
-    assert qkv["nan"] == num_pruned(96 * 32, 0.75) and qkv["sparsity"] == pytest.approx(qkv["nan"] / qkv["numel"])
-    assert by_name["embed_tokens.weight"]["nan"] == 0
-    assert "lm_head.weight" not in by_name  # tied to embed_tokens: listed once
+    for kind in QKV_KINDS:
+        qkv = by_name[f"transformer_decoder.layers.0.{kind}"]
+        assert qkv["nan"] == num_pruned(32 * 32, 0.75) and qkv["sparsity"] == pytest.approx(qkv["nan"] / qkv["numel"])
+    assert by_name["embedding_layer.word_embeddings.weight"]["nan"] == 0
+    assert "lm_head.weight" not in by_name  # tied to the word embeddings: listed once
     assert report["total"]["nan"] == sum(t["nan"] for t in report["tensors"])
     assert cli("inspect", sparse_run) == 0
     assert "NaN (pruned)" in capsys.readouterr().out
@@ -167,25 +175,25 @@ def test_inspect_tells_pruned_nan_from_poison(tmp_path, tiny_params, write_param
     capsys.readouterr()
     assert cli("inspect", sparse, "--json") == 0
     clean = {t["name"]: t for t in json.loads(capsys.readouterr().out)["tensors"]}
-    assert clean["layers.0.mlp.fc.weight"]["nan"] > 0  # pruned positions
+    assert clean["transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"]["nan"] > 0  # pruned positions
     assert all(t.get("nonfinite") == 0 for t in clean.values()), "pruned NaN is not poison"
     assert cli("inspect", sparse) == 0
     assert "non-finite" not in capsys.readouterr().out
 
     state = ckpt.load_checkpoint(sparse)
-    state["model"]["norm_f.weight"][0] = float("nan")  # never pruned: a norm
-    fc = state["model"]["layers.0.mlp.fc.weight"]
+    state["model"]["transformer_decoder.norm.weight"][0] = float("nan")  # never pruned: a norm
+    fc = state["model"]["transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"]
     fc[~torch.isnan(fc)] = fc[~torch.isnan(fc)].index_fill(0, torch.tensor([0]), float("inf"))  # inf is never pruning
     poisoned = tmp_path / "poisoned.mdl"
     torch.save(state, poisoned)
     assert cli("inspect", poisoned, "--json") == 0
     report = {t["name"]: t for t in json.loads(capsys.readouterr().out)["tensors"]}
-    assert report["norm_f.weight"]["nonfinite"] == 1
-    assert report["layers.0.mlp.fc.weight"]["nonfinite"] == 1
-    assert report["layers.0.mlp.fc.weight"]["nan"] == clean["layers.0.mlp.fc.weight"]["nan"]
+    assert report["transformer_decoder.norm.weight"]["nonfinite"] == 1
+    assert report["transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"]["nonfinite"] == 1
+    assert report["transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"]["nan"] == clean["transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"]["nan"]
     assert cli("inspect", poisoned) == 0
     out = capsys.readouterr().out
-    for name in ("norm_f.weight", "layers.0.mlp.fc.weight"):
+    for name in ("transformer_decoder.norm.weight", "transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"):
         assert any(name in line and "non-finite" in line for line in out.splitlines()), out
 
 
@@ -194,8 +202,9 @@ def test_finalize_mdl_and_safetensors(sparse_run, tmp_path):
     assert cli("finalize", "-i", sparse_run, "-o", out) == 0
     dense = torch.load(out, weights_only=True)
     assert not any(torch.isnan(t).any() for t in dense["model"].values())
-    sparse = torch.load(sparse_run, weights_only=True)["model"]["layers.1.mlp.fc.weight"]
-    torch.testing.assert_close(dense["model"]["layers.1.mlp.fc.weight"], sparse.nan_to_num(0.0))
+    fc = "transformer_decoder.layers.1.ffn.ffn.0.linear_layer.weight"
+    sparse = torch.load(sparse_run, weights_only=True)["model"][fc]
+    torch.testing.assert_close(dense["model"][fc], sparse.nan_to_num(0.0))
     from safetensors.torch import load_file
 
     st = tmp_path / "dense.safetensors"
@@ -212,7 +221,7 @@ def test_inspect_and_finalize_read_a_packed_runs_checkpoint(tmp_path, tiny_param
     tr.train_step(run)
     path = tr.save(run)
     assert main(["inspect", str(path)]) == 0
-    assert "layers.0.mlp.fc.weight" in capsys.readouterr().out
+    assert "transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight" in capsys.readouterr().out
     out = tmp_path / "final.mdl"
     assert main(["finalize", "--input", str(path), "--output", str(out)]) == 0
     final = torch.load(out, weights_only=True)

@@ -221,6 +221,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
+        with open(path, "rb") as f:
+            hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
+        if hdf5:
+            raise CheckpointError(f"{path}: a Cerebras HDF5 checkpoint (cstorch.save), not a torch.save archive")
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint (not a torch.save archive)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -249,6 +253,8 @@ def _layout_problem(state: dict[str, Any]) -> str | None:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             return f"'model' entry {str(key)[:80]!r} is a {type(value).__name__}, not a tensor"
     step = state["global_step"]
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+        step = state["global_step"] = int(step)  # the zoo saves it as a 0-d tensor
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         return f"'global_step' is {str(step)[:40]!r}, not a step number"
     for key in OPTIONAL_DICTS:

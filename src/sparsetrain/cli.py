@@ -19,7 +19,7 @@ from sparsetrain.config import PRESETS
 from sparsetrain.errors import UserError
 
 log = logging.getLogger("sparsetrain")
-MODES = ("train", "eval", "train_and_eval")
+MODES = ("train", "eval", "train_and_eval", "eval_all")
 
 
 # -- the subcommands -------------------------------------------------------------------------------
@@ -33,13 +33,16 @@ def run_mode(args: argparse.Namespace) -> int:
     from sparsetrain.training.metrics import setup_logging
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; rank 0 talks and writes
-    params = load_params(args.params, args.overrides)
-    model_dir = _prepare_model_dir(args.model_dir)
+    params = load_params(args.params, args.overrides, args.unset)
+    model_dir = _prepare_model_dir(_model_dir(args, params))
     setup_logging(model_dir if main_rank else None, verbose=main_rank)
+    _log_no_effect(params)
+    if args.command == "eval_all":
+        return _eval_all(params, model_dir, args, main_rank)
     run = training.setup(params, model_dir, checkpoint_path=args.checkpoint_path, train=args.command != "eval")
     try:
         if main_rank:
-            _write_text(model_dir / "params.yaml", dump_params(params, args.overrides))
+            _write_text(model_dir / "params.yaml", dump_params(params, args.overrides, args.unset))
         _log_start(run)
         history = _evaluate_only(run) if args.command == "eval" else _train(run, args.command, main_rank)
         if run.sparsifier is not None:  # every rank: with FSDP the statistics gather shards
@@ -52,6 +55,31 @@ def run_mode(args: argparse.Namespace) -> int:
         distributed.shutdown(run.dist)
     if main_rank:
         print(format_summary(run, history))
+    return 0
+
+
+def _eval_all(params, model_dir: Path, args: argparse.Namespace, main_rank: bool) -> int:
+    """The zoo's ``eval_all``: every checkpoint of ``model_dir`` evaluated, oldest first."""
+    import copy
+
+    from sparsetrain import checkpoint as ckpt
+    from sparsetrain import distributed, training
+
+    found = ckpt.list_checkpoints(model_dir)
+    if args.checkpoint_path is not None or not found:
+        raise UserError(f"--mode eval_all: evaluates the checkpoints in {model_dir}; there are none" if not found
+                        else "--mode eval_all: evaluates every checkpoint in model_dir; drop --checkpoint_path")
+    results = []
+    for step, path in found:
+        run = training.setup(copy.deepcopy(params), model_dir, checkpoint_path=path, train=False)
+        try:
+            results.append({"step": step, "checkpoint": str(path), **training.evaluate(run)})
+        finally:
+            run.metrics.close()
+            distributed.shutdown(run.dist)
+    if main_rank:
+        for r in results:
+            print(json.dumps(r))
     return 0
 
 
@@ -92,9 +120,32 @@ def prepare(args: argparse.Namespace) -> int:
     from sparsetrain.training.metrics import setup_logging
 
     setup_logging(None)
-    inp = load_params(args.params, args.overrides).train_input
-    meta = data.prepare_shards(dataclasses.replace(inp, split=inp.split or "all"), args.output, inp.tokenizer, inp.bpe_vocab_size)
+    inp = load_params(args.params, args.overrides, args.unset).train_input
+    inp = dataclasses.replace(inp, split=inp.split or "all")
+    if args.format == "zoo-hdf5":
+        seq_len = args.seq_len or inp.max_sequence_length
+        if seq_len is None:
+            raise UserError("--seq_len: required (train_input.max_sequence_length is unset)")
+        tokenizer = data.load_tokenizer(inp, None)
+        files = data.prepare_zoo_hdf5(inp, tokenizer, args.output, seq_len)
+        print(json.dumps({"format": "zoo-hdf5", "files": [str(f) for f in files], "max_sequence_length": seq_len}, indent=2))
+        return 0
+    meta = data.prepare_shards(inp, args.output, inp.tokenizer, inp.bpe_vocab_size)
     print(json.dumps(meta, indent=2))
+    return 0
+
+
+def convert_params(args: argparse.Namespace) -> int:
+    """A params file (the zoo's, any layout) written in our layout: the same run, every key explicit."""
+    from sparsetrain.config import dump_params, load_params
+
+    params = load_params(args.params, args.overrides, args.unset)
+    text = dump_params(params, args.overrides, args.unset)
+    if args.output is None:
+        print(text, end="")
+    else:
+        _write_text(args.output, text)
+        print(f"wrote {args.output} ({params.layout} layout -> ours; {len(params.no_effect)} keys with no effect on GPUs)")
     return 0
 
 
@@ -102,8 +153,14 @@ def plan(args: argparse.Namespace) -> int:
     from sparsetrain import tools
     from sparsetrain.config import load_params
 
-    report = tools.plan(load_params(args.params, args.overrides))
-    print(json.dumps(report, indent=2) if args.json else tools.format_plan(report))
+    params = load_params(args.params, args.overrides, args.unset)
+    report = tools.plan(params)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(tools.format_plan(report))
+        if params.no_effect:
+            print(no_effect_line(params))
     return 0
 
 
@@ -139,6 +196,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     **dict.fromkeys(MODES, run_mode),
     "generate": generate,
     "prepare": prepare,
+    "convert-params": convert_params,
     "plan": plan,
     "inspect": inspect,
     "finalize": finalize,
@@ -148,6 +206,24 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 # -- helpers of run_mode ---------------------------------------------------------------------------
+
+
+def no_effect_line(params) -> str:
+    return f"zoo keys with no effect on GPUs (accepted, ignored): {', '.join(params.no_effect)}"
+
+
+def _log_no_effect(params) -> None:
+    if params.no_effect:
+        log.info("%s", no_effect_line(params))
+
+
+def _model_dir(args: argparse.Namespace, params) -> Path:
+    """``--model_dir``, else the params' ``runconfig.model_dir`` (the zoo's way)."""
+    if args.model_dir is not None:
+        return args.model_dir
+    if params.runconfig.model_dir:
+        return Path(params.runconfig.model_dir)
+    raise UserError("--model_dir: required (or runconfig.model_dir in the params file)")
 
 
 def _log_start(run) -> None:
@@ -212,7 +288,8 @@ def _write_text(path: Path, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsetrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mode, text in zip(MODES, ("train (resumes from model_dir)", "evaluate the latest checkpoint", "train, evaluating as it goes")):
+    for mode, text in zip(MODES, ("train (resumes from model_dir)", "evaluate the latest checkpoint", "train, evaluating as it goes",
+                                  "evaluate every checkpoint in model_dir, oldest first")):
         _add_run_args(sub.add_parser(mode, help=text))
 
     g = sub.add_parser("generate", help="sample text from a trained model")
@@ -228,8 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="tokenize a text source into memory-mapped token shards")
     pr.add_argument("--params", "-p", required=True, type=Path, help="its train_input names the source and tokenizer")
     pr.add_argument("--output", required=True, type=Path, help="directory for the shards and meta.json")
+    pr.add_argument("--format", choices=("shards", "zoo-hdf5"), default="shards",
+                    help="shards (ours, memory-mapped) | zoo-hdf5 (the zoo's .h5 sample form, for GptHDF5MapDataProcessor)")
+    pr.add_argument("--seq_len", type=int, help="zoo-hdf5: tokens per sample (default: train_input.max_sequence_length)")
     _add_overrides(pr)
     _add_debug(pr)
+
+    cp = sub.add_parser("convert-params", help="write a params file (the zoo's, any layout) in our layout")
+    cp.add_argument("params", type=Path, help="YAML params file")
+    cp.add_argument("-o", "--output", type=Path, help="where to write (default: print)")
+    _add_overrides(cp)
+    _add_debug(cp)
 
     pl = sub.add_parser("plan", help="dry run: which weights a params file sparsifies, and the FLOPs")
     pl.add_argument("--params", "-p", required=True, type=Path)
@@ -261,15 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", "-p", required=True, type=Path, help="YAML params file")
-    p.add_argument("--model_dir", "-o", required=True, type=Path, help="checkpoints, params, logs and metrics go here")
+    p.add_argument("--model_dir", "-o", type=Path,
+                   help="checkpoints, params, logs and metrics go here (default: runconfig.model_dir)")
     p.add_argument("--checkpoint_path", type=Path, help="load this checkpoint (outside model_dir: weights only, a warm start)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a params key (repeatable), e.g. --set runconfig.max_steps=100")
+    _add_overrides(p)
     _add_debug(p)
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a params key (repeatable), e.g. --set runconfig.max_steps=100")
+    p.add_argument("--unset", action="append", default=[], metavar="SECTION.KEY",
+                   help="delete a key of the params file (repeatable): it takes its default")
 
 
 def _add_debug(p: argparse.ArgumentParser) -> None:
@@ -328,23 +417,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-
-
-def run_py(argv: Sequence[str] | None = None) -> int:
-    """``python run.py --mode train --params X.yaml --model_dir D`` (the reference zoo's form)."""
-    p = argparse.ArgumentParser(prog="run.py", description="Train or evaluate a (sparse) GPT model.")
-    p.add_argument("--mode", "-m", required=True, choices=MODES)
-    p.add_argument("--params", "-p", required=True)
-    p.add_argument("--model_dir", "-o", required=True)
-    p.add_argument("--checkpoint_path")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--debug", action="store_true")
-    a = p.parse_args(argv)
-    forwarded = [a.mode, "--params", a.params, "--model_dir", a.model_dir]
-    forwarded += ["--checkpoint_path", a.checkpoint_path] if a.checkpoint_path else []
-    forwarded += [x for o in a.overrides for x in ("--set", o)]
-    forwarded += ["--debug"] if a.debug else []
-    return main(forwarded)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -68,11 +68,12 @@ def init(setting: str, device: torch.device) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, mode="fsdp" if setting == "fsdp" else "ddp")
 
 
-def shard(model: torch.nn.Module) -> None:
-    """FSDP2: shard each transformer block, then the rest (embeddings, final norm, tied head)."""
+def shard(model: torch.nn.Module, blocks: Iterable[torch.nn.Module]) -> None:
+    """FSDP2: shard each of ``blocks`` (the transformer blocks, so that one block's weights are
+    gathered at a time), then the rest (embeddings, final norm, tied head)."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in getattr(model, "layers", []):
+    for layer in blocks:
         fully_shard(layer)
     fully_shard(model)
 

@@ -16,15 +16,16 @@ from collections.abc import Mapping
 
 from sparsetrain.config.sections import ModelParams
 
-HEAD_NAMES = ("lm_head.weight", "embed_tokens.weight")
+HEAD_NAMES = ("lm_head.weight", "embedding_layer.word_embeddings.weight")
 
 
 def block_linear_weights(cfg: ModelParams) -> dict[str, int]:
     """Names and sizes of the weights whose products scale with ``d^2`` (all blocks)."""
     d = cfg.hidden_size
     f = cfg.filter_size or 4 * d
-    sizes = {"attn.qkv.weight": 3 * d * d, "attn.proj.weight": d * d, "mlp.fc.weight": f * d, "mlp.proj.weight": d * f}
-    return {f"layers.{i}.{k}": v for i in range(cfg.num_hidden_layers) for k, v in sizes.items()}
+    attn = {f"self_attn.proj_{x}_dense_layer.weight": d * d for x in ("q", "k", "v", "output")}
+    sizes = {**attn, "ffn.ffn.0.linear_layer.weight": f * d, "ffn.ffn.1.linear_layer.weight": d * f}
+    return {f"transformer_decoder.layers.{i}.{k}": v for i in range(cfg.num_hidden_layers) for k, v in sizes.items()}
 
 
 def training_flops_per_token(
@@ -35,7 +36,7 @@ def training_flops_per_token(
     d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     assert V is not None, "vocab_size must be resolved"
     linear = sum((1.0 - sparsity.get(name, 0.0)) * n for name, n in block_linear_weights(cfg).items())
-    head_name = "lm_head.weight" if not cfg.share_embedding_weights else "embed_tokens.weight"
+    head_name = "lm_head.weight" if not cfg.share_embedding_weights else HEAD_NAMES[1]
     head = 2 * d * V * (1.0 - sparsity.get(head_name, sparsity.get("lm_head.weight", 0.0)))
     return 3.0 * (2.0 * linear + 4.0 * L * seq_len * d + head)
 

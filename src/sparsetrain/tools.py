@@ -5,7 +5,8 @@ The ``--json`` shapes are stable, for scripts:
 plan:    {"parameters": [{"name", "shape", "numel", "group", "sparsity", "init_method", "pruned", "kept",
                           "structure"}],
           "dense": [names], "flops_per_token": {"dense", "sparse", "ratio"},
-          "training_state_bytes": {"dense", "masked_dense", "block_kernels"}}
+          "training_state_bytes": {"dense", "masked_dense", "block_kernels"},
+          "sequence_length": {"value", "from"}}
          "structure" is "unstructured", "block" or "N:M" (e.g. "2:4"). Block rows add
          "block_size": [rows, cols], "blocks" (partial edge blocks included), "pruned_blocks"
          (exactly round(sparsity * blocks)) and "pruned_exact": "pruned" is exact except for
@@ -100,9 +101,26 @@ def plan(params: Params) -> dict[str, Any]:
                 "gpu_kernels": name in linear_weights and kernel_block_ok(tuple(p.shape), block),
             })
         rows.append(row)
-    flops = flops_report(cfg, params.train_input.max_sequence_length, fractions)
+    seq_len, seq_from = sequence_length(params)
+    flops = flops_report(cfg, seq_len, fractions)
     memory = plan_memory(rows, dense_numel, params.optimizer, sparse=config is not None)
-    return {"parameters": rows, "dense": dense, "flops_per_token": flops, "training_state_bytes": memory}
+    return {"parameters": rows, "dense": dense, "flops_per_token": flops, "training_state_bytes": memory,
+            "sequence_length": {"value": seq_len, "from": seq_from}}
+
+
+def sequence_length(params: Params) -> tuple[int, str]:
+    """The training context length and where it comes from: the params, else (the zoo's GPT-3
+    files) the HDF5 data's samples, else, when that data is not here, max_position_embeddings."""
+    inp = params.train_input
+    if inp.max_sequence_length is not None:
+        return inp.max_sequence_length, "train_input.max_sequence_length"
+    from sparsetrain.data import hdf5_stream
+    from sparsetrain.errors import UserError
+
+    try:
+        return hdf5_stream(inp).seq_len, "the train_input data"
+    except UserError as e:
+        return params.model.max_position_embeddings, f"model.max_position_embeddings (the data is not readable here: {e})"
 
 
 def format_plan(report: dict[str, Any]) -> str:
@@ -130,6 +148,8 @@ def format_plan(report: dict[str, Any]) -> str:
     if any(r.get("pruned_exact") is False for r in rows):
         lines.append("~ topk blocks with partial edge blocks: the entry count depends on which blocks are kept (estimate)")
     lines.append(f"left dense ({len(report['dense'])}): {', '.join(report['dense'])}")
+    seq = report["sequence_length"]
+    lines.append(f"sequence length: {seq['value']} (from {seq['from']})")
     f = report["flops_per_token"]
     lines.append(f"training FLOPs per token: dense {f['dense']:.4g}, sparse {f['sparse']:.4g}, ratio {f['ratio']:.2f}x")
     m = report["training_state_bytes"]
@@ -162,16 +182,21 @@ def _sparsified_names(state: dict[str, Any]) -> set[str] | None:
 
 
 def inspect(path: Path) -> dict[str, Any]:
-    """Per-tensor NaN (pruned) and zero counts of a checkpoint's model state.
+    """Per-tensor NaN (pruned) and zero counts of a checkpoint's model state (ours, or the zoo's
+    ``.mdl`` in any sparsity form, or its ``cstorch.save`` HDF5 container where h5py reads it).
 
     ``nonfinite`` counts values that are not pruning: every inf, and NaN in a tensor the
     checkpoint's own ``sparsity:`` block does not sparsify (without params: in 1-D tensors).
     """
-    state = ckpt.load_checkpoint(path)
+    from sparsetrain.sparsity.zoo_checkpoints import is_zoo_checkpoint, masked_model_view, read_any_checkpoint
+
+    state = read_any_checkpoint(path)
     sparsified = _sparsified_names(state)
+    # A zoo checkpoint's masks (2.0-2.1 optimizer state, 2.2+ buffers) count as NaN, as ours.
+    model = masked_model_view(state) if is_zoo_checkpoint(state) and state.get("writer") != "sparsetrain" else state["model"]
     tensors, seen = [], set()
     total_numel = total_nan = 0
-    for name, t in state["model"].items():
+    for name, t in model.items():
         if not isinstance(t, torch.Tensor):
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))

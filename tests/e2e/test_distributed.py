@@ -18,7 +18,7 @@ from sparsetrain import data
 from tests.helpers import ROOT, checkpoint_model, launch, rank_reports, records, torchrun
 
 
-def _assert_same_run(a: Path, b: Path, step: int) -> None:
+def _assert_same_run(a: Path, b: Path, step: int, weight_atol: float = 1e-5) -> None:
     la = [(r["step"], r["loss"]) for r in records(a, "train")]
     lb = [(r["step"], r["loss"]) for r in records(b, "train")]
     assert [s for s, _ in la] == [s for s, _ in lb]
@@ -26,7 +26,7 @@ def _assert_same_run(a: Path, b: Path, step: int) -> None:
     ma, mb = checkpoint_model(a / f"checkpoint_{step}.mdl"), checkpoint_model(b / f"checkpoint_{step}.mdl")
     for k in ma:
         assert torch.equal(torch.isnan(ma[k]), torch.isnan(mb[k])), k  # the same masks
-        torch.testing.assert_close(ma[k].nan_to_num(0.0), mb[k].nan_to_num(0.0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ma[k].nan_to_num(0.0), mb[k].nan_to_num(0.0), rtol=1e-4, atol=weight_atol)
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def params(tiny_params, write_params):
             runconfig={"max_steps": 6, "checkpoint_steps": 3},
             sparsity={
                 "sparsity": 0.5,
-                "param_name_patterns": {"mlp": {"init_method": "topk"}, "attn": {"init_method": "random"}},
+                "param_name_patterns": {"ffn": {"init_method": "topk"}, "self_attn": {"init_method": "random"}},
             },
         )
     )
@@ -165,7 +165,7 @@ def test_fsdp_packed_state_per_rank(tmp_path, params):
     for rank in ranks:
         assert rank["packed"], rank  # not torch's optimizer with dense state
         weights = rank["weights"]
-        assert len(weights) == rank["enforced"] == 8  # 2 blocks x (qkv, attn proj, fc, mlp proj)
+        assert len(weights) == rank["enforced"] == 12  # 2 blocks x (q, k, v, attn output, ffn 0, ffn 1)
         for name, w in weights.items():
             assert w["dtensor"] and w["local_shape"][0] * 2 == w["full_shape"][0], name  # a shard
             assert w["mask_shape"] == w["local_shape"], name  # the local mask slice
@@ -205,7 +205,10 @@ def test_bpe_tokenizer_two_processes_match_one(tmp_path, tiny_params, write_para
     tok = data.HFTokenizer.load(two / "tokenizer.json", "train_input.tokenizer")
     assert 257 <= tok.vocab_size <= 300
     assert (two / "tokenizer.json").read_text() == (one / "tokenizer.json").read_text()
-    _assert_same_run(one, two, 4)  # the same token ids on both ranks, and those of one process
+    # The same token ids on both ranks, and those of one process. Dense AdamW at this config's
+    # learning rate turns the all-reduce's other summation order into weight differences up to
+    # 2e-5 after 4 steps (measured: 1.9e-5 on 1 of 4096 entries); the losses agree to 1e-4.
+    _assert_same_run(one, two, 4, weight_atol=5e-5)
 
 
 PROBE = """
@@ -271,7 +274,7 @@ from sparsetrain.training import build
 # What CUDA + bf16 decide on a GPU, forced here: block layers become BlockSparseLinear and, except
 # under FSDP, store their live blocks only. The CPU fallback computes the same function.
 build.block_kernels_apply = lambda run: True
-from sparsetrain.cli import run_py
+from sparsetrain.zoo_cli import run_py  # as run.py
 sys.exit(run_py())
 """
 

@@ -144,9 +144,10 @@ def section(cls: type, with_junk_keys: bool = True, skip: tuple[str, ...] = ()) 
 # are not valid regexes.
 PATTERNS = st.one_of(
     st.sampled_from([
-        "mlp.*weight", "attn.*weight", "attn.proj.*weight", "weight", "bias", "norm", "embed", "lm_head",
-        "layers.0", "layers.1.mlp.fc.weight", ".*", "", "fc_layers.*weight", "nomatch", "(", "[a-", "*",
-        "(?P<x>mlp)", "mlp|attn", "^layers", "weight$", "a{2,1}", "mlp\nweight", "a{4294967296}",
+        "ffn.*linear_layer.weight", "self_attn.*weight", "proj_output_dense_layer.weight", "proj_[qkv]_dense_layer",
+        "weight", "bias", "norm", "ln_f", "embed", "lm_head", "layers.0", "transformer_decoder.layers.1.ffn.ffn.0.linear_layer.weight",
+        ".*", "", "fc_layers.*weight", "mlp.*weight", "nomatch", "(", "[a-", "*",
+        "(?P<x>ffn)", "ffn|self_attn", "^transformer_decoder", "^layers", "weight$", "a{2,1}", "mlp\nweight", "a{4294967296}",
         "(" * 1000 + "a" + ")" * 1000,
     ]),
     st.text(alphabet=string.ascii_letters + ".*()[]|^$?+{}\\0123456789_", max_size=12),
@@ -425,7 +426,7 @@ INPUT_EXTRA = st.fixed_dictionaries(
         "junk": ANY_VALUE,
     })),
 )
-@example(sparsity={"sparsity": 0.5, "param_name_patterns": {"mlp.*weight": {}, "attn.*weight": {"structure": "2:4"}}},
+@example(sparsity={"sparsity": 0.5, "param_name_patterns": {"ffn.*linear_layer.weight": {}, "self_attn.*weight": {"structure": "2:4"}}},
          model_extra={}, input_extra={}, other={})
 @example(sparsity={"sparsity": 0.5, "param_name_patterns": "bias"}, model_extra={}, input_extra={}, other={})
 @example(sparsity={"sparsity": 0.5}, model_extra={"hidden_size": 2**40, "num_heads": 1}, input_extra={}, other={})

@@ -64,11 +64,10 @@ def test_resume_on_gpu(tmp_path, tiny_params, write_params):
     for k in a:
         assert torch.equal(torch.isnan(a[k]), torch.isnan(b[k])), k
         x, y = a[k].nan_to_num(0.0), b[k].nan_to_num(0.0)
-        if k.endswith("attn.qkv.bias"):
+        if k.endswith("proj_k_dense_layer.bias"):
             # The key bias adds the same score to every key of a query, which softmax cancels: its
             # gradient is zero up to rounding, and Adam turns that rounding noise (which differs
             # between runs of the GPU's attention backward) into steps of +-lr. Compare q and v only.
-            d = x.numel() // 3
-            x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
+            continue
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     torch.testing.assert_close(_losses(straight), _losses(halves), rtol=1e-3, atol=1e-3)

@@ -24,17 +24,13 @@ from sparsetrain.model import GPT
 from sparsetrain.optim import build_optimizer
 from sparsetrain.sparsity.masks import is_nm_structured
 from sparsetrain.training import setup, train_step
-from tests.helpers import cli, records
+from tests.helpers import BLOCK_KINDS, cli, layer_names, records
 
 L, D, SEQ, BATCH = 2, 32, 32, 4
-KINDS = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
-DEFAULT_SPARSE = [f"layers.{i}.{k}" for i in range(L) for k in KINDS]
-NUMEL = {
-    "attn.qkv.weight": 3 * D * D,
-    "attn.proj.weight": D * D,
-    "mlp.fc.weight": 4 * D * D,
-    "mlp.proj.weight": 4 * D * D,
-}
+KINDS = BLOCK_KINDS  # q, k, v, attention output, ffn 0, ffn 1
+Q, K, V_, OUT, FC, PROJ = KINDS
+DEFAULT_SPARSE = layer_names(*KINDS, n_layer=L)
+NUMEL = {Q: D * D, K: D * D, V_: D * D, OUT: D * D, FC: 4 * D * D, PROJ: 4 * D * D}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,9 +57,13 @@ def nans(t: torch.Tensor) -> int:
     return int(torch.isnan(t).sum())
 
 
+def kind_of(name: str) -> str:
+    """``transformer_decoder.layers.{i}.{kind}`` -> ``kind``."""
+    return name.split(".", 3)[3]
+
+
 def expected_pruned(name: str, s: float) -> int:
-    kind = name.split(".", 2)[2]
-    return round(s * NUMEL[kind])
+    return round(s * NUMEL[kind_of(name)])
 
 
 def optimizer_state_by_name(state: dict) -> dict[str, dict]:
@@ -160,13 +160,16 @@ def test_sparse_run_writes_nan_checkpoint(tmp_path, tiny_params, write_params, s
     check_nan_checkpoint(state, {n: expected_pruned(n, s) for n in DEFAULT_SPARSE})
     # Embeddings, the tied head, norms and biases are untouched by the heuristic.
     for name in (
-        "embed_tokens.weight",
-        "embed_positions.weight",
+        "embedding_layer.word_embeddings.weight",
+        "embedding_layer.position_embeddings.weight",
         "lm_head.weight",
-        "norm_f.weight",
-        "layers.0.norm_1.weight",
-        "layers.1.attn.qkv.bias",
-        "layers.0.mlp.fc.bias",
+        "transformer_decoder.norm.weight",
+        "ln_f.weight",
+        "transformer_decoder.layers.0.norm1.weight",
+        "transformer_decoder.layers.1.self_attn.proj_q_dense_layer.bias",
+        "transformer_decoder.layers.1.self_attn.proj_k_dense_layer.bias",
+        "transformer_decoder.layers.1.self_attn.proj_v_dense_layer.bias",
+        "transformer_decoder.layers.0.ffn.ffn.0.linear_layer.bias",
     ):
         assert name in state["model"] and nans(state["model"][name]) == 0, name
     # The optimizer really holds moments for every sparsified weight (the check above is not vacuous).
@@ -186,7 +189,7 @@ def test_default_heuristic_skips_untied_lm_head(tmp_path, tiny_params, write_par
     )
     train(write_params, p, d)
     state = load(d / "checkpoint_1.mdl")
-    assert not torch.equal(state["model"]["lm_head.weight"], state["model"]["embed_tokens.weight"])
+    assert not torch.equal(state["model"]["lm_head.weight"], state["model"]["embedding_layer.word_embeddings.weight"])
     check_nan_checkpoint(state, {n: expected_pruned(n, 0.5) for n in DEFAULT_SPARSE})
 
 
@@ -208,7 +211,8 @@ def test_random_masks_depend_on_name_and_sparsity_seed_not_on_model_init(tmp_pat
         assert torch.equal(a[n], b[n]), f"{n}: random mask changed with the model's init seed"
         assert not torch.equal(a[n], c[n]), f"{n}: random mask ignores sparsity.seed"
     # Two tensors of the same shape (layer 0 and layer 1) get different patterns: the name counts.
-    assert not torch.equal(a["layers.0.mlp.fc.weight"], a["layers.1.mlp.fc.weight"])
+    assert not torch.equal(a[f"transformer_decoder.layers.0.{FC}"], a[f"transformer_decoder.layers.1.{FC}"])
+    assert not torch.equal(a[f"transformer_decoder.layers.0.{Q}"], a[f"transformer_decoder.layers.0.{K}"])
 
 
 # -- 2. resume keeps the masks -------------------------------------------------------------------
@@ -444,7 +448,7 @@ def test_resume_densifies_with_sparsity_zero_or_no_block(tmp_path, tiny_params, 
 
 def spec_flops_per_token(pruned: dict[str, int], V: int) -> float:
     """SPEC §5 with each weight's exact density: 3 * [2 * sum (1 - s_w) numel_w + 4 L n d + 2 d V]."""
-    kept = sum(NUMEL[k] - pruned.get(f"layers.{i}.{k}", 0) for i in range(L) for k in KINDS)
+    kept = sum(NUMEL[k] - pruned.get(f"transformer_decoder.layers.{i}.{k}", 0) for i in range(L) for k in KINDS)
     assert sum(NUMEL.values()) == 12 * D * D
     return 3 * (2 * kept + 4 * L * SEQ * D + 2 * D * V)
 
@@ -465,7 +469,7 @@ def test_sparse_run_reports_flops_and_sparsity(tmp_path, tiny_params, write_para
     cfg = params_from_dict(state["params"]).model
     V = cfg.vocab_size
     pruned = {n: expected_pruned(n, s) for n in DEFAULT_SPARSE}
-    report = flops_report(cfg, SEQ, {n: c / NUMEL[n.split(".", 2)[2]] for n, c in pruned.items()})
+    report = flops_report(cfg, SEQ, {n: c / NUMEL[kind_of(n)] for n, c in pruned.items()})
     dense, sparse = spec_flops_per_token({}, V), spec_flops_per_token(pruned, V)
     assert report["ratio"] == pytest.approx(dense / sparse, rel=1e-12)
     rec = records(d)
@@ -489,7 +493,7 @@ def test_sparse_run_reports_flops_and_sparsity(tmp_path, tiny_params, write_para
     for n in DEFAULT_SPARSE:
         tag = f"sparsity/{n}/actual"
         assert tag in scalars, (tag, sorted(scalars))
-        assert scalars[tag][0].value == pytest.approx(pruned[n] / NUMEL[n.split(".", 2)[2]], rel=1e-6)
+        assert scalars[tag][0].value == pytest.approx(pruned[n] / NUMEL[kind_of(n)], rel=1e-6)
     assert not any(t.startswith("sparsity/") and "embed" in t for t in scalars)
 
     lines = out.splitlines()
@@ -513,40 +517,49 @@ def test_dense_run_reports_ratio_one(tmp_path, tiny_params, write_params, capsys
 
 # -- 7. the seed's four forms --------------------------------------------------------------------
 
-HALF_TO_EVEN = 513 / 2048  # 3072 * s = 769.5 -> 770, 1024 * s = 256.5 -> 256 (Python round)
+# Python's round, half to even, both ways: 4096 * s = 2049.5 -> 2050 (up), 1024 * s = 256.5 -> 256 (down).
+HALF_TO_EVEN_UP = 4099 / 8192
+HALF_TO_EVEN_DOWN = 513 / 2048
 
 
 def _layers(kinds, s):
-    return {f"layers.{i}.{k}": s for i in range(L) for k in kinds}
+    return {f"transformer_decoder.layers.{i}.{k}": s for i in range(L) for k in kinds}
 
 
 FORMS = {
     "default": ({"sparsity": 0.5}, _layers(KINDS, 0.5)),
     "str": (
-        {"type": "static", "sparsity": 0.5, "param_name_patterns": "mlp.*weight"},
-        _layers(("mlp.fc.weight", "mlp.proj.weight"), 0.5),
+        {"type": "static", "sparsity": 0.5, "param_name_patterns": "ffn.*linear_layer.weight"},
+        _layers((FC, PROJ), 0.5),
     ),
     "list": (
-        {"sparsity": 0.3, "init_method": "random", "param_name_patterns": ["mlp.*weight", "attn.proj.*weight"]},
-        _layers(("mlp.fc.weight", "mlp.proj.weight", "attn.proj.weight"), 0.3),
+        {
+            "sparsity": 0.3,
+            "init_method": "random",
+            "param_name_patterns": ["ffn.*linear_layer.weight", "proj_output_dense_layer.weight"],
+        },
+        _layers((FC, PROJ, OUT), 0.3),
     ),
     "dict": (
         {
             "param_name_patterns": {
-                "mlp.*weight": {"sparsity": 0.5},
-                "attn.*weight": {"sparsity": HALF_TO_EVEN, "init_method": "random"},
+                "ffn.*linear_layer.weight": {"sparsity": HALF_TO_EVEN_UP},
+                "self_attn.*weight": {"sparsity": HALF_TO_EVEN_DOWN, "init_method": "random"},
             }
         },
         {
-            **_layers(("mlp.fc.weight", "mlp.proj.weight"), 0.5),
-            **_layers(("attn.qkv.weight", "attn.proj.weight"), HALF_TO_EVEN),
+            **_layers((FC, PROJ), HALF_TO_EVEN_UP),
+            **_layers((Q, K, V_, OUT), HALF_TO_EVEN_DOWN),
         },
     ),
     "dict-first-match-and-top-level": (
-        {"sparsity": 0.25, "param_name_patterns": {r"layers\.0\.mlp.*weight": {"sparsity": 0.75}, "mlp.*weight": {}}},
         {
-            **{f"layers.0.{k}": 0.75 for k in ("mlp.fc.weight", "mlp.proj.weight")},
-            **{f"layers.1.{k}": 0.25 for k in ("mlp.fc.weight", "mlp.proj.weight")},
+            "sparsity": 0.25,
+            "param_name_patterns": {r"layers\.0\.ffn.*weight": {"sparsity": 0.75}, "ffn.*weight": {}},
+        },
+        {
+            **{f"transformer_decoder.layers.0.{k}": 0.75 for k in (FC, PROJ)},
+            **{f"transformer_decoder.layers.1.{k}": 0.25 for k in (FC, PROJ)},
         },
     ),
 }
@@ -560,7 +573,9 @@ def test_seed_forms_select_exactly_their_tensors(tmp_path, tiny_params, write_pa
     state = load(d / "checkpoint_2.mdl")
     expected = {n: expected_pruned(n, s) for n, s in selected.items()}
     if form == "dict":
-        assert expected["layers.0.attn.qkv.weight"] == 770 and expected["layers.0.attn.proj.weight"] == 256
+        layer = "transformer_decoder.layers.0"
+        assert expected[f"{layer}.{FC}"] == expected[f"{layer}.{PROJ}"] == 2050
+        assert all(expected[f"{layer}.{k}"] == 256 for k in (Q, K, V_, OUT))
     check_nan_checkpoint(state, expected)
     # Reported per group (named by its pattern, "default" for the heuristic), in file order.
     patterns = block.get("param_name_patterns")
@@ -572,7 +587,7 @@ def test_seed_forms_select_exactly_their_tensors(tmp_path, tiny_params, write_pa
         members = [n for n in selected if _group_of(n, block) == g["group"]]
         assert members, g
         assert g["target"] == pytest.approx(selected[members[0]])
-        numel = sum(NUMEL[n.split(".", 2)[2]] for n in members)
+        numel = sum(NUMEL[kind_of(n)] for n in members)
         assert g["actual"] == pytest.approx(sum(expected[n] for n in members) / numel, rel=1e-6), g
         assert f"sparsity/{g['group']}/target" in scalars, sorted(scalars)
     for n in expected:
@@ -599,13 +614,19 @@ BAD = {
     "sparsity-bool": ({"sparsity": True}, ["sparsity.sparsity"]),
     "unknown-type": ({"sparsity": 0.5, "type": "dynamic_magic"}, ["sparsity.type", "dynamic_magic"]),
     "unknown-init": ({"sparsity": 0.5, "init_method": "magnitude"}, ["sparsity.init_method", "magnitude"]),
-    "bad-regex": ({"sparsity": 0.5, "param_name_patterns": "mlp[("}, ["sparsity.param_name_patterns", "mlp[("]),
+    "bad-regex": ({"sparsity": 0.5, "param_name_patterns": "ffn[("}, ["sparsity.param_name_patterns", "ffn[("]),
     "no-match": (
-        {"sparsity": 0.5, "param_name_patterns": "decoder.*weight"},
-        ["param_name_patterns", "decoder.*weight", "embed_tokens.weight", "attn.qkv.weight", "mlp.fc.weight"],
+        {"sparsity": 0.5, "param_name_patterns": "encoder.*weight"},
+        [
+            "param_name_patterns",
+            "encoder.*weight",
+            "embedding_layer.word_embeddings.weight",
+            "self_attn.proj_q_dense_layer.weight",
+            "linear_layer.weight",
+        ],
     ),
     "unknown-group-key": (
-        {"sparsity": 0.5, "param_name_patterns": {"mlp.*weight": {"sparsity": 0.5, "bogus_key": 1}}},
+        {"sparsity": 0.5, "param_name_patterns": {"ffn.*linear_layer.weight": {"sparsity": 0.5, "bogus_key": 1}}},
         ["param_name_patterns", "bogus_key"],
     ),
     "patterns-int": ({"sparsity": 0.5, "param_name_patterns": 5}, ["sparsity.param_name_patterns"]),

@@ -33,7 +33,11 @@ SPARSITY = {
     "sparsity": 0.75,
     "init_method": "random",
     "seed": 1,
-    "param_name_patterns": {"mlp.fc": {"sparsity": 0.9}, "attn.qkv": {"sparsity": 0.5}, "proj": {}},
+    "param_name_patterns": {
+        "ffn.ffn.0": {"sparsity": 0.9},
+        "proj_[qkv]_dense_layer": {"sparsity": 0.5},
+        "proj_output_dense_layer|ffn.ffn.1": {},
+    },
 }
 
 UNIFORM_75 = {"sparsity": 0.75, "init_method": "random", "seed": 2}

@@ -45,7 +45,8 @@ def test_fifty_steps_match_torch(kind):
     for name, mask in packed.sparsifier.masks.items():
         assert packed.optimizer.state[params[name]][key].shape == (int(mask.sum()),)
     # Unmasked parameters keep torch's dense state.
-    assert packed.optimizer.state[params["norm_f.weight"]][key].shape == params["norm_f.weight"].shape
+    norm = "transformer_decoder.norm.weight"
+    assert packed.optimizer.state[params[norm]][key].shape == params[norm].shape
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -76,7 +77,7 @@ def test_checkpoints_cross_load(kind, direction, load_first):
     resumed = resume_from(kind, not source_packed, nan_checkpoint(source), load_first)
     assert violations(resumed) == []
     if not source_packed:
-        p = resumed.model.get_parameter("layers.0.mlp.fc.weight")
+        p = resumed.model.get_parameter("transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight")
         key = "momentum_buffer" if kind == "sgd" else "exp_avg"
         assert resumed.optimizer.state[p][key].ndim == 1  # packed on load or on set_masks
     for step in range(10, 20):
@@ -110,7 +111,7 @@ def test_optimizer_state_loaded_before_masks_is_packed_by_set_masks():
     run = Run("adamw", packed=True, sparsify_now=False)
     run.model.load_state_dict(source.model.state_dict())
     run.optimizer.load_state_dict(source.optimizer.state_dict())
-    p = run.model.get_parameter("layers.1.mlp.proj.weight")
+    p = run.model.get_parameter("transformer_decoder.layers.1.ffn.ffn.1.linear_layer.weight")
     assert run.optimizer.state[p]["exp_avg"].shape == p.shape  # no masks yet: dense
     run.sparsifier = sparsify(run.model, SPARSITY, run.optimizer, masks=dict(source.sparsifier.masks))
     assert run.optimizer.state[p]["exp_avg"].ndim == 1
@@ -121,7 +122,7 @@ def test_new_masks_repack_and_detach_returns_to_dense_state():
     run = Run("adamw", packed=True)
     for step in range(3):
         run.step(step)
-    name = "layers.0.attn.proj.weight"
+    name = "transformer_decoder.layers.0.self_attn.proj_output_dense_layer.weight"
     p = run.model.get_parameter(name)
     old = run.sparsifier.masks[name]
     before = run.named_state()[name]["exp_avg"].clone()

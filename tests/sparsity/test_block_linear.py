@@ -46,7 +46,7 @@ def test_block_linears_switch_and_fall_back_on_cpu():
     before = model(idx)
     keys = list(model.state_dict())
     names = use_block_kernels(model, sp)
-    assert sorted(names) == sorted(sp.masks) and len(names) == 8  # qkv, proj, fc, proj of 2 layers
+    assert sorted(names) == sorted(sp.masks) and len(names) == 12  # q, k, v, output, ffn 0, ffn 1 of 2 layers
     assert all(isinstance(model.get_submodule(n.rsplit(".", 1)[0]), BlockSparseLinear) for n in names)
     assert list(model.state_dict()) == keys  # tables are non-persistent: checkpoints unchanged
     torch.testing.assert_close(model(idx), before, rtol=0, atol=0)  # CPU: F.linear on the masked weight
@@ -272,10 +272,12 @@ def test_state_dict_is_the_dense_models():
         module = _module(packed, name)
         assert module.weight_blocks is blocks[name]  # loaded in place: an optimizer keeps holding it
         torch.testing.assert_close(module.dense_weight(), torch.where(sp.masks[name], source[name], 0.0))
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"layers.0.attn.qkv.weight\""):
-        packed.load_state_dict({k: v for k, v in source.items() if k != "layers.0.attn.qkv.weight"})
-    bad = {**source, "layers.0.mlp.fc.weight": torch.zeros(3, 3)}
-    with pytest.raises(RuntimeError, match="size mismatch for layers.0.mlp.fc.weight"):
+    q = "transformer_decoder.layers.0.self_attn.proj_q_dense_layer.weight"
+    with pytest.raises(RuntimeError, match=rf"Missing key\(s\) in state_dict: \"{q}\""):
+        packed.load_state_dict({k: v for k, v in source.items() if k != q})
+    fc = "transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"
+    bad = {**source, fc: torch.zeros(3, 3)}
+    with pytest.raises(RuntimeError, match=f"size mismatch for {fc}"):
         packed.load_state_dict(bad)
 
 
@@ -337,7 +339,7 @@ def test_new_masks_repack_blocks_and_optimizer_state():
     dense, sp_dense, packed, sp_packed = _pair(block)
     _train(dense, sp_dense, "AdamW", False, 3)
     _, _, opt = _train(packed, sp_packed, "AdamW", False, 3)
-    name = "layers.1.mlp.fc.weight"
+    name = "transformer_decoder.layers.1.ffn.ffn.0.linear_layer.weight"
     state = sp_dense.state_dict()
     layout = state["masks"][name].view(16, 16, 4, 16).any(3).any(1)  # (256, 64) in 16x16 blocks
     live, dead = layout.nonzero()[0], (~layout).nonzero()[:2]
@@ -391,8 +393,8 @@ def _block_model(device="cuda"):
 @pytest.mark.cuda
 def test_block_linear_autograd_under_autocast_matches_masked_dense():
     model, sp = _block_model()
-    name = "layers.0.mlp.fc.weight"
-    dense = model.get_submodule("layers.0.mlp.fc")
+    name = "transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"
+    dense = model.get_submodule("transformer_decoder.layers.0.ffn.ffn.0.linear_layer")
     x = torch.randn(4, 50, 64, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y_ref = dense(x)
@@ -456,7 +458,7 @@ def test_gpu_training_stores_live_blocks_and_matches_masked_dense(tmp_path, tiny
         p["runconfig"].update({"device": "cuda", "max_steps": 20, "compile": False, "sparse_kernels": kernels})
         run = tr.setup(params_from_dict(p), tmp_path / kernels, evaluate=False, write_metrics=False)
         layers = packed_layers(run.model)
-        assert len(layers) == (8 if kernels == "auto" else 0)
+        assert len(layers) == (12 if kernels == "auto" else 0)
         losses[kernels] = [float(tr.train_step(run)) for _ in range(20)]
         states[kernels] = tr.checkpoint_state(run)
         for name, module in layers.items():

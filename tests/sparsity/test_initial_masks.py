@@ -50,25 +50,27 @@ def test_given_masks_at_another_sparsity_are_redrawn(logs):
 def test_given_masks_for_unselected_parameters_warn(logs):
     first = sparsify(toy_gpt(), {"sparsity": 0.5})
     with logs.at_level(logging.WARNING):
-        sparsifier = sparsify(toy_gpt(), {"sparsity": 0.5, "param_name_patterns": "mlp"}, masks=first.masks)
+        sparsifier = sparsify(toy_gpt(), {"sparsity": 0.5, "param_name_patterns": "ffn"}, masks=first.masks)
     assert "they train dense" in logs.text
-    assert all("mlp" in name for name in sparsifier.masks)
+    assert all("ffn" in name for name in sparsifier.masks)
 
 
 def test_given_masks_that_do_not_fit_the_model():
     model = toy_gpt()
     with pytest.raises(CheckpointError, match="'decoder.weight'"):
         sparsify(model, BLOCK, masks={"decoder.weight": torch.ones(2, 2, dtype=torch.bool)})
-    with pytest.raises(CheckpointError, match=r"'layers.0.mlp.fc.weight': shape \(2, 2\)"):
-        sparsify(model, BLOCK, masks={"layers.0.mlp.fc.weight": torch.ones(2, 2, dtype=torch.bool)})
+    name = "transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"
+    with pytest.raises(CheckpointError, match=rf"'{name}': shape \(2, 2\)"):
+        sparsify(model, BLOCK, masks={name: torch.ones(2, 2, dtype=torch.bool)})
 
 
 def test_from_zeros_takes_the_existing_zeros(logs):
     model = toy_gpt()
     with torch.no_grad():
-        model.layers[0].mlp.fc.weight[:, ::2] = 0
+        fc = model.transformer_decoder.layers[0].ffn.ffn[0].linear_layer
+        fc.weight[:, ::2] = 0
     with logs.at_level(logging.WARNING):
-        sparsifier = sparsify(model, {"sparsity": 0.5, "init_method": "from_zeros", "param_name_patterns": "mlp.fc"})
-    assert torch.equal(sparsifier.masks["layers.0.mlp.fc.weight"], model.layers[0].mlp.fc.weight != 0)
-    assert bool(sparsifier.masks["layers.1.mlp.fc.weight"].all())
-    assert "layers.1.mlp.fc.weight 0.0%" in logs.text
+        sparsifier = sparsify(model, {"sparsity": 0.5, "init_method": "from_zeros", "param_name_patterns": "ffn.0"})
+    assert torch.equal(sparsifier.masks["transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"], fc.weight != 0)
+    assert bool(sparsifier.masks["transformer_decoder.layers.1.ffn.ffn.0.linear_layer.weight"].all())
+    assert "transformer_decoder.layers.1.ffn.ffn.0.linear_layer.weight 0.0%" in logs.text

@@ -14,7 +14,7 @@ from torch import nn
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.sparsity.masks import num_pruned, random_mask, topk_mask
 from sparsetrain.sparsity.sparsifier import Sparsifier, sparsify
-from tests.helpers import BLOCK_MATRICES, TOY_CONTEXT, TOY_SPARSITY, TOY_VOCAB, TOY_WIDTH, toy_gpt
+from tests.helpers import BLOCK_MATRICES, QKV_KINDS, TOY_CONTEXT, TOY_SPARSITY, TOY_VOCAB, TOY_WIDTH, toy_gpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,7 +142,8 @@ def test_creation_zeroes_exactly_the_drawn_masks():
         assert int((~mask).sum()) == num_pruned(mask.numel(), group.sparsity)
         assert bool((weight[~mask] == 0).all())
         assert torch.equal(weight[mask], before[name][mask])
-    assert torch.equal(model.embed_tokens.weight, before["embed_tokens.weight"])
+    embeddings = model.embedding_layer.word_embeddings.weight
+    assert torch.equal(embeddings, before["embedding_layer.word_embeddings.weight"])
 
 
 def test_no_block_means_dense():
@@ -166,13 +167,13 @@ def test_bad_block_raises_config_error():
     with pytest.raises(ConfigError, match="sparsity.init_method"):
         sparsify(toy_gpt(), {"sparsity": 0.5, "init_method": "magnitude"})
     with pytest.raises(ConfigError, match="matches no parameter"):
-        sparsify(toy_gpt(), {"sparsity": 0.5, "param_name_patterns": "decoder"})
+        sparsify(toy_gpt(), {"sparsity": 0.5, "param_name_patterns": "encoder"})
 
 
 def test_state_dict_round_trip_and_mismatch():
     first = sparsify(toy_gpt(seed=0), BLOCK)
     state = first.state_dict()
-    assert state["config"]["param_name_patterns"]["mlp"]["init_method"] == "random"
+    assert state["config"]["param_name_patterns"]["ffn"]["init_method"] == "random"
     model = toy_gpt(seed=1)
     second = sparsify(model, BLOCK)
     second.load_state_dict(state)
@@ -183,8 +184,8 @@ def test_state_dict_round_trip_and_mismatch():
     second.attach(optimizer)
     _train_step(model, optimizer, 0)
     assert _violations(second, optimizer) == []
-    with pytest.raises(CheckpointError, match="missing: .*mlp"):
-        sparsify(toy_gpt(), {"sparsity": 0.5, "param_name_patterns": "attn"}).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="missing: .*ffn"):
+        sparsify(toy_gpt(), {"sparsity": 0.5, "param_name_patterns": "self_attn"}).load_state_dict(state)
     with pytest.raises(CheckpointError, match="no 'masks'"):
         second.load_state_dict({})
 
@@ -193,14 +194,15 @@ def test_stats():
     model = toy_gpt()
     sparsifier = sparsify(model, BLOCK)
     with torch.no_grad():
-        model.layers[0].mlp.fc.weight[0, :] = 0  # some kept entries happen to be zero too
+        model.transformer_decoder.layers[0].ffn.ffn[0].linear_layer.weight[0, :] = 0  # some kept entries happen to be zero too
     rows = {row["name"]: row for row in sparsifier.stats()}
-    row = rows["layers.0.mlp.fc.weight"]
-    assert row["group"] == "mlp" and row["target"] == 0.75 and row["numel"] == 4 * WIDTH * WIDTH
+    row = rows["transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"]
+    assert row["group"] == "ffn" and row["target"] == 0.75 and row["numel"] == 4 * WIDTH * WIDTH
     assert row["kept"] == row["numel"] - num_pruned(row["numel"], 0.75)
     assert row["mask"] == pytest.approx(0.75)
     assert row["actual"] > row["mask"]
-    assert rows["layers.0.attn.qkv.weight"]["actual"] == pytest.approx(0.5)
+    for kind in QKV_KINDS:
+        assert rows[f"transformer_decoder.layers.0.{kind}"]["actual"] == pytest.approx(0.5)
     assert "tensors" in sparsifier.summary()
 
 
@@ -208,10 +210,11 @@ def test_group_stats_and_pruned_fractions():
     model = toy_gpt()
     sparsifier = sparsify(model, BLOCK)
     groups = {g["group"]: g for g in sparsifier.group_stats()}
-    assert list(groups) == ["mlp", "attn", "lm_head"]
-    assert groups["mlp"]["tensors"] == 4 and groups["mlp"]["target"] == 0.75
-    assert groups["mlp"]["numel"] == 2 * 2 * 4 * WIDTH * WIDTH
-    assert groups["mlp"]["mask"] == pytest.approx(0.75) and groups["mlp"]["actual"] == pytest.approx(0.75)
+    assert list(groups) == ["ffn", "self_attn", "lm_head"]
+    assert groups["ffn"]["tensors"] == 4 and groups["ffn"]["target"] == 0.75
+    assert groups["ffn"]["numel"] == 2 * 2 * 4 * WIDTH * WIDTH
+    assert groups["ffn"]["mask"] == pytest.approx(0.75) and groups["ffn"]["actual"] == pytest.approx(0.75)
+    assert groups["self_attn"]["tensors"] == 2 * 4  # q, k, v and the output projection of 2 layers
     fractions = sparsifier.pruned_fractions()
     assert fractions["lm_head.weight"] == pytest.approx(num_pruned(VOCAB * WIDTH, 0.3) / (VOCAB * WIDTH))
     assert set(fractions) == set(sparsifier.masks)
@@ -230,7 +233,7 @@ def test_mask_gradients_on_demand():
 def test_rebinds_to_replaced_parameters_at_attach():
     model = toy_gpt()
     sparsifier = sparsify(model, BLOCK)
-    fc = model.layers[0].mlp.fc
+    fc = model.transformer_decoder.layers[0].ffn.ffn[0].linear_layer
     fc.weight = nn.Parameter(torch.randn_like(fc.weight))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sparsifier.attach(optimizer)
@@ -241,7 +244,7 @@ def test_rebinds_to_replaced_parameters_at_attach():
 
 def test_parameters_without_gradients_and_frozen_ones():
     model = toy_gpt()
-    model.layers[1].mlp.fc.weight.requires_grad_(False)
+    model.transformer_decoder.layers[1].ffn.ffn[0].linear_layer.weight.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.1)
     sparsifier = sparsify(model, BLOCK, optimizer)
     optimizer.step()  # no gradients at all

@@ -58,7 +58,7 @@ def test_training_with_block_kernels_matches_masked_dense(tmp_path, tiny_params)
         p["runconfig"].update({"device": "cuda", "max_steps": 20, "compile": False, "sparse_kernels": kernels})
         run = tr.setup(params_from_dict(p), tmp_path / kernels, evaluate=False, write_metrics=False)
         switched = sum(isinstance(m, BlockSparseLinear) for m in run.model.modules())
-        assert switched == (8 if kernels == "auto" else 0) == len(run.block_kernel_layers)
+        assert switched == (12 if kernels == "auto" else 0) == len(run.block_kernel_layers)
         # MFU counts executed FLOPs: the live blocks on the kernels, dense work when masked dense
         expected = run.flops["sparse"] if kernels == "auto" else run.flops["dense"]
         assert run.executed_flops == pytest.approx(expected) and run.flops["sparse"] < run.flops["dense"]
@@ -79,3 +79,20 @@ def test_fp32_runs_keep_block_weights_masked_dense_with_a_warning(tmp_path, tiny
         run = tr.setup(params_from_dict(p), tmp_path, evaluate=False, write_metrics=False)
     assert run.block_kernel_layers == [] and not any(isinstance(m, BlockSparseLinear) for m in run.model.modules())
     assert "block-sparse kernels run in bf16" in caplog.text
+
+
+def test_fsdp_shards_every_transformer_block(tmp_path, monkeypatch):
+    """FSDP2 wraps each decoder layer, then the model: one block's weights gathered at a time."""
+    from sparsetrain import distributed
+    from sparsetrain.config import params_from_dict
+    from sparsetrain.training import build
+    from sparsetrain.training.state import Run
+    from tests.helpers import tiny_gpt
+
+    model = tiny_gpt()
+    wrapped = []
+    monkeypatch.setattr(build.dist, "shard", lambda m, blocks: wrapped.extend([*blocks, m]))
+    run = Run(params=params_from_dict({}), model_dir=tmp_path, device=torch.device("cpu"), model=model,
+              forward=model, tokenizer=None, dist=distributed.DistInfo(world_size=2, mode="fsdp"))
+    build._sparsify(run, {}, {})
+    assert wrapped == [*model.transformer_decoder.layers, model] and len(wrapped) == 3

@@ -39,7 +39,7 @@ def closest(name: str, valid: typing.Iterable[str]) -> str:
 
 def type_name(tp: Any) -> str:
     args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
     return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
 
 
@@ -60,6 +60,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if arg is str and isinstance(value, str):
             return value
         if arg is list and isinstance(value, list):
+            return value
+        if arg is dict and isinstance(value, dict):
             return value
     if float in args and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string; users mean the number.

@@ -22,6 +22,7 @@ import yaml
 
 from sparsetrain.config.fields import build_section, check_range, closest, coerce, key_text
 from sparsetrain.config.sections import (
+    INITIALIZERS,
     PRESETS,
     SCHEDULERS,
     InputParams,
@@ -30,6 +31,9 @@ from sparsetrain.config.sections import (
     RunConfig,
 )
 from sparsetrain.config.sparsity import SparsityConfig, parse_sparsity
+from sparsetrain.config.zoo import from_zoo
+from sparsetrain.config.zoo_keys import OPTIMIZERS
+from sparsetrain.config.zoo_keys import SCHEDULERS as ZOO_SCHEDULERS
 from sparsetrain.errors import ConfigError
 
 
@@ -45,6 +49,8 @@ class Params:
     runconfig: RunConfig = field(default_factory=RunConfig)
     sparsity: SparsityConfig | None = None
     path: Path | None = field(default=None, compare=False, repr=False)
+    layout: str = field(default="sparsetrain", compare=False, repr=False)  # or "zoo", "zoo trainer"
+    no_effect: tuple[str, ...] = field(default=(), compare=False, repr=False)  # zoo keys, as written
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, ready for YAML or a checkpoint (``torch.load(weights_only=True)`` safe)."""
@@ -74,11 +80,36 @@ def _build_model(raw: Any) -> ModelParams:
             raise ConfigError(f"model.preset: {preset!r} is not valid; choose one of {', '.join(PRESETS)}")
         raw = {**PRESETS[preset], **raw}
     model = build_section(ModelParams, raw, "model")
+    for key in ("initializer", "output_layer_initializer", "embedding_initializer"):
+        setattr(model, key, _check_initializer(getattr(model, key), f"model.{key}"))
+    if model.loss_scaling == "num_tokens" and model.loss_weight != 1.0:
+        raise ConfigError(
+            f"model.loss_weight: {model.loss_weight} with loss_scaling num_tokens; as in the zoo, "
+            "loss_weight applies with loss_scaling batch_size only (use 1.0, or batch_size)"
+        )
     if model.hidden_size % model.num_heads:
         raise ConfigError(
             f"model.num_heads: {model.num_heads} does not divide hidden_size {model.hidden_size}"
         )
     return model
+
+
+def _check_initializer(spec: str | dict | None, where: str) -> dict | None:
+    """A zoo initializer: a name or ``{name, <its numbers>}``, returned as a mapping."""
+    if spec is None:
+        return None
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = spec.get("name")
+    if name not in INITIALIZERS:
+        raise ConfigError(f"{where}.name: {name!r} is not built here; choose one of {', '.join(INITIALIZERS)}")
+    valid = ("name", *INITIALIZERS[name])
+    for key, value in spec.items():
+        if key not in valid:
+            raise ConfigError(f"{where}.{key_text(key)}: not a key of the {name} initializer{closest(str(key), valid)}")
+        if key != "name":
+            spec[key] = coerce(value, float, f"{where}.{key}")
+            check_range(spec[key], {"min": 0.0} if key in ("std", "gain") else {}, f"{where}.{key}")
+    return spec
 
 
 def _check_schedule(lr: float | list) -> None:
@@ -113,12 +144,54 @@ def _check_schedule(lr: float | list) -> None:
             check_range(phase["total_iters"], {"min": 1}, f"{where}.total_iters")
 
 
-def params_from_dict(raw: Any) -> Params:
-    """Validate a whole params mapping (already parsed from YAML)."""
+def params_from_dict(raw: Any, overrides: typing.Sequence[str] = ()) -> Params:
+    """Validate a whole params mapping (already parsed from YAML), in our layout or any of the
+    model zoo's (:mod:`sparsetrain.config.zoo`), with ``--set`` overrides; errors name the key as
+    the file wrote it. In a 2.4+ zoo file (``trainer:``) an override may name the file's keys
+    (``trainer.init.loop.max_steps=10``) or our sections (``runconfig.max_steps=10``), which apply
+    once the file is in our sections."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"expected a mapping with sections {', '.join([*SECTIONS, 'sparsity'])}")
+    later = [o for o in overrides if "trainer" in raw and parse_override(o)[0][0] in (*SECTIONS, "sparsity")]
+    translation = from_zoo(apply_overrides(raw, [o for o in overrides if o not in later]))
+    apply_overrides(translation.raw, later)
+    for text in later:
+        translation.origin.pop(".".join(parse_override(text)[0]), None)
+    try:
+        params = _validate(translation.raw)
+    except ConfigError as e:
+        raise ConfigError(_as_written(str(e), translation.origin)) from None
+    params.layout, params.no_effect = translation.layout, tuple(translation.no_effect)
+    return params
+
+
+def _as_written(message: str, origin: dict[str, str]) -> str:
+    """An error about ``optimizer.beta2`` names ``optimizer.betas`` when the file wrote that."""
+    for ours in sorted(origin, key=len, reverse=True):
+        if message.startswith(ours) and message[len(ours) : len(ours) + 1] in (":", ".", "[", " "):
+            return origin[ours] + message[len(ours) :]
+    return message
+
+
+def _canonical_names(raw: dict) -> None:
+    """Optimizer and scheduler names in any case, as the zoo accepts them."""
+    optimizer = raw.get("optimizer")
+    if not isinstance(optimizer, dict):
+        return
+    kind = optimizer.get("optimizer_type")
+    if isinstance(kind, str) and kind.lower() in OPTIMIZERS:
+        optimizer["optimizer_type"] = OPTIMIZERS[kind.lower()]
+    phases = optimizer.get("learning_rate")
+    for phase in phases if isinstance(phases, list) else []:
+        name = phase.get("scheduler") if isinstance(phase, dict) else None
+        if isinstance(name, str) and name.lower().removesuffix("lr") in ZOO_SCHEDULERS:
+            phase["scheduler"] = ZOO_SCHEDULERS[name.lower().removesuffix("lr")]
+
+
+def _validate(raw: dict) -> Params:
+    _canonical_names(raw)
     valid = [*SECTIONS, "sparsity"]
     for key in raw:
         if key not in valid:
@@ -146,7 +219,9 @@ def params_from_dict(raw: Any) -> Params:
         optimizer=optimizer, runconfig=runconfig, sparsity=sparsity,
     )
     for inp in (params.train_input, params.eval_input):
-        if inp.max_sequence_length > params.model.max_position_embeddings:
+        if inp.max_sequence_length is None and inp.source != "hdf5":
+            raise ConfigError(f"{inp.section}.max_sequence_length: required (only hdf5 data carries its own)")
+        if inp.max_sequence_length is not None and inp.max_sequence_length > params.model.max_position_embeddings:
             raise ConfigError(
                 f"{inp.section}.max_sequence_length: {inp.max_sequence_length} exceeds "
                 f"model.max_position_embeddings {params.model.max_position_embeddings}"
@@ -174,6 +249,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except Exception:  # a YAML error, or a constructor failing on a bad tagged value
         parsed = value
     return keys, parsed
+
+
+def apply_unset(raw: dict, paths: typing.Sequence[str]) -> dict:
+    """Delete ``--unset section.key`` paths from a raw params mapping (in place) and return it:
+    a key removed falls back to its default (or, in a zoo file, to the zoo's default)."""
+    for text in paths:
+        keys = text.strip().split(".")
+        node: Any = raw
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not all(keys) or not isinstance(node, dict) or keys[-1] not in node:
+            raise ConfigError(f"--unset {text!r}: no such key in the params file")
+        del node[keys[-1]]
+    return raw
 
 
 def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
@@ -221,8 +310,9 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def load_params(path: str | Path, overrides: typing.Sequence[str] = ()) -> Params:
-    """Read, override and validate a params file. Errors are prefixed with the file name."""
+def load_params(path: str | Path, overrides: typing.Sequence[str] = (), unset: typing.Sequence[str] = ()) -> Params:
+    """Read, override and validate a params file (ours, or the model zoo's in any layout). Errors
+    are prefixed with the file name."""
     path = Path(path)
     raw = read_yaml(path)
     if raw is None:
@@ -230,7 +320,7 @@ def load_params(path: str | Path, overrides: typing.Sequence[str] = ()) -> Param
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
     with naming_file(path):
-        params = params_from_dict(apply_overrides(raw, overrides))
+        params = params_from_dict(apply_unset(raw, unset), overrides)
     params.path = path
     return params
 
@@ -247,9 +337,15 @@ def naming_file(path: Path | None) -> Iterator[None]:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def dump_params(params: Params, overrides: typing.Sequence[str] = ()) -> str:
-    """The resolved params as YAML, with the command-line overrides noted at the top."""
+def dump_params(params: Params, overrides: typing.Sequence[str] = (), unset: typing.Sequence[str] = ()) -> str:
+    """The resolved params as YAML in our layout, with where they came from at the top: the file
+    and its layout, the command-line changes, and the zoo keys that have no effect here."""
     header = "# resolved params written by sparsetrain\n"
+    if params.path is not None:
+        header += f"# from {params.path} ({params.layout} layout)\n"
+    header += "".join(f"# --unset {u}\n" for u in unset)
     if overrides:
         header += "".join(f"# --set {o}\n" for o in overrides)
+    if params.no_effect:
+        header += f"# zoo keys with no effect on GPUs (not written below): {', '.join(params.no_effect)}\n"
     return header + yaml.safe_dump(params.to_dict(), sort_keys=False)

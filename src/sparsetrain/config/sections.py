@@ -26,10 +26,20 @@ class InputParams:
 
     source: str = setting(
         "stdlib",
-        "stdlib (the running Python's standard library sources) | text | jsonl | shards",
-        choices=("stdlib", "text", "jsonl", "shards"),
+        "stdlib (the running Python's standard library sources) | text | jsonl | shards | hdf5 (the zoo's .h5 files)",
+        choices=("stdlib", "text", "jsonl", "shards", "hdf5"),
     )
     data_path: str | None = setting(None, "file, directory or glob (text, jsonl); directory (shards)")
+    data_dir: str | list | None = setting(
+        None, "hdf5: a directory of .h5 files or one .h5 file, or a list of them (the zoo's data_dir)"
+    )
+    mixture: list | None = setting(
+        None, "hdf5: datasets drawn by weight, [{data_dir, weight, data_subset}] (instead of data_dir)"
+    )
+    data_subset: str | None = setting(
+        None, "hdf5: the part of the samples used, as fraction ranges, e.g. '0.0-0.5,0.7-1.0'"
+    )
+    shuffle_seed: int | None = setting(None, "seed of the batch order (default: runconfig.seed)", min=0, max=2**63 - 1)
     text_field: str = setting("text", "field of each JSON Lines record that holds the document")
     tokenizer: str = setting("byte", "byte | bpe (trained locally, saved in model_dir) | path to tokenizer.json")
     bpe_vocab_size: int = setting(4096, "vocabulary size of a locally trained BPE", min=257, max=MAX_VOCAB)
@@ -39,7 +49,9 @@ class InputParams:
     )
     eval_fraction: float = setting(0.05, "share of files (or documents) in the eval split", min=0.0, max=1.0)
     batch_size: int = setting(16, "sequences per optimizer step (all micro-batches together)", min=1)
-    max_sequence_length: int = setting(128, "tokens per sequence (context length)", min=1)
+    max_sequence_length: int | None = setting(
+        128, "tokens per sequence (context length); null: the length of the hdf5 data's samples", min=1
+    )
     shuffle: bool = setting(True, "random windows (true) or consecutive windows (false)")
     section: str = field(default="train_input", repr=False, metadata={"internal": True})
 
@@ -51,6 +63,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-large": dict(hidden_size=1280, num_hidden_layers=36, num_heads=20, max_position_embeddings=1024, vocab_size=50257),
     "gpt2-xl": dict(hidden_size=1600, num_hidden_layers=48, num_heads=25, max_position_embeddings=1024, vocab_size=50257),
     "gpt3-xl": dict(hidden_size=2048, num_hidden_layers=24, num_heads=16, max_position_embeddings=2048, vocab_size=50257),
+}
+
+
+# The zoo's initializer names built here, and the keys each may carry.
+INITIALIZERS: dict[str, tuple[str, ...]] = {
+    "normal": ("mean", "std"),
+    "truncated_normal": ("mean", "std", "a", "b"),
+    "uniform": ("a", "b"),
+    "constant": ("val",),
+    "zeros": (),
+    "ones": (),
+    "xavier_uniform": ("gain",),
+    "xavier_normal": ("gain",),
 }
 
 
@@ -67,9 +92,39 @@ class ModelParams:
     vocab_size: int | None = setting(None, "default: the tokenizer's vocabulary size", min=1, max=MAX_VOCAB)
     dropout_rate: float = setting(0.0, "dropout after embeddings, attention and MLP", min=0.0, max=1.0)
     share_embedding_weights: bool = setting(True, "tie the LM head to the token embedding")
-    use_bias: bool = setting(True, "biases in linear layers and layer norms")
+    use_bias: bool = setting(True, "biases in linear layers and layer norms (the four keys below override it per layer)")
+    use_projection_bias_in_attention: bool | None = setting(None, "biases of the q, k, v projections (default: use_bias)")
+    use_ffn_bias_in_attention: bool | None = setting(None, "bias of the attention output projection (default: use_bias)")
+    use_ffn_bias: bool | None = setting(None, "biases of the feed-forward layers (default: use_bias)")
+    use_bias_in_output: bool = setting(False, "bias of the LM head")
     layer_norm_epsilon: float = setting(1e-5, "layer norm epsilon", min=0.0)
+    nonlinearity: str = setting(
+        "gelu_new", "feed-forward activation: gelu (exact, the zoo's) | gelu_new (tanh approximation, GPT-2's) | relu | silu",
+        choices=("gelu", "gelu_new", "relu", "silu"),
+    )
+    attention_type: str = setting(
+        "scaled_dot_product", "scaled_dot_product (scores / sqrt(head size)) | dot_product (unscaled)",
+        choices=("scaled_dot_product", "dot_product"),
+    )
+    attention_dropout_rate: float | None = setting(None, "dropout on attention weights (default: dropout_rate)", min=0.0, max=1.0)
+    position_embedding_type: str = setting("learned", "learned absolute position embeddings", choices=("learned",))
     initializer_range: float = setting(0.02, "std of the normal weight initialisation", min=0.0)
+    initializer: str | dict | None = setting(
+        None, "q/k/v and first feed-forward weights, a zoo initializer {name, mean, std, a, b} "
+        "(default: normal with std initializer_range)",
+    )
+    output_layer_initializer: str | dict | None = setting(
+        None, "attention output and second feed-forward weights (default: initializer if given, "
+        "else normal with std initializer_range / sqrt(2 num_hidden_layers))",
+    )
+    embedding_initializer: str | dict | None = setting(
+        None, "word and position embeddings (default: normal with std initializer_range)"
+    )
+    loss_scaling: str = setting(
+        "num_tokens", "num_tokens (loss = mean over counted tokens) | batch_size (sum / sequences * loss_weight)",
+        choices=("num_tokens", "batch_size"),
+    )
+    loss_weight: float = setting(1.0, "with loss_scaling batch_size, the factor on the summed loss", min=0.0)
 
 
 @dataclass(kw_only=True)
@@ -90,6 +145,9 @@ class OptimizerParams:
     momentum: float = setting(0.0, "SGD momentum", min=0.0)
     nesterov: bool = setting(False, "SGD Nesterov momentum")
     grad_accum_steps: int = setting(1, "micro-batches per optimizer step; must divide batch_size", min=1)
+    decay_embeddings: bool = setting(
+        False, "weight decay on embeddings (and a tied LM head) too: the zoo's rule, every weight but biases and norms"
+    )
     packed_state: bool = setting(
         True, "with a sparsity block: keep the optimizer state of sparsified weights for kept entries only"
     )
@@ -137,3 +195,5 @@ class RunConfig:
         choices=("auto", "off"),
     )
     progress: bool = setting(True, "show a progress bar on the terminal")
+    model_dir: str | None = setting(None, "the model_dir when the command line gives none (the zoo's runconfig.model_dir)")
+    save_initial_checkpoint: bool = setting(False, "write a checkpoint of the initial weights (step 0) before training")

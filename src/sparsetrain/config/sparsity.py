@@ -28,8 +28,8 @@ Structure (top level, or per group like every other setting)::
       structure: block             # unstructured (default) | block | "N:M", e.g. "2:4"
       block_size: 128              # block only: an int (square) or [rows, cols]; default 128
       param_name_patterns:
-        mlp.*weight: {}                         # 128x128 blocks, 75% of them pruned
-        attn.*weight: {structure: "2:4"}        # 2 of every 4 kept; sparsity 0.5 implied
+        ffn.*weight: {}                         # 128x128 blocks, 75% of them pruned
+        self_attn.*weight: {structure: "2:4"}        # 2 of every 4 kept; sparsity 0.5 implied
 
 Rules:
 
@@ -48,6 +48,9 @@ Rules:
 - One-dimensional parameters (biases, norm scales) are never sparsified, even when a pattern
   matches them: they are skipped silently, and a pattern that matches only such parameters is an
   error.
+- The zoo's 2.2+ spelling ``param_filter`` (a glob or a list of globs, e.g.
+  ``"*proj_[qkv]_dense_layer.weight"``) is form 2/3 with shell globs that match the WHOLE name
+  (``fnmatch``, case-sensitive) instead of regexes found anywhere in it.
 - Unknown keys are errors that name the key and the nearest valid one; nothing is ignored.
 
 Structure (``structure``, ``block_size``; :mod:`sparsetrain.sparsity.masks` draws the masks):
@@ -79,6 +82,8 @@ Structure (``structure``, ``block_size``; :mod:`sparsetrain.sparsity.masks` draw
 from __future__ import annotations
 
 import copy
+import dataclasses
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,10 +124,13 @@ class GroupSettings:
     pattern: str | None
     structure: str = DEFAULT_STRUCTURE
     block_size: tuple[int, int] | None = None
+    glob: str | None = None  # a 2.2+ ``param_filter`` glob, of which ``pattern`` is the regex
 
     @property
     def group(self) -> str:
-        """The group's name in logs and statistics: its pattern, or ``default``."""
+        """The group's name in logs and statistics: its pattern (or glob), or ``default``."""
+        if self.glob is not None:
+            return self.glob
         return "default" if self.pattern is None else self.pattern
 
     @property
@@ -157,7 +165,8 @@ class SparsityConfig:
     ``groups`` holds one ``GroupSettings`` per pattern in file order (form 2: one; form 3: one
     per list item, all with the top-level settings; form 4: one per key), or a single group with
     ``pattern=None`` for the default heuristic. ``sparsity`` is the top-level value, None when
-    only the groups set it. ``form`` is ``default``, ``str``, ``list`` or ``dict``.
+    only the groups set it. ``form`` is ``default``, ``str``, ``list``, ``dict`` or, for the 2.2+
+    ``param_filter`` globs, ``filter`` (one glob) / ``filter_list``.
     ``structure`` and ``block_size`` are the top-level values (defaults filled in) that groups
     inherit; each group's own resolved values are in its ``GroupSettings``.
     """
@@ -192,7 +201,11 @@ class SparsityConfig:
         uses_blocks = any(g.block_size is not None for g in self.groups)
         if uses_blocks:
             out["block_size"] = _block_size_value(self.block_size)
-        if self.form == "str":
+        if self.form == "filter":
+            out["param_filter"] = self.groups[0].glob
+        elif self.form == "filter_list":
+            out["param_filter"] = [g.glob for g in self.groups]
+        elif self.form == "str":
             out["param_name_patterns"] = self.groups[0].pattern
         elif self.form == "list":
             out["param_name_patterns"] = [g.pattern for g in self.groups]
@@ -213,7 +226,7 @@ class SparsityConfig:
             shape = "" if g.structure == DEFAULT_STRUCTURE else f", {g.structure_label}"
             return f"{self.type}, {g.init_method}, sparsity {g.sparsity:g}{shape}, default heuristic"
         parts = [
-            f"{g.pattern!r}: {g.init_method} {g.sparsity:g}" + ("" if g.structure == DEFAULT_STRUCTURE else f" {g.structure_label}")
+            f"{g.group!r}: {g.init_method} {g.sparsity:g}" + ("" if g.structure == DEFAULT_STRUCTURE else f" {g.structure_label}")
             for g in self.groups
         ]
         return f"{self.type}, " + "; ".join(parts)
@@ -221,6 +234,10 @@ class SparsityConfig:
     def group_where(self, index: int) -> str:
         """The key path of group ``index`` for error messages."""
         g = self.groups[index]
+        if self.form == "filter":
+            return f"{self.where}.param_filter ({g.glob!r})"
+        if self.form == "filter_list":
+            return f"{self.where}.param_filter[{index}] ({g.glob!r})"
         if self.form == "str":
             return f"{self.where}.param_name_patterns ({g.pattern!r})"
         if self.form == "list":
@@ -241,8 +258,8 @@ def parse_sparsity(block: Mapping[str, Any] | None, where: str = "sparsity") -> 
         raise ConfigError(f"{where}: expected a mapping of settings, got {kind_of(block)}")
     if not block:
         return None
+    kind = parse_type(block, where)  # first: a dynamic algorithm's own keys are not the error
     check_keys(block, TOP_KEYS, where)
-    kind = parse_type(block, where)
     structure = parse_structure(block.get("structure", DEFAULT_STRUCTURE), f"{where}.structure")
     block_size = parse_block_size(block["block_size"], f"{where}.block_size") if "block_size" in block else None
     sparsity = parse_fraction(block["sparsity"], f"{where}.sparsity") if "sparsity" in block else None
@@ -254,7 +271,12 @@ def parse_sparsity(block: Mapping[str, Any] | None, where: str = "sparsity") -> 
         "sparsity": sparsity, "init_method": init_method, "seed": seed, "structure": structure,
         "block_size": block_size or (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE),
     }
-    form, groups = _parse_patterns(block.get("param_name_patterns"), top, where)
+    if "param_filter" in block:
+        if "param_name_patterns" in block:
+            raise ConfigError(f"{where}.param_filter: give param_filter (globs) or param_name_patterns (regexes), not both")
+        form, groups = _parse_filter(block["param_filter"], top, where)
+    else:
+        form, groups = _parse_patterns(block.get("param_name_patterns"), top, where)
     if block_size is not None and not any(g.structure == "block" for g in groups):
         raise ConfigError(
             f"{where}.block_size: set, but no group has structure: block (it is read only by block "
@@ -288,6 +310,22 @@ def _parse_patterns(value: Any, top: dict[str, Any], where: str) -> tuple[str, t
     raise ConfigError(
         f"{key}: expected a regex string, a list of regexes, or a mapping of regex to settings; got {kind_of(value)}"
     )
+
+
+def _parse_filter(value: Any, top: dict[str, Any], where: str) -> tuple[str, tuple[GroupSettings, ...]]:
+    """2.2+ ``param_filter``: a glob or a list of globs, each matching the WHOLE parameter name
+    (``fnmatch`` rules, case-sensitive: ``*`` any text, ``?`` one character, ``[qkv]`` a set)."""
+    key = f"{where}.param_filter"
+    globs = [value] if isinstance(value, str) else value
+    if not isinstance(globs, (list, tuple)) or not globs:
+        raise ConfigError(f"{key}: expected a glob or a non-empty list of globs, got {kind_of(value)}")
+    groups = []
+    for i, glob in enumerate(globs):
+        if not isinstance(glob, str):
+            raise ConfigError(f"{key}[{i}]: expected a glob string, got {kind_of(glob)}")
+        regex = r"\A" + fnmatch.translate(glob)
+        groups.append(dataclasses.replace(_settings(top, regex, where), glob=glob))
+    return ("filter" if isinstance(value, str) else "filter_list"), tuple(groups)
 
 
 def _group(pattern: Any, overrides: Any, top: dict[str, Any], key: str) -> GroupSettings:

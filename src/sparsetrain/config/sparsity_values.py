@@ -22,6 +22,7 @@ NOT_YET_TYPES = ("gmp", "set", "rigl")
 INIT_METHODS = ("topk", "random", "from_zeros")
 TOP_KEYS = (
     "type", "algorithm", "sparsity", "init_method", "seed", "structure", "block_size", "param_name_patterns",
+    "param_filter",
 )
 GROUP_KEYS = ("sparsity", "init_method", "seed", "structure", "block_size")
 # Keys of later versions of the reference (dynamic sparsity): named, not yet built.
@@ -53,7 +54,10 @@ def parse_type(block: Mapping[str, Any], where: str) -> str:
         raise ConfigError(f"{where}.{key}: expected a string, one of {', '.join(TYPES)}; got {kind_of(value)}")
     kind = value.strip().lower()
     if kind in NOT_YET_TYPES:
-        raise ConfigError(f"{where}.{key}: {value!r} is not supported yet, only sideband/static")
+        raise ConfigError(
+            f"{where}.{key}: {value!r} is dynamic sparsity (masks that change during training), not built yet; "
+            "only static sparsity (static / sideband) trains here for now"
+        )
     if kind not in TYPES:
         raise ConfigError(f"{where}.{key}: {value!r} is not valid; choose one of {', '.join(TYPES)}")
     return TYPE_ALIASES.get(kind, kind)

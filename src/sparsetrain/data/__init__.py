@@ -1,11 +1,13 @@
 """Corpora, tokenizers, token shards and batches.
 
 A data section of the params file (``train_input`` / ``eval_input``) names a text source, a
-tokenizer and a split. This package turns it into a :class:`TokenStream` (token ids of the split,
-in memory or memory-mapped from shards) and draws batches from it. Its modules, bottom up:
-``sources`` (files, split, documents), ``tokenizers``, ``stream`` (token streams and batches),
-``shards`` (``sparsetrain prepare`` and reading shards back) and ``loading`` (a data section end
-to end).
+tokenizer and a split, or the model zoo's HDF5 files. This package turns it into a stream -- a
+:class:`TokenStream` (token ids of the split, in memory, memory-mapped from shards or in HDF5), a
+:class:`SampleStream` (the zoo's fixed-length samples with a loss mask) or a
+:class:`MixtureStream` (datasets drawn by weight) -- and draws batches from it. Its modules,
+bottom up: ``stream`` (streams and batches), ``hdf5`` (reading the zoo's .h5 files), ``sources``
+(files, split, documents), ``tokenizers``, ``shards`` (``sparsetrain prepare`` and reading shards
+back), ``hdf5_write`` (writing the zoo's layout) and ``loading`` (a data section end to end).
 
 - sources: ``stdlib`` (the running interpreter's standard library), ``text`` (file, directory or
   glob), ``jsonl`` (one document per line) and ``shards`` (written by :func:`prepare_shards`);
@@ -15,10 +17,21 @@ to end).
   a resumed run reads exactly the batches it would have read.
 """
 
+from sparsetrain.data.hdf5 import hdf5_stream
+from sparsetrain.data.hdf5_write import prepare_zoo_hdf5
 from sparsetrain.data.loading import encode_corpus, load_tokenizer, load_tokens
 from sparsetrain.data.shards import SHARD_FORMAT, prepare_shards, read_shard_meta
 from sparsetrain.data.sources import SOURCES, SPLITS, DataInput, check_input, corpus_files, iter_documents, split_of
-from sparsetrain.data.stream import TokenStream, check_length, check_vocab, eval_batches, get_batch
+from sparsetrain.data.stream import (
+    MixtureStream,
+    SampleStream,
+    Stream,
+    TokenStream,
+    check_length,
+    check_vocab,
+    eval_batches,
+    get_batch,
+)
 from sparsetrain.data.tokenizers import EOS_TOKEN, ByteTokenizer, HFTokenizer, Tokenizer, token_dtype
 
 __all__ = [
@@ -29,6 +42,9 @@ __all__ = [
     "ByteTokenizer",
     "DataInput",
     "HFTokenizer",
+    "MixtureStream",
+    "SampleStream",
+    "Stream",
     "TokenStream",
     "Tokenizer",
     "check_input",
@@ -38,10 +54,12 @@ __all__ = [
     "encode_corpus",
     "eval_batches",
     "get_batch",
+    "hdf5_stream",
     "iter_documents",
     "load_tokenizer",
     "load_tokens",
     "prepare_shards",
+    "prepare_zoo_hdf5",
     "read_shard_meta",
     "split_of",
     "token_dtype",

@@ -2,7 +2,7 @@
 
 ``train_input`` / ``eval_input`` name a source, a tokenizer and a split; :func:`load_tokenizer`
 and :func:`load_tokens` turn them into a :class:`~sparsetrain.data.tokenizers.Tokenizer` and a
-:class:`~sparsetrain.data.stream.TokenStream` (encoded in memory, or memory-mapped from shards).
+stream (text encoded in memory, shards memory-mapped, the zoo's HDF5 files read lazily).
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from sparsetrain import distributed
+from sparsetrain.data.hdf5 import hdf5_stream
 from sparsetrain.data.shards import shard_stream, shard_tokenizer
 from sparsetrain.data.sources import DataInput, check_input, iter_documents, split_of
-from sparsetrain.data.stream import TokenStream, check_length
+from sparsetrain.data.stream import Stream, TokenStream, check_length
 from sparsetrain.data.tokenizers import HFTokenizer, Tokenizer, encoded_chunks, make_tokenizer, token_dtype
+from sparsetrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
 
 def load_tokenizer(input: DataInput, model_dir: Path | None = None) -> Tokenizer:
     """The tokenizer of a data section.
@@ -28,12 +31,22 @@ def load_tokenizer(input: DataInput, model_dir: Path | None = None) -> Tokenizer
     byte-level BPE trained on the section's train split (all of it with ``split: all``) and saved
     there; under torchrun rank 0 alone does this and the other ranks get a copy of its tokenizer
     (or its error). Any other value is the path of a tokenizer.json. With ``source: shards`` it is
-    the tokenizer recorded in the shard directory; ``tokenizer`` must agree with it.
+    the tokenizer recorded in the shard directory; ``tokenizer`` must agree with it. With ``source:
+    hdf5`` (token ids, no text) it only decodes generated text: ``bpe`` there needs the
+    tokenizer.json already in model_dir.
     """
     check_input(input)
     key = f"{input.section}.tokenizer"
     if input.source == "shards":
         return shard_tokenizer(input)
+    if input.source == "hdf5" and input.tokenizer == "bpe":
+        saved = Path(model_dir) / "tokenizer.json" if model_dir is not None else None
+        if saved is None or not saved.is_file():
+            raise ConfigError(
+                f"{key}: 'bpe' trains on text, and source hdf5 holds token ids; use byte or the path "
+                "of the tokenizer.json the data was encoded with"
+            )
+        return HFTokenizer.load(saved, key)
     if input.tokenizer == "bpe":
         # One writer of model_dir/tokenizer.json: ranks that each trained one raced on the file.
         return distributed.from_main(lambda: _bpe_tokenizer(input, model_dir, key))
@@ -78,19 +91,23 @@ def encode_corpus(input: DataInput, tokenizer: Tokenizer, split: str | None = No
     return tokens
 
 
-def load_tokens(input: DataInput, tokenizer: Tokenizer | None = None, model_dir: Path | None = None) -> TokenStream:
-    """The token stream of a data section's split.
+def load_tokens(input: DataInput, tokenizer: Tokenizer | None = None, model_dir: Path | None = None) -> Stream:
+    """The stream of a data section's split.
 
     Text sources are encoded in memory (``tokenizer`` defaults to ``load_tokenizer(input,
-    model_dir)``); shards are memory-mapped read-only. Raises ``DataError`` when no window of
-    ``max_sequence_length + 1`` tokens fits.
+    model_dir)``); shards are memory-mapped read-only; ``hdf5`` files are opened read-only (no
+    tokenizer; split and eval_fraction do not apply). Raises ``DataError`` when no window of
+    ``max_sequence_length + 1`` tokens fits, or samples of another length. With
+    ``max_sequence_length: null`` (hdf5 sample form) the caller takes it from ``stream.seq_len``.
     """
     check_input(input)
-    if input.source == "shards":
+    if input.source == "hdf5":
+        stream = hdf5_stream(input)
+    elif input.source == "shards":
         stream = shard_stream(input)
     else:
         tokenizer = tokenizer or load_tokenizer(input, model_dir)
         tokens = encode_corpus(input, tokenizer)
         stream = TokenStream([tokens], [f"{input.section}:{split_of(input)}"], tokenizer.vocab_size)
-    check_length(stream, input.max_sequence_length, input.section)
+    check_length(stream, input.max_sequence_length or stream.seq_len, input.section)
     return stream

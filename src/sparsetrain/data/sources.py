@@ -1,9 +1,10 @@
 """Corpora: the files of a text source, their stable train/eval split, and their documents.
 
 Sources are ``stdlib`` (the running interpreter's standard library), ``text`` (a file, directory
-or glob) and ``jsonl`` (one document per line). The train/eval split is a stable hash of each
-file's relative path (blake2b), so it never depends on the machine, the process or the order files
-are listed in; a single file is split inside itself.
+or glob) and ``jsonl`` (one document per line); ``shards`` and ``hdf5`` hold tokens, not text,
+and only their keys are checked here. The train/eval split is a stable hash of each file's
+relative path (blake2b), so it never depends on the machine, the process or the order files are
+listed in; a single file is split inside itself.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing import Protocol
 
 import numpy as np
 
+from sparsetrain.data import hdf5
 from sparsetrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("stdlib", "text", "jsonl", "shards")
+SOURCES = ("stdlib", "text", "jsonl", "shards", "hdf5")
+HDF5_KEYS = ("data_dir", "mixture", "data_subset")  # only for source hdf5
 SPLITS = ("train", "eval", "all")
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
@@ -34,13 +37,17 @@ class DataInput(Protocol):
 
     source: str
     data_path: str | None
+    data_dir: str | list | None
+    mixture: list | None
+    data_subset: str | None
+    shuffle_seed: int | None
     text_field: str
     tokenizer: str
     bpe_vocab_size: int
     split: str | None
     eval_fraction: float
     batch_size: int
-    max_sequence_length: int
+    max_sequence_length: int | None
     shuffle: bool
     section: str
 
@@ -59,11 +66,35 @@ def check_input(input: DataInput) -> None:
         raise ConfigError(f"{sec}.split: {input.split!r} is not one of {', '.join(SPLITS)}")
     if not 0.0 <= input.eval_fraction <= 1.0:
         raise ConfigError(f"{sec}.eval_fraction: {input.eval_fraction} is not in [0, 1]")
+    if input.source == "hdf5":
+        _check_hdf5(input)
+        return
+    for name in HDF5_KEYS:
+        if getattr(input, name, None) is not None:
+            raise ConfigError(f"{sec}.{name}: only for source hdf5 (source is {input.source!r}); remove it")
+    if input.max_sequence_length is None:
+        raise ConfigError(
+            f"{sec}.max_sequence_length: null only for source hdf5 (its samples carry a length); give a number"
+        )
     if input.source != "stdlib" and not input.data_path:
         raise ConfigError(
             f"{sec}.data_path: required for source {input.source!r} "
             f"({'a shard directory' if input.source == 'shards' else 'a file, directory or glob'})"
         )
+
+
+def _check_hdf5(input: DataInput) -> None:
+    """``source: hdf5`` needs exactly one of data_dir and mixture (split and eval_fraction do not apply)."""
+    sec = input.section
+    has_dir, has_mix = getattr(input, "data_dir", None) is not None, getattr(input, "mixture", None) is not None
+    if has_dir == has_mix:
+        raise ConfigError(
+            f"{sec}.data_dir: source hdf5 needs data_dir (a directory of .h5 files, an .h5 file or a list) "
+            f"or mixture, exactly one of them ({'both' if has_dir else 'neither'} given)"
+        )
+    if input.data_path:
+        raise ConfigError(f"{sec}.data_path: not used with source hdf5; give data_dir instead")
+    hdf5.datasets(input)  # the keys' values; the files are read later
 
 
 def _hash_unit(key: str) -> float:
@@ -276,8 +307,8 @@ def iter_documents(input: DataInput, split: str | None = None) -> Iterator[str]:
 
 def documents(input: DataInput, split: str, allow_empty: bool) -> Iterator[str]:
     check_input(input)
-    if input.source == "shards":
-        raise ConfigError(f"{input.section}.source: 'shards' holds tokens, not documents")
+    if input.source in ("shards", "hdf5"):
+        raise ConfigError(f"{input.section}.source: {input.source!r} holds tokens, not documents")
     files = _source_files(input)
     if _within_file_split(input, files):
         ((path, key),) = files

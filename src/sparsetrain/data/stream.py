@@ -1,5 +1,8 @@
-"""Token streams and batches: the token ids of one split, and batches drawn from them.
+"""Streams and batches: the token ids of one split, and batches drawn from them.
 
+A :class:`TokenStream` holds 1-D token arrays cut into windows of any length; a
+:class:`SampleStream` holds fixed-length samples (input ids, loss mask, labels), the model zoo's
+HDF5 sample form; a :class:`MixtureStream` draws each row from one of several streams by weight.
 Batches are a pure function of ``(seed, step, rank)``: there is no loader state to checkpoint and
 a resumed run reads exactly the batches it would have read.
 """
@@ -7,7 +10,10 @@ a resumed run reads exactly the batches it would have read.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,10 +23,28 @@ from sparsetrain.errors import DataError
 log = logging.getLogger(__name__)
 
 _SCAN_CHUNK_TOKENS = 1 << 24  # check_vocab reads memory maps in pieces of 16M tokens
+IGNORE_INDEX = -100  # a target the model's cross entropy leaves out (the zoo's loss mask 0)
+_CACHED_PERMUTATIONS = 4  # epoch permutations a sample stream keeps
+
+
+@dataclass(frozen=True)
+class Draw:
+    """What the rows of a training batch depend on besides their positions (see :func:`get_batch`)."""
+
+    seed: int
+    step: int
+    shuffle: bool
+    rank: int = 0
+    world_size: int = 1
+    salt: tuple[int, ...] = ()  # a mixture appends the dataset's index
+
+
+def _xy(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.ascontiguousarray(x, dtype=np.int64), np.ascontiguousarray(y, dtype=np.int64)
 
 
 class TokenStream:
-    """Token ids of one split: one or more 1-D arrays (in memory or memory-mapped).
+    """Token ids of one split: one or more 1-D arrays (in memory, memory-mapped or h5py datasets).
 
     A window of ``seq_len + 1`` tokens never crosses from one array into the next. Windows are
     numbered across arrays in order; window ``i`` of an array starts at token ``i * seq_len``, so
@@ -28,17 +52,14 @@ class TokenStream:
     and ``(n - 1) // seq_len`` windows fit in an array of ``n`` tokens.
     """
 
-    def __init__(
-        self,
-        arrays: Sequence[np.ndarray],
-        names: Sequence[str] | None = None,
-        vocab_size: int | None = None,
-    ):
+    seq_len: int | None = None  # windows of any length
+
+    def __init__(self, arrays: Sequence[Any], names: Sequence[str] | None = None, vocab_size: int | None = None):
         assert all(a.ndim == 1 for a in arrays), "token arrays must be 1-D"
         self.arrays = list(arrays)
         self.names = list(names) if names is not None else [f"array{i}" for i in range(len(arrays))]
         self.vocab_size = vocab_size
-        self._max_token: int | None = None
+        self._range: tuple[int, int] | None = None
         self._layout: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._segments: dict[tuple[int, int, int], tuple[np.ndarray, ...]] = {}
 
@@ -48,7 +69,7 @@ class TokenStream:
 
     @property
     def dtype(self) -> np.dtype:
-        return self.arrays[0].dtype if self.arrays else np.dtype(np.uint16)
+        return np.dtype(self.arrays[0].dtype) if self.arrays else np.dtype(np.uint16)
 
     def tokens(self) -> np.ndarray:
         """All tokens as one in-memory array (for small streams and tests)."""
@@ -56,15 +77,24 @@ class TokenStream:
             return np.empty(0, dtype=self.dtype)
         return np.concatenate([np.asarray(a) for a in self.arrays])
 
-    def max_token(self) -> int:
-        """Largest token id (-1 if empty), read in chunks so a memory map is never loaded whole."""
-        if self._max_token is None:
-            best = -1
+    def _scan(self) -> tuple[int, int]:
+        """(smallest, largest) token id, read in chunks so a memory map is never loaded whole."""
+        if self._range is None:
+            low, top = 0, -1
+            signed = self.dtype.kind == "i"
             for a in self.arrays:
                 for lo in range(0, len(a), _SCAN_CHUNK_TOKENS):
-                    best = max(best, int(a[lo : lo + _SCAN_CHUNK_TOKENS].max()))
-            self._max_token = best
-        return self._max_token
+                    chunk = np.asarray(a[lo : lo + _SCAN_CHUNK_TOKENS])
+                    top = max(top, int(chunk.max()))
+                    low = min(low, int(chunk.min())) if signed else low
+            self._range = (low, top)
+        return self._range
+
+    def max_token(self) -> int:
+        return self._scan()[1]  # -1 if empty
+
+    def min_token(self) -> int:
+        return self._scan()[0]  # 0 unless an id is negative
 
     def _window_layout(self, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """Windows per array and the global index of each array's first window."""
@@ -77,6 +107,8 @@ class TokenStream:
     def num_windows(self, seq_len: int) -> int:
         return int(self._window_layout(seq_len)[0].sum())
 
+    num_rows = num_windows
+
     def window_starts(self, windows: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """(array index, token offset) of each global window index."""
         counts, firsts = self._window_layout(seq_len)
@@ -86,7 +118,12 @@ class TokenStream:
     def read(self, arr: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
         """Token rows ``arrays[arr[i]][starts[i] : starts[i] + length]`` as int64, (B, length)."""
         rows = [self.arrays[a][s : s + length] for a, s in zip(arr.tolist(), starts.tolist())]
-        return np.stack(rows).astype(np.int64)
+        return np.stack(rows).astype(np.int64) if rows else np.empty((0, length), np.int64)
+
+    def rows(self, windows: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of the global windows ``windows``: int64 (n, seq_len), y is x shifted by one."""
+        window = self.read(*self.window_starts(windows, seq_len), seq_len + 1)
+        return _xy(window[:, :-1], window[:, 1:])
 
     def rank_segments(self, seq_len: int, rank: int, world_size: int) -> tuple[np.ndarray, ...]:
         """Where ``rank`` may start a random window: (array, first start, number of starts).
@@ -106,51 +143,245 @@ class TokenStream:
                     arrs.append(a)
                     los.append((lo - first) * seq_len)
                     nstarts.append((hi - lo - 1) * seq_len + 1)
-            self._segments[key] = (np.array(arrs), np.array(los), np.array(nstarts, np.int64))
+            self._segments[key] = (np.array(arrs, np.int64), np.array(los, np.int64), np.array(nstarts, np.int64))
         return self._segments[key]
 
+    def draw(self, positions: np.ndarray, seq_len: int, how: Draw) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of a training batch (see :func:`get_batch`); ``positions`` count only with shuffle off.
 
-def check_length(stream: TokenStream, max_sequence_length: int, section: str) -> None:
-    """Raise ``DataError`` unless one window of ``max_sequence_length + 1`` tokens fits."""
-    if stream.num_windows(max_sequence_length) == 0:
-        longest = max((len(a) for a in stream.arrays), default=0)
+        ``shuffle``: a window start at any token offset per row, from ``default_rng([seed, step,
+        rank, *salt])``, inside this rank's part of the stream. Else windows ``positions`` mod total.
+        """
+        if not how.shuffle:
+            return self.rows(positions % self.num_windows(seq_len), seq_len)
+        arrs, los, nstarts = self.rank_segments(seq_len, how.rank, how.world_size)
+        ends = np.cumsum(nstarts)
+        rng = np.random.default_rng([how.seed, how.step, how.rank, *how.salt])
+        picks = rng.integers(0, ends[-1], size=len(positions))
+        seg = np.searchsorted(ends, picks, side="right")
+        window = self.read(arrs[seg], los[seg] + picks - (ends[seg] - nstarts[seg]), seq_len + 1)
+        return _xy(window[:, :-1], window[:, 1:])
+
+
+class SampleStream:
+    """Fixed-length samples: arrays of shape (N, 3, T) whose rows are input ids, loss mask, labels.
+
+    The zoo's HDF5 sample form; arrays may be h5py datasets, read a batch's rows at a time.
+    ``pieces`` are the rows kept, in order, as (array, first row, end row): by default all rows
+    (the zoo's ``n_examples`` and ``data_subset`` keep fewer). Samples are numbered across the
+    pieces. Targets are the labels, with -100 where the loss mask is 0.
+    """
+
+    vocab_size: int | None = None
+
+    def __init__(
+        self,
+        arrays: Sequence[Any],
+        names: Sequence[str] | None = None,
+        pieces: Sequence[tuple[int, int, int]] | None = None,
+    ):
+        assert arrays and all(a.ndim == 3 and a.shape[1] == 3 for a in arrays), "sample arrays must be (N, 3, T)"
+        assert len({a.shape[2] for a in arrays}) == 1, "samples of one stream must have one length"
+        self.arrays = list(arrays)
+        self.names = list(names) if names is not None else [f"array{i}" for i in range(len(arrays))]
+        self.seq_len = int(arrays[0].shape[2])
+        if pieces is None:
+            pieces = [(k, 0, a.shape[0]) for k, a in enumerate(arrays)]
+        self.pieces = [(int(k), int(lo), int(hi)) for k, lo, hi in pieces if hi > lo]
+        assert all(0 <= lo < hi <= arrays[k].shape[0] for k, lo, hi in self.pieces), "rows outside the arrays"
+        self._ends = np.cumsum([hi - lo for _, lo, hi in self.pieces], dtype=np.int64)
+        self.num_samples = int(self._ends[-1]) if self.pieces else 0
+        self._range: tuple[int, int] | None = None
+        self._perms: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def num_rows(self, seq_len: int) -> int:
+        return self.num_samples
+
+    def rows(self, samples: np.ndarray, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of kept samples ``samples``: inputs and labels (-100 where the mask is 0), int64."""
+        samples = np.asarray(samples, np.int64)
+        piece = np.searchsorted(self._ends, samples, side="right")
+        out = np.empty((len(samples), 3, self.seq_len), np.int64)
+        for p in np.unique(piece).tolist():
+            k, lo, hi = self.pieces[p]
+            sel = np.flatnonzero(piece == p)
+            rows = lo + samples[sel] - (self._ends[p] - (hi - lo))
+            wanted, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing indices
+            out[sel] = np.asarray(self.arrays[k][wanted])[inverse]
+        return _xy(out[:, 0], np.where(out[:, 1] != 0, out[:, 2], IGNORE_INDEX))
+
+    def _scan(self) -> tuple[int, int]:
+        """(smallest, largest) id of the inputs and counted labels, read in chunks."""
+        if self._range is None:
+            low, top = 0, -1
+            step = max(1, _SCAN_CHUNK_TOKENS // (3 * self.seq_len))
+            for k, first, end in self.pieces:
+                for lo in range(first, end, step):
+                    block = np.asarray(self.arrays[k][lo : min(end, lo + step)])
+                    counted = block[:, 1] != 0
+                    x = block[:, 0]
+                    top = max(top, int(x.max()), int(np.where(counted, block[:, 2], -1).max()))
+                    low = min(low, int(x.min()), int(np.where(counted, block[:, 2], 0).min()))
+            self._range = (low, top)
+        return self._range
+
+    def max_token(self) -> int:
+        return self._scan()[1]  # inputs and counted labels; -1 if empty
+
+    def min_token(self) -> int:
+        return self._scan()[0]  # 0 unless an id is negative
+
+    def _permutation(self, n: int, epoch: int, seed: int, salt: tuple[int, ...]) -> np.ndarray:
+        """Order of ``n`` samples in ``epoch``: ``default_rng([seed, epoch, *salt])``, cached."""
+        key = (n, epoch, seed, salt)
+        if key not in self._perms:
+            perm = np.random.default_rng([seed, epoch, *salt]).permutation(n)
+            self._perms[key] = perm.astype(np.int32 if n < 2**31 else np.int64)
+            while len(self._perms) > _CACHED_PERMUTATIONS:
+                self._perms.popitem(last=False)
+        self._perms.move_to_end(key)
+        return self._perms[key]
+
+    def draw(self, positions: np.ndarray, seq_len: int, how: Draw) -> tuple[np.ndarray, np.ndarray]:
+        """Rows at ``positions`` of this rank's order of samples (see :func:`get_batch`).
+
+        ``shuffle``: rank r owns the contiguous samples ``[r N / W, (r + 1) N / W)`` and walks them
+        epoch after epoch, each epoch in the order of ``_permutation``; position p is sample
+        ``perm_{p // n}[p % n]`` of its part. Else samples ``positions`` mod N, in order.
+        """
+        if not how.shuffle:
+            return self.rows(positions % self.num_samples)
+        lo = how.rank * self.num_samples // how.world_size
+        n = (how.rank + 1) * self.num_samples // how.world_size - lo
+        epochs, offsets = positions // n, positions % n
+        samples = np.empty(len(positions), np.int64)
+        for epoch in np.unique(epochs).tolist():
+            sel = epochs == epoch
+            samples[sel] = lo + self._permutation(n, epoch, how.seed, how.salt)[offsets[sel]]
+        return self.rows(samples)
+
+
+class MixtureStream:
+    """Datasets drawn by weight: a row comes from stream d with probability ``w_d / sum(w)``.
+
+    All streams share one ``seq_len`` (None for token streams). For evaluation the streams of
+    positive weight are read one after another (their rows concatenated, in order).
+    """
+
+    vocab_size: int | None = None
+
+    def __init__(self, streams: Sequence[Stream], weights: Sequence[float], names: Sequence[str] | None = None):
+        assert streams and len(streams) == len(weights) and sum(weights) > 0 and min(weights) >= 0
+        assert len({s.seq_len for s in streams}) == 1, "the streams of a mixture must have one seq_len"
+        self.streams = list(streams)
+        self.weights = np.array(weights, np.float64) / float(sum(weights))
+        self.names = list(names) if names is not None else [f"dataset{i}" for i in range(len(streams))]
+        self.seq_len = streams[0].seq_len
+
+    @property
+    def parts(self) -> list[Stream]:
+        """The streams that can be drawn (positive weight)."""
+        return [s for s, w in zip(self.streams, self.weights.tolist()) if w > 0]
+
+    def num_rows(self, seq_len: int) -> int:
+        return sum(s.num_rows(seq_len) for s in self.parts)
+
+    def max_token(self) -> int:
+        return max(s.max_token() for s in self.parts)
+
+    def min_token(self) -> int:
+        return min(s.min_token() for s in self.parts)
+
+    def rows(self, indices: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of rows ``indices`` of the concatenated parts (evaluation)."""
+        parts = self.parts
+        ends = np.cumsum([s.num_rows(seq_len) for s in parts])
+        which = np.searchsorted(ends, indices, side="right")
+        x = np.empty((len(indices), seq_len), np.int64)
+        y = np.empty_like(x)
+        for d in np.unique(which).tolist():
+            sel = np.flatnonzero(which == d)
+            x[sel], y[sel] = parts[d].rows(indices[sel] - (ends[d] - parts[d].num_rows(seq_len)), seq_len)
+        return x, y
+
+    def draw(self, positions: np.ndarray, seq_len: int, how: Draw) -> tuple[np.ndarray, np.ndarray]:
+        """Row i's stream d drawn by weight from ``default_rng([seed, step, rank, *salt])``; the row
+        is then what stream d draws at ``positions[i]`` with ``salt + (d,)`` (see :func:`get_batch`)."""
+        rng = np.random.default_rng([how.seed, how.step, how.rank, *how.salt])
+        which = rng.choice(len(self.streams), size=len(positions), p=self.weights)
+        x = np.empty((len(positions), seq_len), np.int64)
+        y = np.empty_like(x)
+        for d in np.unique(which).tolist():
+            sel = np.flatnonzero(which == d)
+            x[sel], y[sel] = self.streams[d].draw(positions[sel], seq_len, replace(how, salt=(*how.salt, d)))
+        return x, y
+
+
+Stream = TokenStream | SampleStream | MixtureStream
+
+
+def _parts(stream: Stream) -> list[TokenStream | SampleStream]:
+    return stream.parts if isinstance(stream, MixtureStream) else [stream]
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def check_length(stream: Stream, max_sequence_length: int, section: str) -> None:
+    """Raise ``DataError`` unless ``max_sequence_length`` fits the data and one sequence is there.
+
+    A token stream needs one window of ``max_sequence_length + 1`` tokens (in each dataset of a
+    mixture); a sample stream must hold samples of exactly that length, and at least one.
+    """
+    if stream.seq_len is not None and stream.seq_len != max_sequence_length:
+        where = _parts(stream)[0].names[0]
         raise DataError(
-            f"{section}.max_sequence_length: the data holds {stream.num_tokens} tokens (longest "
-            f"file {longest}), fewer than one sequence of max_sequence_length + 1 = "
-            f"{max_sequence_length + 1}; use more data or a shorter sequence"
+            f"{section}.max_sequence_length: {max_sequence_length} differs from the length "
+            f"{stream.seq_len} of the samples in {where}; set it to {stream.seq_len} or null"
         )
+    for part in _parts(stream):
+        if isinstance(part, SampleStream) and part.num_samples == 0:
+            raise DataError(f"{section}: the data ({', '.join(part.names[:3])}) holds no samples")
+        if isinstance(part, TokenStream) and part.num_windows(max_sequence_length) == 0:
+            longest = max((len(a) for a in part.arrays), default=0)
+            raise DataError(
+                f"{section}.max_sequence_length: the data holds {part.num_tokens} tokens (longest "
+                f"file {longest}), fewer than one sequence of max_sequence_length + 1 = "
+                f"{max_sequence_length + 1}; use more data or a shorter sequence"
+            )
 
 
-def check_vocab(stream: TokenStream, vocab_size: int, section: str) -> None:
+def check_vocab(stream: Stream, vocab_size: int, section: str) -> None:
     """Raise ``DataError`` if a token id of ``stream`` does not fit a model of ``vocab_size``."""
-    top = stream.max_token()
+    top, low = stream.max_token(), stream.min_token()
     if top >= vocab_size:
         tok = f", tokenizer vocab {stream.vocab_size}" if stream.vocab_size else ""
         raise DataError(
             f"{section}: token id {top} does not fit model.vocab_size {vocab_size}{tok}; "
             f"set model.vocab_size to at least {top + 1}"
         )
+    if low < 0:
+        raise DataError(f"{section}: token id {low} is negative; token ids must lie in [0, model.vocab_size)")
 
 
-def _check_batch_args(stream: TokenStream, seq_len: int, rank: int, world_size: int) -> int:
+def _check_batch_args(stream: Stream, seq_len: int, rank: int, world_size: int) -> int:
     if seq_len < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad batch arguments: seq_len {seq_len}, rank {rank}/{world_size}")
-    total = stream.num_windows(seq_len)
-    if total < world_size:
-        raise DataError(
-            f"the data holds {total} sequence(s) of {seq_len + 1} tokens, fewer than the "
-            f"{world_size} processes; use more data or a shorter max_sequence_length"
-        )
-    return total
-
-
-def _to_xy(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    window = torch.from_numpy(rows)  # (B, T + 1)
-    return window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, T), (B, T)
+    if stream.seq_len is not None and seq_len != stream.seq_len:
+        raise ValueError(f"seq_len {seq_len} differs from the length {stream.seq_len} of the stream's samples")
+    for part in _parts(stream):
+        if part.num_rows(seq_len) < world_size:
+            what = "sample(s)" if part.seq_len else f"sequence(s) of {seq_len + 1} tokens"
+            raise DataError(
+                f"the data holds {part.num_rows(seq_len)} {what}, fewer than the "
+                f"{world_size} processes; use more data or a shorter max_sequence_length"
+            )
+    return stream.num_rows(seq_len)
 
 
 def get_batch(
-    stream: TokenStream,
+    stream: Stream,
     batch_size: int,
     seq_len: int,
     *,
@@ -160,53 +391,52 @@ def get_batch(
     rank: int = 0,
     world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch ``step`` of ``rank``: int64 CPU tensors x, y of shape (B, T); y is x shifted by one.
+    """Batch ``step`` of ``rank``: int64 CPU tensors x, y of shape (B, T).
 
-    A pure function of its arguments, so resuming at ``step`` needs no saved loader state.
-    ``shuffle``: window starts drawn at any token offset by ``default_rng([seed, step, rank])``
-    inside this rank's own contiguous part of the stream. Otherwise consecutive windows in order,
-    batch ``step * world_size + rank``, wrapping around at the end.
+    A pure function of its arguments, so resuming at ``step`` needs no saved loader state. Row i
+    has position ``p = step * B + i`` with ``shuffle`` and ``(step * world_size + rank) * B + i``
+    without. Token stream (y is x shifted by one): shuffled, window starts drawn at any token
+    offset by ``default_rng([seed, step, rank])`` inside this rank's contiguous part of the
+    stream; else window p (wrapping around). Sample stream (y: labels, -100 where the loss mask is
+    0): shuffled, rank r walks its contiguous part of the samples in epochs, each epoch a
+    permutation from ``default_rng([seed, epoch])``, and takes its p-th sample; else sample p
+    (wrapping around). Either way two ranks never share a row's data. Mixture: row i's dataset d
+    is drawn by weight from ``default_rng([seed, step, rank])``, then the row is dataset d's row
+    at position p under the rules above, with ``d`` appended to each seed (``[seed, step, rank,
+    d]``, ``[seed, epoch, d]``).
     """
-    total = _check_batch_args(stream, seq_len, rank, world_size)
-    if shuffle:
-        arrs, los, nstarts = stream.rank_segments(seq_len, rank, world_size)
-        ends = np.cumsum(nstarts)
-        picks = np.random.default_rng([seed, step, rank]).integers(0, ends[-1], size=batch_size)
-        seg = np.searchsorted(ends, picks, side="right")
-        starts = los[seg] + picks - (ends[seg] - nstarts[seg])
-        rows = stream.read(arrs[seg], starts, seq_len + 1)
-    else:
-        first = (step * world_size + rank) * batch_size
-        windows = (first + np.arange(batch_size, dtype=np.int64)) % total
-        rows = stream.read(*stream.window_starts(windows, seq_len), seq_len + 1)
-    return _to_xy(rows)
+    _check_batch_args(stream, seq_len, rank, world_size)
+    first = step * batch_size if shuffle else (step * world_size + rank) * batch_size
+    positions = first + np.arange(batch_size, dtype=np.int64)
+    return _tensors(*stream.draw(positions, seq_len, Draw(seed, step, shuffle, rank, world_size)))
 
 
 def eval_batches(
-    stream: TokenStream,
+    stream: Stream,
     batch_size: int,
     seq_len: int,
     num_batches: int | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive windows from the start, as batches; rank r takes batches r, r + world_size, ...
+    """Consecutive rows (windows or samples) from the start, as batches; rank r takes batches r,
+    r + world_size, ... (a mixture: its datasets of positive weight one after another).
 
     Every rank yields the same number of batches: ``num_batches`` (capped at what the data
-    holds) or, with None, all full batches. A stream with fewer windows than that yields one
+    holds) or, with None, all full batches. A stream with fewer rows than that yields one
     smaller batch per rank rather than nothing.
     """
     total = _check_batch_args(stream, seq_len, rank, world_size)
     available = total // batch_size // world_size
     if available == 0:
         share = total // world_size
-        windows = rank * share + np.arange(min(batch_size, share), dtype=np.int64)
-        yield _to_xy(stream.read(*stream.window_starts(windows, seq_len), seq_len + 1))
+        rows = rank * share + np.arange(min(batch_size, share), dtype=np.int64)
+        yield _tensors(*stream.rows(rows, seq_len))
         return
     count = available if num_batches is None else min(num_batches, available)
     if num_batches is not None and num_batches > available:
         log.warning("eval: %d batches asked, the data holds %d per process", num_batches, count)
     for k in range(count):
         first = (k * world_size + rank) * batch_size
-        windows = first + np.arange(batch_size, dtype=np.int64)
-        yield _to_xy(stream.read(*stream.window_starts(windows, seq_len), seq_len + 1))
+        rows = first + np.arange(batch_size, dtype=np.int64)
+        yield _tensors(*stream.rows(rows, seq_len))

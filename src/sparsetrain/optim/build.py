@@ -11,7 +11,8 @@ from sparsetrain.optim.packed import PackedOptimizer
 def build_optimizer(
     model: torch.nn.Module, cfg: OptimizerParams, device: torch.device, packed: bool = False
 ) -> torch.optim.Optimizer:
-    """Weight decay on matrices only: not on norms, biases or embeddings (tied head included).
+    """Weight decay on matrices only: not on norms, biases or (unless ``decay_embeddings``, the
+    zoo's rule) embeddings, tied head included.
 
     ``packed``: a :class:`~sparsetrain.optim.packed.PackedOptimizer` of the same kind,
     whose state for sparsified weights (masks handed over by the sparsifier) holds kept entries
@@ -20,7 +21,7 @@ def build_optimizer(
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        (decay if p.ndim >= 2 and (cfg.decay_embeddings or "embed" not in name) else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay_rate},
         {"params": no_decay, "weight_decay": 0.0},

@@ -82,6 +82,7 @@ __all__ = [
 ]
 
 BLOCKS = "weight_blocks"  # the parameter of a layer that stores its live blocks only
+FUSED = "_bsf_"  # buffers of the first layer of a fused stack: the stack's tables
 
 
 class BlockSparseLinear(nn.Linear):
@@ -118,6 +119,19 @@ class BlockSparseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_sparse_linear(x, self.stored_weight(), self.bias, self.tables(), self.block)
+
+    @staticmethod
+    def fused_forward(x: torch.Tensor, layers: tuple[BlockSparseLinear, ...]) -> torch.Tensor:
+        """``layers`` (a module's ``fused_linears``, e.g. attention's q, k, v) as ONE product over
+        their weights stacked along the outputs, on the tables :func:`use_block_kernels` built for
+        the stack; each layer on its own where it built none. One product is what the dense model
+        does for plain ``nn.Linear`` layers: the same arithmetic, and one launch per kernel."""
+        first = layers[0]
+        if not hasattr(first, f"{FUSED}{TABLES[0]}"):
+            return torch.cat([m(x) for m in layers], dim=-1)
+        weight = torch.cat([m.stored_weight() for m in layers])
+        bias = torch.cat([m.bias for m in layers]) if first.bias is not None else None
+        return block_sparse_linear(x, weight, bias, [getattr(first, f"{FUSED}{n}") for n in TABLES], first.block)
 
     def extra_repr(self) -> str:
         stored = ", stored=live blocks" if self.packed else ""
@@ -274,6 +288,7 @@ def use_block_kernels(model: nn.Module, sparsifier, *, packed: bool = False) -> 
                 )
             module.pack()
         switched.append(name)
+    _fuse_stacks(model)
     sparsifier.block_kernels = True
     sparsifier.rebind()  # packed weights leave the sparsifier's enforcement: nothing pruned is stored
     if skipped:
@@ -287,6 +302,36 @@ def use_block_kernels(model: nn.Module, sparsifier, *, packed: bool = False) -> 
             len(switched), ", live blocks stored only" if packed else "",
         )
     return switched
+
+
+def _fuse_stacks(model: nn.Module) -> None:
+    """Tables for each module's ``fused_linears`` (layers that run as one product, stacked along
+    their outputs) whose layers are all on the kernels with the same block and storage; built
+    again, from the layers' current layouts, on every call."""
+    for module in model.modules():
+        layers = [getattr(module, n) for n in getattr(module, "fused_linears", ())]
+        for m in layers:
+            for name in TABLES:
+                if hasattr(m, f"{FUSED}{name}"):
+                    delattr(m, f"{FUSED}{name}")
+        if not layers or not all(isinstance(m, BlockSparseLinear) for m in layers):
+            continue
+        first = layers[0]
+        if any(m.block != first.block or m.packed != first.packed or m.in_features != first.in_features for m in layers):
+            continue
+        grid = torch.cat([_grid(m.layout()) for m in layers])
+        tables = BlockLayout.build(grid, first.block)
+        for name in TABLES:
+            first.register_buffer(f"{FUSED}{name}", getattr(tables, name), persistent=False)
+
+
+def _grid(layout: BlockLayout) -> torch.Tensor:
+    """The live-block grid (bool, one entry per block) of a layout."""
+    rows = -(-layout.shape[0] // layout.block[0])
+    cols = -(-layout.shape[1] // layout.block[1])
+    grid = torch.zeros(rows, cols, dtype=torch.bool, device=layout.row_cols.device)
+    grid[layout.blk_rows.long(), layout.row_cols.long()] = True
+    return grid
 
 
 def use_dense_kernels(model: nn.Module) -> None:
@@ -308,6 +353,8 @@ def _to_linear(module: BlockSparseLinear, name: str) -> None:
         )
     for table in TABLES:
         delattr(module, f"_bs_{table}")
+        if hasattr(module, f"{FUSED}{table}"):
+            delattr(module, f"{FUSED}{table}")
     module.__class__ = nn.Linear
 
 

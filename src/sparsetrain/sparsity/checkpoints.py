@@ -27,7 +27,7 @@ def save_sparse_checkpoint(
     NaN. ``extra`` entries (``global_step``, ...) are stored beside ``model`` and ``optimizer``.
     """
     masks = sparsifier.masks if sparsifier is not None else {}
-    state: dict[str, Any] = {"global_step": 0, **extra}
+    state: dict[str, Any] = {"global_step": 0, "writer": "sparsetrain", **extra}
     state["model"] = nan_format.encode_state_dict(model.state_dict(), masks)
     if optimizer is not None:
         state["optimizer"] = nan_format.encode_optimizer_state(optimizer.state_dict(), optimizer, model, masks)

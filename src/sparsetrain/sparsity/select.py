@@ -103,10 +103,10 @@ def _unused_pattern(config, i, names_of, tensors, compiled) -> None:
 
 
 def _list_names(names_of: Mapping[int, list[str]]) -> str:
-    """Parameter names, layer indices folded (``layers.N.mlp.fc.weight``), long lists cut."""
+    """Parameter names, layer indices folded (``transformer_decoder.layers.N.ffn.ffn.0.linear_layer.weight``), long lists cut."""
     folded: dict[str, None] = {}
     for names in names_of.values():
-        folded[re.sub(r"(?<=\.)\d+(?=\.|$)", "N", names[0])] = None
+        folded[re.sub(r"(?<=layers\.)\d+(?=\.|$)", "N", names[0])] = None
     shown = list(folded)
     if len(shown) > MAX_LISTED_NAMES:
         rest = len(shown) - MAX_LISTED_NAMES

@@ -20,6 +20,7 @@ selects nothing fails at once; its errors name the params file.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,14 @@ from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.block_linear import use_block_kernels
 from sparsetrain.sparsity.select import select_for_model
 from sparsetrain.sparsity.sparsifier import sparsify
+from sparsetrain.sparsity.zoo_checkpoints import (
+    from_zoo_checkpoint,
+    is_zoo_checkpoint,
+    map_zoo_optimizer,
+    read_any_checkpoint,
+)
 from sparsetrain.training.metrics import MetricsWriter
-from sparsetrain.training.state import Run, load_training_state
+from sparsetrain.training.state import WRITER, Run, load_training_state
 
 log = logging.getLogger("sparsetrain")
 
@@ -53,7 +60,8 @@ def setup(
     device, info = _device_and_processes(params, train)
     torch.manual_seed(rc.seed)  # the same on every rank: identical initial weights
     tokenizer = data.load_tokenizer(params.train_input, model_dir)
-    _fit_vocab(params.model, tokenizer.vocab_size)
+    # HDF5 data is token ids already: the data's ids are checked against the model instead.
+    _fit_vocab(params.model, tokenizer.vocab_size, strict=params.train_input.source != "hdf5")
     model = GPT(params.model).to(device)
     with naming_file(params.path):
         selection = select_for_model(model, params.sparsity) if params.sparsity is not None else {}
@@ -64,9 +72,9 @@ def setup(
     with naming_file(params.path):
         _sparsify(run, masks_to_keep(params, masks, path), selection)
     if train:
-        run.train_tokens = _tokens(params.train_input, tokenizer, model_dir, params.model.vocab_size)
+        run.train_tokens = _tokens(params.train_input, tokenizer, model_dir, params.model)
     if evaluate:
-        run.eval_tokens = _tokens(params.eval_input, tokenizer, model_dir, params.model.vocab_size)
+        run.eval_tokens = _tokens(params.eval_input, tokenizer, model_dir, params.model)
     if train:
         _build_optimizer(run, state if full_resume else None, path)
     if state is not None and full_resume:
@@ -162,11 +170,11 @@ def _device_and_processes(params: Params, train: bool) -> tuple[torch.device, di
     return device, info
 
 
-def _fit_vocab(cfg: ModelParams, tokenizer_vocab: int) -> None:
-    """``model.vocab_size``: the tokenizer's when unset, never smaller than it."""
+def _fit_vocab(cfg: ModelParams, tokenizer_vocab: int, strict: bool = True) -> None:
+    """``model.vocab_size``: the tokenizer's when unset, never smaller than it (``strict``)."""
     if cfg.vocab_size is None:
         cfg.vocab_size = tokenizer_vocab
-    elif cfg.vocab_size < tokenizer_vocab:
+    elif strict and cfg.vocab_size < tokenizer_vocab:
         raise ConfigError(
             f"model.vocab_size: {cfg.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})"
         )
@@ -177,7 +185,15 @@ def _load_weights(run: Run, path: Path | None, full_resume: bool) -> tuple[dict[
     the masks its NaNs carry."""
     if path is None:
         return None, {}
-    state = ckpt.load_checkpoint(path)
+    state = read_any_checkpoint(path)
+    if is_zoo_checkpoint(state) and state.get("writer") != WRITER:
+        # The zoo's forms (names, aliases, mask buffers, optimizer masks) as our NaN form; its
+        # optimizer state waits for our optimizer, its scheduler state is not ours to load.
+        zoo = from_zoo_checkpoint(state, run.model.state_dict(), path)
+        for note in zoo.notes:
+            if "no optimizer to map it onto yet" not in note:
+                log.info("%s: %s", path, note)
+        state = {"model": zoo.model, "global_step": zoo.global_step, "zoo_optimizer": zoo.zoo_optimizer}
     ckpt.check_model_state(state["model"], run.model.state_dict(), path)
     clean, masks = nan_format.decode_state_dict(state["model"])
     run.model.load_state_dict(clean)
@@ -197,7 +213,7 @@ def _sparsify(run: Run, masks: dict[str, torch.Tensor], selection: dict[str, Gro
             pre = sparsify(model, params.sparsity, masks=masks, settings=selection)
             masks = dict(pre.masks)
             pre.detach()
-        dist.shard(model)
+        dist.shard(model, model.transformer_decoder.layers)
     if params.sparsity is None:
         return
     run.sparsifier = sparsify(model, params.sparsity, masks=masks, settings=selection)
@@ -207,9 +223,19 @@ def _sparsify(run: Run, masks: dict[str, torch.Tensor], selection: dict[str, Gro
         run.block_kernel_layers = use_block_kernels(model, run.sparsifier, packed=run.dist.mode != "fsdp")
 
 
-def _tokens(section: InputParams, tokenizer: data.Tokenizer, model_dir: Path, vocab_size: int) -> data.TokenStream:
-    """A data section's token stream, checked against the model's vocabulary and context."""
+def _tokens(section: InputParams, tokenizer: data.Tokenizer, model_dir: Path, model: ModelParams) -> data.TokenStream:
+    """A data section's token stream, checked against the model's vocabulary and context; a
+    sequence length left to the data (None) is set from it."""
+    vocab_size, max_positions = model.vocab_size, model.max_position_embeddings
     stream = data.load_tokens(section, tokenizer, model_dir)
+    if section.max_sequence_length is None:  # the zoo's GPT-3 files: the HDF5 samples' length
+        section.max_sequence_length = stream.seq_len
+        log.info("%s.max_sequence_length: %d, the length of the data's samples", section.section, stream.seq_len)
+    if section.max_sequence_length > max_positions:
+        raise ConfigError(
+            f"{section.section}.max_sequence_length: the data's samples hold {section.max_sequence_length} tokens, "
+            f"more than model.max_position_embeddings {max_positions}"
+        )
     data.check_vocab(stream, vocab_size, section.section)
     data.check_length(stream, section.max_sequence_length, section.section)
     return stream
@@ -224,10 +250,32 @@ def _build_optimizer(run: Run, resume: dict[str, Any] | None, path: Path | None)
     if run.sparsifier is not None:
         run.sparsifier.attach(run.optimizer)
     run.scheduler = lr_scheduler(run.optimizer, params.optimizer.learning_rate, params.runconfig.max_steps)
+    if resume is not None and "zoo_optimizer" in resume:
+        resume = _zoo_resume(run, resume, path)
     if resume is not None:
         load_training_state(run, resume, path)
         if run.sparsifier is not None:
             run.sparsifier.apply()  # loaded state of a weight whose mask was redrawn: 0 where pruned now
+
+
+def _zoo_resume(run: Run, resume: dict[str, Any], path: Path | None) -> dict[str, Any]:
+    """A full resume from a zoo checkpoint: its optimizer state mapped from the zoo's parameter
+    order onto ours (or a fresh optimizer, said in the log), and the schedule at its step."""
+    names = {id(p): n.removesuffix("_blocks") for n, p in run.model.named_parameters()}
+    order = [names[id(p)] for group in run.optimizer.param_groups for p in group["params"]]
+    shapes = {k: v.shape for k, v in run.model.state_dict().items()}
+    notes: list[str] = []
+    mapped = None
+    if resume["zoo_optimizer"] is not None:
+        template = run.optimizer.state_dict()["param_groups"]
+        mapped = map_zoo_optimizer(resume["zoo_optimizer"], order, template, shapes, notes=notes)
+    log.info("%s: optimizer state %s", path, "mapped from the zoo's parameter order" if mapped
+             else f"not loaded, a fresh optimizer ({'; '.join(notes) or 'the checkpoint holds none'})")
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(int(resume["global_step"])):
+            run.scheduler.step()  # LambdaLR: the learning rate is a function of the step
+    return {"optimizer": mapped, "global_step": resume["global_step"]}
 
 
 def _join_processes(run: Run) -> None:
@@ -246,7 +294,8 @@ def _join_processes(run: Run) -> None:
 
 
 def _count_flops(run: Run) -> None:
-    cfg, seq = run.params.model, run.params.train_input.max_sequence_length
+    cfg, p = run.params.model, run.params
+    seq = p.train_input.max_sequence_length or p.eval_input.max_sequence_length or cfg.max_position_embeddings
     fractions = run.sparsifier.pruned_fractions() if run.sparsifier else {}
     run.flops = flops_report(cfg, seq, fractions or None)
     # Masked-dense layers execute their dense FLOPs on a GPU; block-kernel layers skip dead blocks.

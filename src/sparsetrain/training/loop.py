@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from sparsetrain import checkpoint as ckpt
 from sparsetrain import data
@@ -48,6 +49,8 @@ def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable 
     step_log = run.step
     bar = progress(initial=run.step, total=rc.max_steps) if progress else None
     loss = None
+    if rc.save_initial_checkpoint and run.step == 0 and ckpt.latest_checkpoint(run.model_dir) is None:
+        save(run)  # the zoo's save_initial_checkpoint: the initial (masked) weights, step 0
     with Interrupt() as interrupt:
         while run.step < rc.max_steps:
             loss_t = train_step(run)
@@ -88,10 +91,11 @@ def evaluate(run: Run) -> dict[str, float]:
         x, y = x[rows].to(run.device), y[rows].to(run.device)
         if y.numel() == 0:  # a short final batch may leave this rank no rows
             continue
+        # The mean over counted tokens (targets -100 are the data's loss mask), whatever the
+        # training loss's model.loss_scaling: eval_loss and perplexity are per token.
         with run.autocast():
-            loss = run.model(x, y)
-        loss_sum += float(loss) * y.numel()
-        tokens += y.numel()
+            loss_sum += float(F.cross_entropy(run.model(x).flatten(0, 1), y.flatten(), reduction="sum"))
+        tokens += int((y != -100).sum())
     loss_sum, tokens = dist.total([loss_sum, float(tokens)], run.dist, run.device)
     tokens = int(tokens)
     mean = loss_sum / max(tokens, 1)

@@ -101,6 +101,9 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+WRITER = "sparsetrain"  # marks our checkpoints apart from the zoo's (same keys)
+
+
 def checkpoint_state(run: Run) -> dict[str, Any]:
     """The checkpoint dict; pruned positions become NaN (weights and same-shape optimizer state).
 
@@ -124,6 +127,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "global_step": run.step,
         "rng": rng_state(run.device),
         "params": run.params.to_dict(),
+        "writer": WRITER,
     }
 
 

@@ -26,7 +26,7 @@ def train_step(run: Run) -> torch.Tensor:
     # The global batch, the same on every rank; each rank trains on its own rows of it.
     x, y = data.get_batch(
         run.train_tokens, inp.batch_size, inp.max_sequence_length,
-        seed=rc.seed, step=run.step, shuffle=inp.shuffle,
+        seed=rc.seed if inp.shuffle_seed is None else inp.shuffle_seed, step=run.step, shuffle=inp.shuffle,
     )
     if run.dist.active:
         rows = dist.rank_slice(inp.batch_size, run.dist)
