@@ -177,3 +177,23 @@ def test_convert_params_writes_the_same_run(tmp_path, zoo_data, capsys):
         assert cli("train", "--params", p, "--model_dir", tmp_path / p.stem) == 0
     a, b = records(tmp_path / params.stem), records(tmp_path / out.stem)
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_a_model_dir_of_before_the_zoo_names_resumes(tmp_path, zoo_data, capsys):
+    from tests.sparsity.test_legacy_names import legacy_state
+
+    params = _write(tmp_path, gpt3("static75", "2.0", str(zoo_data / "train" / "0"), str(zoo_data / "val")))
+    assert cli("train", "--params", params, "--model_dir", tmp_path / "m") == 0
+    state = torch.load(tmp_path / "m" / "checkpoint_3.mdl", weights_only=True)
+    state["model"] = legacy_state(state["model"])
+    state.pop("writer")
+    (tmp_path / "old").mkdir()
+    torch.save(state, tmp_path / "old" / "checkpoint_3.mdl")
+    capsys.readouterr()
+    assert cli("train", "--params", params, "--model_dir", tmp_path / "old", "--set", "runconfig.max_steps=5") == 0
+    assert "written with the parameter names of before the zoo's; renamed (qkv split into q, k, v)" in capsys.readouterr().err
+    q = "transformer_decoder.layers.0.self_attn.proj_q_dense_layer.weight"
+    before = torch.load(tmp_path / "m" / "checkpoint_3.mdl", weights_only=True)["model"][q]
+    after = torch.load(tmp_path / "old" / "checkpoint_5.mdl", weights_only=True)["model"][q]
+    assert torch.equal(torch.isnan(before), torch.isnan(after))  # the mask of then, kept
+    assert [r["step"] for r in records(tmp_path / "old")] == [4, 5]

@@ -38,6 +38,7 @@ from sparsetrain.optim import build_optimizer, lr_scheduler
 from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.block_linear import use_block_kernels
 from sparsetrain.sparsity.select import select_for_model
+from sparsetrain.sparsity.legacy_names import from_legacy, is_legacy
 from sparsetrain.sparsity.sparsifier import sparsify
 from sparsetrain.sparsity.zoo_checkpoints import (
     from_zoo_checkpoint,
@@ -194,6 +195,11 @@ def _load_weights(run: Run, path: Path | None, full_resume: bool) -> tuple[dict[
             if "no optimizer to map it onto yet" not in note:
                 log.info("%s: %s", path, note)
         state = {"model": zoo.model, "global_step": zoo.global_step, "zoo_optimizer": zoo.zoo_optimizer}
+    elif is_legacy(state["model"]):
+        log.info("%s: written with the parameter names of before the zoo's; renamed (qkv split into q, k, v), "
+                 "the optimizer state is not converted: a fresh optimizer", path)
+        state = {"model": from_legacy(state["model"]), "global_step": state["global_step"], "zoo_optimizer": None,
+                 "rng": state.get("rng", {})}
     ckpt.check_model_state(state["model"], run.model.state_dict(), path)
     clean, masks = nan_format.decode_state_dict(state["model"])
     run.model.load_state_dict(clean)
@@ -269,13 +275,13 @@ def _zoo_resume(run: Run, resume: dict[str, Any], path: Path | None) -> dict[str
     if resume["zoo_optimizer"] is not None:
         template = run.optimizer.state_dict()["param_groups"]
         mapped = map_zoo_optimizer(resume["zoo_optimizer"], order, template, shapes, notes=notes)
-    log.info("%s: optimizer state %s", path, "mapped from the zoo's parameter order" if mapped
-             else f"not loaded, a fresh optimizer ({'; '.join(notes) or 'the checkpoint holds none'})")
+        log.info("%s: optimizer state %s", path, "mapped from the zoo's parameter order" if mapped
+                 else f"not loaded, a fresh optimizer ({'; '.join(notes)})")
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(int(resume["global_step"])):
             run.scheduler.step()  # LambdaLR: the learning rate is a function of the step
-    return {"optimizer": mapped, "global_step": resume["global_step"]}
+    return {"optimizer": mapped, "global_step": resume["global_step"], "rng": resume.get("rng", {})}
 
 
 def _join_processes(run: Run) -> None:
