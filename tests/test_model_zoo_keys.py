@@ -97,7 +97,7 @@ def test_loss_weight_needs_batch_size_scaling():
     with pytest.raises(Exception) as e:
         gpt(loss_weight=0.5)
     assert str(e.value) == (
-        "model.loss_weight: 0.5 with loss_scaling num_tokens; as in the zoo, loss_weight applies with loss_scaling "
+        "model.loss_weight: 0.5 with loss_scaling num_tokens; as in the zoo (2.1+), loss_weight applies with loss_scaling "
         "batch_size only (use 1.0, or batch_size)"
     )
 

@@ -124,8 +124,9 @@ def prepare(args: argparse.Namespace) -> int:
     inp = dataclasses.replace(inp, split=inp.split or "all")
     if args.format == "zoo-hdf5":
         seq_len = args.seq_len or inp.max_sequence_length
-        if seq_len is None:
-            raise UserError("--seq_len: required (train_input.max_sequence_length is unset)")
+        if seq_len is None or seq_len < 1:
+            raise UserError(f"--seq_len: {seq_len}: give a positive number of tokens per sample "
+                            "(or train_input.max_sequence_length)")
         tokenizer = data.load_tokenizer(inp, None)
         files = data.prepare_zoo_hdf5(inp, tokenizer, args.output, seq_len)
         print(json.dumps({"format": "zoo-hdf5", "files": [str(f) for f in files], "max_sequence_length": seq_len}, indent=2))

@@ -19,7 +19,7 @@ def run_py(argv: Sequence[str] | None = None) -> int:
     zoo's ``eval_all`` too, ``--validate_only`` is a dry run (``plan``) and ``--compile_only``
     is refused (there is no separate compile step on a GPU).
     """
-    p = argparse.ArgumentParser(prog="run.py", description="Train or evaluate a (sparse) GPT model.")
+    p = _OneLineParser(prog="run.py", description="Train or evaluate a (sparse) GPT model.")
     p.add_argument("device", nargs="?", type=str.upper, metavar="{CPU,GPU}", help="the zoo's device word (optional)")
     p.add_argument("--mode", "-m", choices=MODES)
     p.add_argument("--params", "-p", required=True)
@@ -29,8 +29,22 @@ def run_py(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--unset", action="append", default=[])
     p.add_argument("--validate_only", action="store_true", help="check the params and show the plan; no training")
     p.add_argument("--compile_only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--max_steps", type=int, help="the zoo's flag: runconfig.max_steps")
+    p.add_argument("--eval_steps", type=int, help="the zoo's flag: runconfig.eval_steps")
     p.add_argument("--debug", action="store_true")
-    a = p.parse_args(argv)
+    try:
+        a, unknown = p.parse_known_args(argv)
+    except SystemExit as e:  # --help, or the one-line error above
+        return int(e.code or 0)
+    if unknown:
+        flag = unknown[0].split("=")[0]
+        why = ("not a flag built here (the zoo's Cerebras-system flags have no effect on a GPU; settings go in "
+               "the params file or --set SECTION.KEY=VALUE)") if flag.startswith("-") else "unexpected argument"
+        print(f"error: {flag}: {why}", file=sys.stderr)
+        return 2
+    for key in ("max_steps", "eval_steps"):
+        if getattr(a, key) is not None:
+            a.overrides.append(f"runconfig.{key}={getattr(a, key)}")
     problem = _run_py_problem(a)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -45,6 +59,14 @@ def run_py(argv: Sequence[str] | None = None) -> int:
     forwarded += ["--model_dir", a.model_dir] if a.model_dir else []
     forwarded += ["--checkpoint_path", a.checkpoint_path] if a.checkpoint_path else []
     return main(forwarded + extra)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line, ``error: ...``, exit status 2 (argparse prints its usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _run_py_problem(a: argparse.Namespace) -> str | None:

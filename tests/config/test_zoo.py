@@ -241,3 +241,49 @@ def test_glob_and_regex_dialects_select_zoo_names():
     with pytest.raises(ConfigError) as e:
         selected({"sparsity": 0.5, "param_filter": "linear_layer.weight"})
     assert "sparsity.param_filter ('linear_layer.weight')" in str(e.value)
+
+
+def test_trainer_changes_in_our_paths_come_before_the_zoo_defaults():
+    raw = gpt3("static75", "2.4", "t", "v")
+    model = raw["trainer"]["init"]["model"]
+    del model["initializer"], model["output_layer_initializer"]
+    p = params_from_dict(copy.deepcopy(raw), ["model.num_hidden_layers=8"])
+    assert p.model.output_layer_initializer["std"] == pytest.approx(0.02 / 4)  # / sqrt(2 * 8), the new count
+    p = params_from_dict(copy.deepcopy(raw), unset=["sparsity", "optimizer.eps"])
+    assert p.sparsity is None and p.optimizer.eps == 1e-6
+    assert _error(raw, ["trainer.init.loop.max_steps=5", "runconfig.max_steps=2"]) == (
+        "runconfig.max_steps: changed on the command line both as runconfig.max_steps and as "
+        "trainer.init.loop.max_steps (the file's name of the same key); give one of them"
+    )
+
+
+def test_sequential_lr_milestones_must_be_the_phase_ends():
+    raw = gpt3("static75", "2.4", "t", "v")
+    seq = raw["trainer"]["init"]["schedulers"][0]["SequentialLR"]
+    seq["milestones"] = [2]
+    assert params_from_dict(copy.deepcopy(raw)).optimizer.learning_rate[0]["total_iters"] == 2
+    seq["milestones"] = [100]
+    assert _error(raw) == (
+        "trainer.init.schedulers[0].SequentialLR.milestones: [100] is not where the phases end ([2]); "
+        "the phases run one after another, each for its total_iters (drop milestones or make them agree)"
+    )
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train_input", "use_vsl", True,
+     "train_input.use_vsl: True is not valid here: variable-sequence-length packing is not built here (only False)"),
+    ("train_input", "num_samples", 100,
+     "train_input.num_samples: 100 is not valid here: limiting the samples read is not built here; use data_subset "
+     "(only None)"),
+    ("model", "name", "llama", "model.name: 'llama' is not built here; choose gpt2 or gpt3"),
+    ("runconfig", "disable_strict_checkpoint_loading", True,
+     "runconfig.disable_strict_checkpoint_loading: True is not valid here: checkpoints load strictly here (every "
+     "key must fit the model) (only False)"),
+])
+def test_zoo_keys_that_change_training_are_refused_at_other_values(section, key, value, message):
+    raw = gpt3("static75", "2.0", "t", "v")
+    raw[section][key] = value
+    assert _error(raw) == message
+    raw[section][key] = {"use_vsl": False, "num_samples": None, "name": "gpt3",
+                         "disable_strict_checkpoint_loading": False}[key]
+    params_from_dict(raw)  # the value built here is accepted

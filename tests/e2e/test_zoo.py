@@ -156,6 +156,16 @@ def test_zoo_command_line(tmp_path, zoo_data, capsys):
     )
     assert run_py(["--compile_only", "--params", str(params)]) == 2
     assert "--compile_only: there is no separate compile step on a GPU" in capsys.readouterr().err
+    assert run_py(["--mode", "train", "--params", str(params), "--num_csx", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --num_csx: not a flag built here (the zoo's Cerebras-system flags have no effect on a GPU; "
+        "settings go in the params file or --set SECTION.KEY=VALUE)"
+    )
+    assert run_py(["--mode", "predict", "--params", str(params)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: argument --mode/-m: invalid choice: 'predict'")
+    assert run_py(["CPU", "--mode", "train", "--params", str(params), "--model_dir", str(tmp_path / "two"),
+                   "--max_steps", "2"]) == 0
+    assert [r["step"] for r in records(tmp_path / "two")] == [1, 2]  # the zoo's --max_steps
     assert run_py(["CPU", "--validate_only", "--params", str(params)]) == 0
     assert "sparsified tensors" in capsys.readouterr().out
     assert not (tmp_path / "model_dir").exists()
@@ -197,3 +207,17 @@ def test_a_model_dir_of_before_the_zoo_names_resumes(tmp_path, zoo_data, capsys)
     after = torch.load(tmp_path / "old" / "checkpoint_5.mdl", weights_only=True)["model"][q]
     assert torch.equal(torch.isnan(before), torch.isnan(after))  # the mask of then, kept
     assert [r["step"] for r in records(tmp_path / "old")] == [4, 5]
+
+
+def test_data_errors_name_the_key_as_the_zoo_file_wrote_it(tmp_path, zoo_data, capsys):
+    (tmp_path / "empty").mkdir()
+    params = _write(tmp_path, gpt3("static75", "2.4", str(tmp_path / "empty"), str(zoo_data / "val")))
+    assert cli("train", "--params", params, "--model_dir", tmp_path / "m") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: trainer.fit.train_dataloader.data_dir: ") and "holds no .h5 files" in err
+    raw = gpt3("static75", "2.4", str(zoo_data / "train" / "0"), str(zoo_data / "val"))
+    raw["trainer"]["fit"]["train_dataloader"]["data_subset"] = "garbage"
+    params = _write(tmp_path, raw, "subset.yaml")
+    assert cli("train", "--params", params, "--model_dir", tmp_path / "m2") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {params}: trainer.fit.train_dataloader.data_subset: ")

@@ -31,10 +31,10 @@ from sparsetrain.config.sections import (
     RunConfig,
 )
 from sparsetrain.config.sparsity import SparsityConfig, parse_sparsity
-from sparsetrain.config.zoo import from_zoo
+from sparsetrain.config.zoo import Translation, from_zoo
 from sparsetrain.config.zoo_keys import OPTIMIZERS
 from sparsetrain.config.zoo_keys import SCHEDULERS as ZOO_SCHEDULERS
-from sparsetrain.errors import ConfigError
+from sparsetrain.errors import ConfigError, UserError
 
 
 @dataclass(kw_only=True)
@@ -51,6 +51,7 @@ class Params:
     path: Path | None = field(default=None, compare=False, repr=False)
     layout: str = field(default="sparsetrain", compare=False, repr=False)  # or "zoo", "zoo trainer"
     no_effect: tuple[str, ...] = field(default=(), compare=False, repr=False)  # zoo keys, as written
+    origin: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # our key -> as written
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, ready for YAML or a checkpoint (``torch.load(weights_only=True)`` safe)."""
@@ -84,7 +85,7 @@ def _build_model(raw: Any) -> ModelParams:
         setattr(model, key, _check_initializer(getattr(model, key), f"model.{key}"))
     if model.loss_scaling == "num_tokens" and model.loss_weight != 1.0:
         raise ConfigError(
-            f"model.loss_weight: {model.loss_weight} with loss_scaling num_tokens; as in the zoo, "
+            f"model.loss_weight: {model.loss_weight} with loss_scaling num_tokens; as in the zoo (2.1+), "
             "loss_weight applies with loss_scaling batch_size only (use 1.0, or batch_size)"
         )
     if model.hidden_size % model.num_heads:
@@ -144,26 +145,43 @@ def _check_schedule(lr: float | list) -> None:
             check_range(phase["total_iters"], {"min": 1}, f"{where}.total_iters")
 
 
-def params_from_dict(raw: Any, overrides: typing.Sequence[str] = ()) -> Params:
+def params_from_dict(raw: Any, overrides: typing.Sequence[str] = (), unset: typing.Sequence[str] = ()) -> Params:
     """Validate a whole params mapping (already parsed from YAML), in our layout or any of the
-    model zoo's (:mod:`sparsetrain.config.zoo`), with ``--set`` overrides; errors name the key as
-    the file wrote it. In a 2.4+ zoo file (``trainer:``) an override may name the file's keys
-    (``trainer.init.loop.max_steps=10``) or our sections (``runconfig.max_steps=10``), which apply
-    once the file is in our sections."""
+    model zoo's (:mod:`sparsetrain.config.zoo`), with ``--unset`` and ``--set`` changes; errors
+    name the key as the file wrote it. In a 2.4+ zoo file (``trainer:``) a change may name the
+    file's keys (``trainer.init.loop.max_steps=10``) or our sections (``runconfig.max_steps=10``):
+    the latter apply once the file is in our sections, before the zoo's defaults are filled in
+    (so an initializer scaled by the layer count sees the new count). One key changed both ways
+    is an error."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"expected a mapping with sections {', '.join([*SECTIONS, 'sparsity'])}")
-    later = [o for o in overrides if "trainer" in raw and parse_override(o)[0][0] in (*SECTIONS, "sparsity")]
-    translation = from_zoo(apply_overrides(raw, [o for o in overrides if o not in later]))
-    apply_overrides(translation.raw, later)
-    for text in later:
-        translation.origin.pop(".".join(parse_override(text)[0]), None)
+    ours = (*SECTIONS, "sparsity")
+    trainer = "trainer" in raw
+    late_set = [o for o in overrides if trainer and parse_override(o)[0][0] in ours]
+    late_unset = [u for u in unset if trainer and u.split(".")[0] in ours]
+    early_set = [o for o in overrides if o not in late_set]
+    early = {".".join(parse_override(o)[0]) for o in early_set} | {u for u in unset if u not in late_unset}
+    apply_overrides(apply_unset(raw, [u for u in unset if u not in late_unset]), early_set)
+
+    def late(translation: Translation) -> None:
+        for path in [*late_unset, *(".".join(parse_override(o)[0]) for o in late_set)]:
+            written = translation.origin.pop(path, None)
+            if written in early:
+                raise ConfigError(
+                    f"{path}: changed on the command line both as {path} and as {written} (the file's "
+                    "name of the same key); give one of them"
+                )
+        apply_overrides(apply_unset(translation.raw, late_unset), late_set)
+
+    translation = from_zoo(raw, late)
     try:
         params = _validate(translation.raw)
     except ConfigError as e:
         raise ConfigError(_as_written(str(e), translation.origin)) from None
     params.layout, params.no_effect = translation.layout, tuple(translation.no_effect)
+    params.origin = dict(translation.origin)
     return params
 
 
@@ -320,9 +338,25 @@ def load_params(path: str | Path, overrides: typing.Sequence[str] = (), unset: t
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
     with naming_file(path):
-        params = params_from_dict(apply_unset(raw, unset), overrides)
+        params = params_from_dict(raw, overrides, unset)
     params.path = path
     return params
+
+
+@contextlib.contextmanager
+def as_written(params: Params) -> Iterator[None]:
+    """Errors about a params key raised inside (the checks that need the model or the data) name
+    the key as the file wrote it (``trainer.fit.train_dataloader.data_dir`` in a 2.4+ zoo file);
+    config errors also name the params file first, as :func:`naming_file` does."""
+    try:
+        yield
+    except UserError as e:
+        message = _as_written(str(e), params.origin)
+        if isinstance(e, ConfigError) and params.path is not None:
+            message = f"{params.path}: {message}"
+        if message == str(e):
+            raise
+        raise type(e)(message) from None
 
 
 @contextlib.contextmanager

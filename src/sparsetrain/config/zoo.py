@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sparsetrain.config.fields import closest, key_text
 from sparsetrain.config.zoo_keys import (
     DATA_PROCESSORS,
+    MODEL_NAMES,
     NO_EFFECT,
     OBSERVING_CALLBACKS,
     OPTIMIZERS,
@@ -53,11 +55,15 @@ class Translation:
     origin: dict[str, str] = field(default_factory=dict)  # "optimizer.beta2" -> "optimizer.betas"
 
 
-def from_zoo(raw: dict[str, Any]) -> Translation:
-    """Our sections for a params mapping in any layout (ours passes through unchanged)."""
+def from_zoo(raw: dict[str, Any], then: Callable[[Translation], None] | None = None) -> Translation:
+    """Our sections for a params mapping in any layout (ours passes through unchanged). ``then``
+    sees a 2.4+ file once it is in our sections, before its zoo keys are translated and the zoo's
+    defaults filled in (the command line's changes in our section paths)."""
     raw = copy.deepcopy(raw)
     if "trainer" in raw:
         out = _from_trainer(raw)
+        if then is not None:
+            then(out)
     elif _has_zoo_keys(raw):
         out = Translation(raw, "zoo")
     else:
@@ -86,6 +92,10 @@ def _where(out: Translation, section: str, key: str) -> str:
 
 def _translate_section(name: str, section: dict[str, Any], out: Translation) -> None:
     """Zoo keys of one section -> ours, in place; no-effect keys removed and recorded."""
+    if name == "model" and section.get("name", "gpt2") not in MODEL_NAMES:
+        raise ConfigError(
+            f"{_where(out, name, 'name')}: {section['name']!r} is not built here; choose {' or '.join(MODEL_NAMES)}"
+        )
     for key in list(section):
         if key in NO_EFFECT.get(name, ()):
             out.no_effect.append(_where(out, name, key))
@@ -133,7 +143,7 @@ def _input(name: str, section: dict, out: Translation) -> None:
 def _grad_accum(section: dict, micro: Any, where: str, out: Translation) -> None:
     batch = section.get("batch_size")
     if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
-        raise ConfigError(f"{where}: {micro!r} is not valid; a positive integer, auto or null")
+        raise ConfigError(f"{where}: {micro!r} is not valid; a positive integer, auto, explore or null")
     if not isinstance(batch, int) or batch % micro:
         raise ConfigError(f"{where}: {micro} does not divide batch_size {batch!r}")
     optimizer = out.raw.setdefault("optimizer", {})
@@ -243,9 +253,9 @@ def _from_trainer(raw: dict[str, Any]) -> Translation:
     extra = [k for k in raw if k != "trainer"]
     if extra:
         raise ConfigError(f"{key_text(extra[0])}: a 2.4+ file (with trainer:) holds everything under trainer")
-    trainer = _mapping(raw["trainer"], "trainer")
-    if isinstance(trainer, list):
+    if isinstance(raw["trainer"], list):
         raise ConfigError("trainer: a list of trainers is not built here; give one trainer mapping")
+    trainer = _mapping(raw["trainer"], "trainer")
     _known(trainer, ("init", "fit", "validate", "validate_all"), "trainer")
     init = _mapping(trainer.get("init"), "trainer.init")
     out = Translation({}, "zoo trainer")
@@ -346,6 +356,16 @@ def _trainer_schedule(schedulers: Any) -> list[dict[str, Any]]:
     for i, phase in enumerate(phases):
         (name, settings), = _mapping(phase, f"{base}[{i}]").items()
         out.append({"scheduler": name, **_mapping(settings, f"{base}[{i}].{name}")})
+    if kind == "SequentialLR" and spec.get("milestones") is not None:
+        ends, total = [], 0
+        for phase in out[:-1]:
+            total += phase.get("total_iters", 0) if isinstance(phase.get("total_iters"), int) else 0
+            ends.append(total)
+        if list(spec["milestones"]) != ends:
+            raise ConfigError(
+                f"{where}[0].SequentialLR.milestones: {spec['milestones']!r} is not where the phases end ({ends}); "
+                "the phases run one after another, each for its total_iters (drop milestones or make them agree)"
+            )
     return out
 
 
@@ -354,7 +374,8 @@ def _trainer_runconfig(init: dict, out: Translation) -> dict[str, Any]:
     maps = {
         "loop": {"max_steps": "max_steps", "eval_frequency": "eval_frequency", "eval_steps": "eval_steps"},
         "checkpoint": {"steps": "checkpoint_steps", "save_initial_checkpoint": "save_initial_checkpoint",
-                       "autoload_last_checkpoint": "autoload_last_checkpoint"},
+                       "autoload_last_checkpoint": "autoload_last_checkpoint",
+                       "disable_strict_checkpoint_loading": "disable_strict_checkpoint_loading"},
         "logging": {"log_steps": "log_steps"},
         "backend": {},
     }

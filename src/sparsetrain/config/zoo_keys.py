@@ -21,7 +21,7 @@ from typing import Any
 NO_EFFECT: dict[str, tuple[str, ...]] = {
     "train_input": (
         "num_workers", "prefetch_factor", "persistent_workers", "use_worker_cache", "n_parallel_reads",
-        "pad_last", "drop_last", "vocab_size", "use_vsl", "repeat",
+        "pad_last", "vocab_size", "repeat", "shuffle_buffer",
     ),
     "model": (
         "mixed_precision", "use_bfloat16", "fp16_type", "allow_multireplica", "attention_softmax_fp32",
@@ -38,7 +38,7 @@ NO_EFFECT: dict[str, tuple[str, ...]] = {
         "execute_crd_memory_gi", "wrk_memory_gi", "act_memory_gi", "cmd_memory_gi", "wgt_memory_gi",
         "experimental_api", "disable_version_check", "dist_backend", "init_method", "sync_batchnorm",
         "check_loss_values", "log_input_summaries", "mode", "target_device",
-        "transfer_processes", "job_time_sec", "disable_strict_checkpoint_loading", "logging", "lazy_initialization",
+        "transfer_processes", "job_time_sec", "logging", "lazy_initialization",
     ),
 }
 NO_EFFECT["eval_input"] = NO_EFFECT["train_input"]
@@ -51,13 +51,21 @@ TRAINER_NO_EFFECT: dict[str, tuple[str, ...]] = {
     ),
     "backend": ("backend_type", "cluster_config", "compile_dir", "compile_only", "validate_only", "retrace_every_iteration"),
     "logging": ("log_level", "enable_act_frequency", "streams"),
-    "checkpoint": ("disable_strict_checkpoint_loading", "check_loss_values"),
+    "checkpoint": ("check_loss_values",),
 }
 # 2.4+ callbacks that only observe training (logging norms, checks), so nothing changes on a GPU.
 OBSERVING_CALLBACKS = ("ComputeNorm", "CheckLoss", "LogOptimizerParamGroup", "RateProfiler", "FlopUtilization")
 
 # Key -> the one value built here; another value is refused (it would change training).
+_INPUT_REFUSED = {
+    "use_vsl": (False, "variable-sequence-length packing is not built here"),
+    "drop_last": (True, "every batch here is full (drop_last: true)"),
+    "sort_files": (True, "the files of a data_dir are read in sorted order here"),
+    "num_samples": (None, "limiting the samples read is not built here; use data_subset"),
+}
 REFUSED: dict[str, dict[str, tuple[Any, str]]] = {
+    "train_input": _INPUT_REFUSED,
+    "eval_input": _INPUT_REFUSED,
     "model": {
         "use_position_embedding": (True, "a model without position embeddings is not built here"),
         "embedding_layer_norm": (False, "a layer norm after the embeddings is not built here"),
@@ -79,6 +87,7 @@ REFUSED: dict[str, dict[str, tuple[Any, str]]] = {
         "checkpoint_path": (None, "give the checkpoint on the command line: --checkpoint_path"),
         "load_checkpoint_states": (None, "choosing which states of a checkpoint to load is not built here"),
         "autoload_last_checkpoint": (True, "a run here always resumes from the newest checkpoint in model_dir"),
+        "disable_strict_checkpoint_loading": (False, "checkpoints load strictly here (every key must fit the model)"),
     },
 }
 
@@ -91,6 +100,8 @@ SCHEDULERS = {"linear": "Linear", "cosinedecay": "CosineDecay", "constant": "Con
 PHASE_SYNONYMS = {"steps": "total_iters", "decay_steps": "total_iters", "learning_rate": "initial_learning_rate",
                   "val": "initial_learning_rate", "base_lr": "initial_learning_rate"}
 PHASE_NO_EFFECT = ("alpha",)
+# The zoo's model names built here (``trainer.init.model.name``).
+MODEL_NAMES = ("gpt2", "gpt3")
 # The zoo's data processors built here.
 DATA_PROCESSORS = ("GptHDF5MapDataProcessor", "GptHDF5DataProcessor")
 
@@ -98,8 +109,8 @@ DATA_PROCESSORS = ("GptHDF5MapDataProcessor", "GptHDF5DataProcessor")
 # defaults apply (see config.zoo). Keys the two layouts share (data_dir, the bias switches, ...)
 # mark nothing.
 ZOO_MARKERS: dict[str, tuple[str, ...]] = {
-    "train_input": ("data_processor", "micro_batch_size", *NO_EFFECT["train_input"]),
-    "eval_input": ("data_processor", "micro_batch_size", *NO_EFFECT["eval_input"]),
+    "train_input": ("data_processor", "micro_batch_size", *NO_EFFECT["train_input"], *_INPUT_REFUSED),
+    "eval_input": ("data_processor", "micro_batch_size", *NO_EFFECT["eval_input"], *_INPUT_REFUSED),
     "model": (*NO_EFFECT["model"], *REFUSED["model"]),
     "optimizer": ("betas", "weight_decay", "epsilon", *NO_EFFECT["optimizer"], *REFUSED["optimizer"]),
     "runconfig": (*NO_EFFECT["runconfig"], *REFUSED["runconfig"]),

@@ -30,15 +30,15 @@ from sparsetrain import checkpoint as ckpt
 from sparsetrain import data
 from sparsetrain import distributed as dist
 from sparsetrain.config import GroupSettings, InputParams, ModelParams, Params
-from sparsetrain.config.params import naming_file
+from sparsetrain.config.params import as_written
 from sparsetrain.errors import ConfigError
 from sparsetrain.flops import flops_report
 from sparsetrain.model import GPT
 from sparsetrain.optim import build_optimizer, lr_scheduler
 from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.block_linear import use_block_kernels
-from sparsetrain.sparsity.select import select_for_model
 from sparsetrain.sparsity.legacy_names import from_legacy, is_legacy
+from sparsetrain.sparsity.select import select_for_model
 from sparsetrain.sparsity.sparsifier import sparsify
 from sparsetrain.sparsity.zoo_checkpoints import (
     from_zoo_checkpoint,
@@ -60,22 +60,24 @@ def setup(
     rc = params.runconfig
     device, info = _device_and_processes(params, train)
     torch.manual_seed(rc.seed)  # the same on every rank: identical initial weights
-    tokenizer = data.load_tokenizer(params.train_input, model_dir)
-    # HDF5 data is token ids already: the data's ids are checked against the model instead.
-    _fit_vocab(params.model, tokenizer.vocab_size, strict=params.train_input.source != "hdf5")
+    with as_written(params):
+        tokenizer = data.load_tokenizer(params.train_input, model_dir)
+        # HDF5 data is token ids already: the data's ids are checked against the model instead.
+        _fit_vocab(params.model, tokenizer.vocab_size, strict=params.train_input.source != "hdf5")
     model = GPT(params.model).to(device)
-    with naming_file(params.path):
+    with as_written(params):
         selection = select_for_model(model, params.sparsity) if params.sparsity is not None else {}
     path, full_resume = choose_checkpoint(model_dir, checkpoint_path)
     run = Run(params=params, model_dir=Path(model_dir), device=device, model=model, forward=model,
               tokenizer=tokenizer, loaded_from=path, dist=info)
     state, masks = _load_weights(run, path, full_resume)
-    with naming_file(params.path):
+    with as_written(params):
         _sparsify(run, masks_to_keep(params, masks, path), selection)
-    if train:
-        run.train_tokens = _tokens(params.train_input, tokenizer, model_dir, params.model)
-    if evaluate:
-        run.eval_tokens = _tokens(params.eval_input, tokenizer, model_dir, params.model)
+    with as_written(params):
+        if train:
+            run.train_tokens = _tokens(params.train_input, tokenizer, model_dir, params.model)
+        if evaluate:
+            run.eval_tokens = _tokens(params.eval_input, tokenizer, model_dir, params.model)
     if train:
         _build_optimizer(run, state if full_resume else None, path)
     if state is not None and full_resume:
