@@ -128,3 +128,24 @@ def test_bad_initializer_one_line(spec, message):
     with pytest.raises(Exception) as e:
         gpt(initializer=spec)
     assert str(e.value) == message
+
+
+def test_attention_dropout_rate_is_its_own():
+    attn = gpt(dropout_rate=0.1, attention_dropout_rate=0.3).transformer_decoder.layers[0].self_attn
+    assert attn.dropout == 0.3 and attn.resid_dropout.p == 0.1
+    assert gpt(dropout_rate=0.1).transformer_decoder.layers[0].self_attn.dropout == 0.1
+
+
+def test_decay_embeddings_is_the_zoos_weight_decay_rule():
+    from sparsetrain.config import OptimizerParams
+    from sparsetrain.optim import build_optimizer
+
+    m = gpt()
+    names = {id(p): n for n, p in m.named_parameters()}
+    for zoo in (False, True):
+        opt = build_optimizer(m, OptimizerParams(weight_decay_rate=0.1, decay_embeddings=zoo), torch.device("cpu"))
+        decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        assert ("embedding_layer.word_embeddings.weight" in decayed) is zoo
+        assert ("embedding_layer.position_embeddings.weight" in decayed) is zoo
+        assert "transformer_decoder.layers.0.self_attn.proj_q_dense_layer.weight" in decayed
+        assert not any(n.endswith(".bias") or "norm" in n for n in decayed)

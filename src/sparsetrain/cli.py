@@ -1,4 +1,4 @@
-"""Command line: ``sparsetrain <command>`` and the seed-compatible ``python run.py --mode ...``.
+"""Command line: ``sparsetrain <command>`` (``python run.py``, the zoo's form, is in ``zoo_cli``).
 
 Each subcommand is a short function in :data:`COMMANDS`; :func:`build_parser` declares its
 arguments. User errors (bad params, data, checkpoints) print one line, ``error: ...``, and exit

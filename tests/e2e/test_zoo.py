@@ -221,3 +221,15 @@ def test_data_errors_name_the_key_as_the_zoo_file_wrote_it(tmp_path, zoo_data, c
     assert cli("train", "--params", params, "--model_dir", tmp_path / "m2") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {params}: trainer.fit.train_dataloader.data_subset: ")
+
+
+def test_save_initial_checkpoint_and_the_files_model_dir(tmp_path, zoo_data, monkeypatch):
+    raw = gpt3("static75", "2.0", str(zoo_data / "train" / "0"), str(zoo_data / "val"))
+    raw["runconfig"].update(save_initial_checkpoint=True, model_dir=str(tmp_path / "from_file"))
+    params = _write(tmp_path, raw)
+    assert cli("train", "--params", params) == 0  # no --model_dir: the file's runconfig.model_dir
+    first = torch.load(tmp_path / "from_file" / "checkpoint_0.mdl", weights_only=True)
+    assert first["global_step"] == 0
+    q = first["model"]["transformer_decoder.layers.0.self_attn.proj_q_dense_layer.weight"]
+    assert torch.isnan(q).sum().item() == round(0.75 * q.numel())  # the initial weights, masked
+    assert (tmp_path / "from_file" / "checkpoint_3.mdl").exists()
