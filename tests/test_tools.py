@@ -26,7 +26,8 @@ def test_plan_json_shape_and_counts(tiny_params, write_params, capsys):
     path = write_params(tiny_params(sparsity={"sparsity": 0.5, "param_name_patterns": patterns}))
     assert cli("plan", "--params", path, "--json") == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"parameters", "dense", "flops_per_token", "training_state_bytes", "sequence_length"}
+    assert set(report) == {"parameters", "dense", "flops_per_token", "training_state_bytes", "sequence_length", "schedules"}
+    assert report["schedules"] == []
     assert report["sequence_length"] == {"value": 32, "from": "train_input.max_sequence_length"}
     assert set(report["training_state_bytes"]) == {"dense", "masked_dense", "block_kernels"}
     names = [r["name"] for r in report["parameters"]]

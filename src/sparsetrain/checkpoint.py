@@ -213,6 +213,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+WRITER = "sparsetrain"  # the "writer" key of our checkpoints: marks them apart from the zoo's (same keys)
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # the signature of an HDF5 file (the zoo's cstorch.save container)
+
+
+def is_hdf5(path: Path | str) -> bool:
+    """Whether ``path`` starts with the HDF5 signature (as ``cstorch.save``'s files do)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == HDF5_MAGIC
+    except OSError:
+        return False
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely; any problem is one :class:`CheckpointError` naming the file."""
     path = Path(path)
@@ -221,9 +234,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
-        with open(path, "rb") as f:
-            hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
-        if hdf5:
+        if is_hdf5(path):
             raise CheckpointError(f"{path}: a Cerebras HDF5 checkpoint (cstorch.save), not a torch.save archive")
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint (not a torch.save archive)")
     try:

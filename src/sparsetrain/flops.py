@@ -46,3 +46,11 @@ def flops_report(cfg: ModelParams, seq_len: int, sparsity: Mapping[str, float] |
     dense = training_flops_per_token(cfg, seq_len)
     sparse = training_flops_per_token(cfg, seq_len, sparsity)
     return {"dense": dense, "sparse": sparse, "ratio": dense / sparse}
+
+
+def dense_grad_extra_per_token(cfg: ModelParams, sparsity: Mapping[str, float]) -> float:
+    """Extra FLOPs per token of a step whose weight-gradient products are dense for the weights
+    in ``sparsity`` (RigL's update steps: regrow scores need the dense gradient): the third of
+    the three products runs at ``numel`` instead of ``(1 - s) * numel``, ``2 * s * numel`` more."""
+    sizes = block_linear_weights(cfg)
+    return sum(2.0 * s * sizes[name] for name, s in sparsity.items() if name in sizes)

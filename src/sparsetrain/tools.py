@@ -6,7 +6,13 @@ plan:    {"parameters": [{"name", "shape", "numel", "group", "sparsity", "init_m
                           "structure"}],
           "dense": [names], "flops_per_token": {"dense", "sparse", "ratio"},
           "training_state_bytes": {"dense", "masked_dense", "block_kernels"},
-          "sequence_length": {"value", "from"}}
+          "sequence_length": {"value", "from"},
+          "schedules": [{"group", "algorithm", "rule", "start_sparsity", "updates", "max_steps",
+                         "folds": [{"first", "last", "updates", "sparsity", "drop_fraction_first",
+                                    "drop_fraction_last"}]}]}
+         "schedules" lists dynamic groups (gmp, set, rigl): their update steps up to max_steps
+         folded into runs of one level ([] for static sparsity). "sparsity" of a parameter row is
+         its level at step 0 (0.0 for a dynamic group that starts dense).
          "structure" is "unstructured", "block" or "N:M" (e.g. "2:4"). Block rows add
          "block_size": [rows, cols], "blocks" (partial edge blocks included), "pruned_blocks"
          (exactly round(sparsity * blocks)) and "pruned_exact": "pruned" is exact except for
@@ -33,7 +39,7 @@ from typing import Any
 import torch
 
 from sparsetrain import checkpoint as ckpt
-from sparsetrain.config import Params
+from sparsetrain.config import GroupSettings, Params
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.flops import flops_report
 from sparsetrain.kernels.blocks import block_grid, kernel_block_ok
@@ -105,7 +111,31 @@ def plan(params: Params) -> dict[str, Any]:
     flops = flops_report(cfg, seq_len, fractions)
     memory = plan_memory(rows, dense_numel, params.optimizer, sparse=config is not None)
     return {"parameters": rows, "dense": dense, "flops_per_token": flops, "training_state_bytes": memory,
-            "sequence_length": {"value": seq_len, "from": seq_from}}
+            "sequence_length": {"value": seq_len, "from": seq_from},
+            "schedules": dynamic_schedules(settings, params.runconfig.max_steps)}
+
+
+def dynamic_schedules(settings: dict[str, GroupSettings], max_steps: int) -> list[dict[str, Any]]:
+    """Per dynamic group: its rule, the density at the start, and its update steps up to
+    ``max_steps`` folded into runs of one level (cycling and drop fractions at both ends)."""
+    out, seen = [], set()
+    for g in settings.values():
+        if g.dynamic is None or g.group in seen:
+            continue
+        seen.add(g.group)
+        d = g.dynamic
+        steps = d.update.steps_until(max_steps)
+        folds: list[dict[str, Any]] = []
+        for j, step in enumerate(steps):
+            level, drop = d.level(step, j), d.drop(step, j)
+            if folds and abs(folds[-1]["sparsity"] - level) < 5e-5:
+                folds[-1].update(last=step, updates=folds[-1]["updates"] + 1, drop_fraction_last=drop)
+            else:
+                folds.append({"first": step, "last": step, "updates": 1, "sparsity": level,
+                              "drop_fraction_first": drop, "drop_fraction_last": drop})
+        out.append({"group": g.group, "algorithm": d.algorithm, "rule": d.describe(), "start_sparsity": g.target,
+                    "updates": len(steps), "max_steps": max_steps, "folds": folds})
+    return out
 
 
 def sequence_length(params: Params) -> tuple[int, str]:
@@ -152,6 +182,18 @@ def format_plan(report: dict[str, Any]) -> str:
     lines.append(f"sequence length: {seq['value']} (from {seq['from']})")
     f = report["flops_per_token"]
     lines.append(f"training FLOPs per token: dense {f['dense']:.4g}, sparse {f['sparse']:.4g}, ratio {f['ratio']:.2f}x")
+    for sch in report.get("schedules", []):
+        lines.append(f"dynamic {sch['group']!r}: {sch['rule']}; {sch['updates']} updates in {sch['max_steps']} steps")
+        lines.append(f"  step 0: sparsity {sch['start_sparsity']:.4f}")
+        for f_ in sch["folds"][:12]:
+            span = f"step {f_['first']}" if f_["updates"] == 1 else f"steps {f_['first']}..{f_['last']} ({f_['updates']} updates)"
+            text = f"  {span}: sparsity {f_['sparsity']:.4f}"
+            if sch["algorithm"] != "gmp":
+                a, b = f_["drop_fraction_first"], f_["drop_fraction_last"]
+                text += f", drop_fraction {a:.4f}" + ("" if f_["updates"] == 1 else f" -> {b:.4f}")
+            lines.append(text)
+        if len(sch["folds"]) > 12:
+            lines.append(f"  ... {len(sch['folds']) - 12} more runs of levels")
     m = report["training_state_bytes"]
     text = f"training state (fp32 weights, gradients, optimizer; not activations): dense {_gib(m['dense'])}"
     text += f", this plan {_gib(m['masked_dense'])}"
@@ -193,7 +235,7 @@ def inspect(path: Path) -> dict[str, Any]:
     state = read_any_checkpoint(path)
     sparsified = _sparsified_names(state)
     # A zoo checkpoint's masks (2.0-2.1 optimizer state, 2.2+ buffers) count as NaN, as ours.
-    model = masked_model_view(state) if is_zoo_checkpoint(state) and state.get("writer") != "sparsetrain" else state["model"]
+    model = masked_model_view(state) if is_zoo_checkpoint(state) else state["model"]
     tensors, seen = [], set()
     total_numel = total_nan = 0
     for name, t in model.items():

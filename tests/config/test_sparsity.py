@@ -44,11 +44,22 @@ def test_defaults():
 
 
 BAD_BLOCKS = [
-    ([1, 2], "sparsity: expected a mapping"),
-    ({"sparsity": 0.3, "type": "foo"}, "sparsity.type: 'foo' is not valid; choose one of sideband, static"),
-    ({"sparsity": 0.3, "type": "rigl"}, "sparsity.type: 'rigl' is dynamic sparsity (masks that change during "
-     "training), not built yet; only static sparsity (static / sideband) trains here for now"),
-    ({"sparsity": 0.3, "type": "gmp"}, "sparsity.type: 'gmp' is dynamic sparsity"),
+    ([1, 2], "sparsity[0]: expected a mapping of settings, got int 1"),
+    ("0.5", "sparsity: expected a mapping of settings, got str '0.5'"),
+    ({"sparsity": 0.3, "type": "foo"}, "sparsity.type: 'foo' is not valid; choose one of sideband, static, gmp, set, rigl"),
+    ({"sparsity": 0.3, "type": "gmp"}, "sparsity.sparsity: gmp with a constant sparsity 0.3 would never change the masks"),
+    ({"sparsity": {"type": "linear", "init": 0.1, "slope": 0.01}}, "sparsity.sparsity: a schedule of the level needs dynamic sparsity"),
+    ({"sparsity": 0.3, "drop_fraction": 0.2}, "sparsity.drop_fraction: read only by dynamic sparsity (algorithm gmp, set or rigl)"),
+    ({"sparsity": {"type": "linear", "init": 0.1, "slope": 0.01}, "type": "gmp", "drop_fraction": 0.2},
+     "sparsity.drop_fraction: gmp only prunes (by |w|); drop_fraction is read by set and rigl"),
+    ({"sparsity": 0.3, "type": "set", "drop_fraction": 1.5}, "sparsity.drop_fraction: 1.5 is not valid; the fraction of kept entries dropped, in [0, 1]"),
+    ({"type": "rigl", "structure": "2:4"}, "sparsity.structure: '2:4' keeps N of every M fixed"),
+    ({"sparsity": 0.5, "type": "rigl", "schedule": {"freq": 10}, "update": {"freq": 5}}, "sparsity.schedule: here the update rule"),
+    ({"sparsity": 0.5, "type": "gmp", "schedule": {"type": "linear", "init": 0, "slope": 0.1}},
+     "sparsity.schedule: here an alias of sparsity (2.2+), and sparsity.sparsity is set too"),
+    ({"sparsity": 0.5, "type": "rigl", "balance_in_groups": 4}, "sparsity.balance_in_groups: RigL's balanced per-group competition is not built"),
+    ({"sparsity": 0.5, "type": "rigl", "update": {"freq": 0}}, "sparsity.update.freq: expected an integer >= 1, got 0"),
+    ({"sparsity": 0.5, "distribution": "er"}, "sparsity.distribution: 'er' is not valid; choose one of uniform, erk"),
     ({"sparsity": 0.3, "type": 3}, "sparsity.type: expected a string"),
     ({"sparsity": 0.3, "type": "static", "algorithm": "static"}, "sparsity.algorithm"),
     ({"sparsity": 1.0}, "sparsity.sparsity: 1 is not valid; expected a number in [0, 1)"),
@@ -60,13 +71,13 @@ BAD_BLOCKS = [
     ({"init_method": "topk"}, "sparsity.sparsity: required"),
     (
         {"sparsity": 0.3, "init_method": "foo"},
-        "sparsity.init_method: 'foo' is not valid; choose one of topk, random, from_zeros",
+        "sparsity.init_method: 'foo' is not valid; choose one of topk, random, from_zeros, checkerboard",
     ),
     ({"sparsity": 0.3, "seed": 1.5}, "sparsity.seed: expected an integer"),
     ({"sparsity": 0.3, "seed": False}, "sparsity.seed: expected an integer"),
     ({"sparsity": 0.3, "sparsty": 0.3}, "sparsity.sparsty: unknown key; did you mean 'sparsity'?"),
     ({"sparsity": 0.3, "init": "topk"}, "sparsity.init: unknown key; did you mean 'init_method'?"),
-    ({"sparsity": 0.3, "update": {"freq": 10}}, "sparsity.update: not supported yet"),
+    ({"sparsity": 0.3, "update": {"freq": 10}}, "sparsity.update: read only by dynamic sparsity"),
     ({"sparsity": 0.3, "param_name_patterns": 5}, "sparsity.param_name_patterns: expected a regex string"),
     ({"sparsity": 0.3, "param_name_patterns": []}, "sparsity.param_name_patterns: empty list"),
     ({"sparsity": 0.3, "param_name_patterns": {}}, "sparsity.param_name_patterns: empty mapping"),
@@ -84,7 +95,7 @@ BAD_BLOCKS = [
     ({"sparsity": 0.3, "param_name_patterns": {1: {}}}, "sparsity.param_name_patterns: pattern 1 is not a string"),
     (
         {"sparsity": 0.3, "param_name_patterns": {"mlp.*weight": {"init_method": "foo"}}},
-        "sparsity.param_name_patterns[\"mlp.*weight\"].init_method: 'foo' is not valid; choose one of topk, random, from_zeros",
+        "sparsity.param_name_patterns[\"mlp.*weight\"].init_method: 'foo' is not valid; choose one of topk, random, from_zeros, checkerboard",
     ),
     (
         {"sparsity": 0.3, "param_name_patterns": {"fc": {"sparsity": 2}}},

@@ -23,17 +23,18 @@ def _error(raw, overrides=()) -> str:
 
 @pytest.mark.parametrize("layout", ["2.0", "2.2", "2.4"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_gpt3_file_reads_or_refuses_dynamic_in_one_line(layout, kind):
+def test_every_gpt3_file_reads_with_the_zoos_meaning(layout, kind):
     raw = gpt3(kind, layout, "train", "val")
-    if kind in DYNAMIC:
-        algo = "set" if "set" in kind else "rigl"
-        key = "algorithm" if layout != "2.0" else "type"
-        assert _error(raw) == (
-            f"sparsity.{key}: '{algo}' is dynamic sparsity (masks that change during training), not built yet; "
-            "only static sparsity (static / sideband) trains here for now"
-        )
-        return
     p = params_from_dict(raw)
+    if kind in DYNAMIC:  # 2.0-2.1: type + schedule {freq, stop}; 2.2+: algorithm + update: the same run
+        half = 30  # tests/zoo_files.py shrinks the zoo's {freq: 100, stop: 3584} and half_period 3584
+        for g in p.sparsity.groups:
+            d = g.dynamic
+            assert d.algorithm == ("set" if "set" in kind else "rigl")
+            assert (d.update.freq, d.update.start, d.update.stop) == (10, 0, half)
+            assert d.level(100, 1) == 0.75 and g.sparsity == 0.75 and g.init_method == "random"
+            assert d.drop(0, 0) == pytest.approx(0.3) and d.drop(half, 9) == pytest.approx(0.0, abs=1e-12)
+        return
     assert p.layout == ("zoo trainer" if layout == "2.4" else "zoo")
     assert (p.optimizer.beta1, p.optimizer.beta2) == (0.9, 0.999 if kind == "vspdf_dart" else 0.95)
     assert p.optimizer.eps == (1e-9 if "vspdf" in kind else 1e-8)

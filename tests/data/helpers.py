@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
+
+from sparsetrain.config import InputParams
 
 WORDS = "alpha beta gamma delta def return class import lambda yield größe naïve 数据 🙂".split()
 
 
-def make_input(**overrides) -> types.SimpleNamespace:
+def make_input(**overrides) -> InputParams:
+    """An input section with the test defaults below (every key the data code reads exists)."""
     values = dict(
         source="text",
         data_path=None,
@@ -24,7 +25,7 @@ def make_input(**overrides) -> types.SimpleNamespace:
         section="train_input",
     )
     values.update(overrides)
-    return types.SimpleNamespace(**values)
+    return InputParams(**values)
 
 
 def text_of(i: int, n_words: int = 200) -> str:

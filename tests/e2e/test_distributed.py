@@ -18,7 +18,13 @@ from sparsetrain import data
 from tests.helpers import ROOT, checkpoint_model, launch, rank_reports, records, torchrun
 
 
-def _assert_same_run(a: Path, b: Path, step: int, weight_atol: float = 1e-5) -> None:
+def _assert_same_run(a: Path, b: Path, step: int, weight_atol: float = 5e-5) -> None:
+    """The same losses and masks, and weights to ``weight_atol``: DDP averages two half-batch
+    gradients where one process sums the whole batch, so a gradient that is a small difference of
+    large terms differs by up to ~2e-4 relative (measured: Adam's exp_avg of one entry, -3.0309e-5
+    vs -3.0302e-5), and Adam's normalised step carries that into the weight (1.9e-5 after 6 steps
+    at lr 3e-3 for 1 of 4096 entries). Which entry that hits moves with any change to the float
+    order, so the bound is 5e-5, well under one step (lr = 3e-3)."""
     la = [(r["step"], r["loss"]) for r in records(a, "train")]
     lb = [(r["step"], r["loss"]) for r in records(b, "train")]
     assert [s for s, _ in la] == [s for s, _ in lb]

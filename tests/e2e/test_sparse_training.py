@@ -634,7 +634,7 @@ BAD = {
     "sparsity-percent": ({"sparsity": 50}, ["sparsity.sparsity", "0.5"]),
     "sparsity-missing": ({"init_method": "random"}, ["sparsity.sparsity"]),
     "unknown-top-key": ({"sparsity": 0.5, "sparsty_level": 0.5}, ["sparsity.sparsty_level"]),
-    "block-not-mapping": (0.5, ["sparsity"]),
+    "block-not-mapping": ("half", ["sparsity: expected a mapping"]),
 }
 
 

@@ -53,9 +53,19 @@ def _write(tmp_path, raw, name="params.yaml"):
 def test_every_zoo_gpt3_file_plans_and_trains(tmp_path, zoo_data, capsys, layout, kind):
     train = [str(zoo_data / "train" / "0"), str(zoo_data / "train" / "1")]
     params = _write(tmp_path, gpt3(kind, layout, train, str(zoo_data / "val")))
-    if kind in DYNAMIC:
-        assert cli("plan", "--params", params) == 2
-        assert "is dynamic sparsity (masks that change during training), not built yet" in capsys.readouterr().err
+    if kind in DYNAMIC:  # 12 steps: one update, at step 10 (tests/zoo_files.py: update every 10, stop 30)
+        assert cli("plan", "--params", params) == 0
+        assert "every 10 steps before step 30" in capsys.readouterr().out
+        assert cli("train", "--params", params, "--model_dir", tmp_path / "m", "--set", "runconfig.max_steps=12") == 0
+        updates = [r for r in records(tmp_path / "m", kind="sparsity_update")]
+        assert sorted({r["step"] for r in updates}) == [10] and len(updates) == 3  # the file's three patterns
+        assert all(r["algorithm"] == ("set" if "set" in kind else "rigl") for r in updates)
+        assert all(r["dropped"] == r["regrown"] > 0 for r in updates)
+        ckpt = torch.load(tmp_path / "m" / "checkpoint_12.mdl", weights_only=True)
+        for name, t in ckpt["model"].items():
+            if name.endswith(("dense_layer.weight", "linear_layer.weight")):
+                assert torch.isnan(t).sum().item() == round(0.75 * t.numel()), name
+        assert ckpt["dynamic_sparsity"]["updates_done"] and ckpt["dynamic_sparsity"]["last_update"] == 10
         return
     assert cli("plan", "--params", params) == 0
     out = capsys.readouterr().out
@@ -233,3 +243,32 @@ def test_save_initial_checkpoint_and_the_files_model_dir(tmp_path, zoo_data, mon
     q = first["model"]["transformer_decoder.layers.0.self_attn.proj_q_dense_layer.weight"]
     assert torch.isnan(q).sum().item() == round(0.75 * q.numel())  # the initial weights, masked
     assert (tmp_path / "from_file" / "checkpoint_3.mdl").exists()
+
+
+def test_a_zoo_rigl_checkpoint_continues_its_dynamic_run(tmp_path, zoo_data):
+    """A zoo 2.2+ checkpoint (mask buffers) of a RigL run at step 12, written from one of ours with
+    masks that differ from any initial draw: resumed with the zoo's rigl75 file, the run keeps
+    those masks, counts the update at step 10 as done and updates next at step 20."""
+    train, val = str(zoo_data / "train" / "0"), str(zoo_data / "val")
+    params = _write(tmp_path, gpt3("rigl75", "2.4", train, val))
+    assert cli("train", "--params", params, "--model_dir", tmp_path / "m", "--set", "runconfig.max_steps=12") == 0
+    ours = torch.load(tmp_path / "m" / "checkpoint_12.mdl", weights_only=True)
+    model = dict(ours["model"])
+    for name, t in list(model.items()):
+        if torch.isnan(t).any():
+            model[name + "_mask"] = ~torch.isnan(t)
+            model[name] = torch.nan_to_num(t, nan=0.0)
+    zoo_dir = tmp_path / "zoo"
+    zoo_dir.mkdir()
+    torch.save({"model": model, "global_step": torch.tensor(12), "sparsity": {"state": {}}}, zoo_dir / "checkpoint_12.mdl")
+    name = "transformer_decoder.layers.0.self_attn.proj_q_dense_layer.weight"
+    assert cli("train", "--params", params, "--model_dir", zoo_dir, "--set", "runconfig.max_steps=13") == 0
+    step13 = torch.load(zoo_dir / "checkpoint_13.mdl", weights_only=True)["model"][name]
+    assert torch.equal(~torch.isnan(step13), model[name + "_mask"])  # the zoo checkpoint's mask, kept
+    assert cli("train", "--params", params, "--model_dir", zoo_dir, "--set", "runconfig.max_steps=21") == 0
+    updates = records(zoo_dir, kind="sparsity_update")
+    assert sorted({r["step"] for r in updates}) == [20]
+    after = torch.load(zoo_dir / "checkpoint_21.mdl", weights_only=True)
+    assert after["dynamic_sparsity"]["updates_done"] == {g: 2 for g in after["dynamic_sparsity"]["updates_done"]}
+    assert not torch.equal(torch.isnan(after["model"][name]), torch.isnan(step13))  # and updated at 20
+    assert torch.isnan(after["model"][name]).sum() == round(0.75 * after["model"][name].numel())

@@ -32,8 +32,7 @@ from sparsetrain.config.sections import (
 )
 from sparsetrain.config.sparsity import SparsityConfig, parse_sparsity
 from sparsetrain.config.zoo import Translation, from_zoo
-from sparsetrain.config.zoo_keys import OPTIMIZERS
-from sparsetrain.config.zoo_keys import SCHEDULERS as ZOO_SCHEDULERS
+from sparsetrain.config.zoo_keys import optimizer_name, scheduler_name
 from sparsetrain.errors import ConfigError, UserError
 
 
@@ -199,13 +198,13 @@ def _canonical_names(raw: dict) -> None:
     if not isinstance(optimizer, dict):
         return
     kind = optimizer.get("optimizer_type")
-    if isinstance(kind, str) and kind.lower() in OPTIMIZERS:
-        optimizer["optimizer_type"] = OPTIMIZERS[kind.lower()]
+    if isinstance(kind, str) and optimizer_name(kind):
+        optimizer["optimizer_type"] = optimizer_name(kind)
     phases = optimizer.get("learning_rate")
     for phase in phases if isinstance(phases, list) else []:
         name = phase.get("scheduler") if isinstance(phase, dict) else None
-        if isinstance(name, str) and name.lower().removesuffix("lr") in ZOO_SCHEDULERS:
-            phase["scheduler"] = ZOO_SCHEDULERS[name.lower().removesuffix("lr")]
+        if isinstance(name, str) and scheduler_name(name):
+            phase["scheduler"] = scheduler_name(name)
 
 
 def _validate(raw: dict) -> Params:

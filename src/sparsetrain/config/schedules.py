@@ -62,6 +62,23 @@ class HyperSchedule:
         values = a["values"]
         return values[updates_before % len(values)]
 
+    def to_value(self) -> Any:
+        """As a params file writes it: a number (constant), a list (cycling) or ``{type, ...}``."""
+        a = dict(self.args)
+        if self.kind == "constant":
+            return a["value"]
+        if self.kind == "cycling":
+            return list(a["values"])
+        return {"type": self.kind, **a}
+
+    def describe(self) -> str:
+        """Short text for logs and ``plan``: ``0.75``, ``cosine(init=0.3, half_period=3584)``."""
+        if self.kind == "constant":
+            return f"{dict(self.args)['value']:g}"
+        if self.kind == "cycling":
+            return "cycling " + "/".join(f"{v:g}" for v in dict(self.args)["values"])
+        return f"{self.kind}(" + ", ".join(f"{k}={v:g}" for k, v in self.args) + ")"
+
 
 @dataclass(frozen=True)
 class UpdateRule:
@@ -79,6 +96,38 @@ class UpdateRule:
         if step < self.start or (self.stop is not None and step >= self.stop):
             return False
         return (step - self.start) % self.freq == 0
+
+    def to_value(self) -> dict[str, Any] | None:
+        """As a params file writes it (None: every step)."""
+        if self.steps is not None:
+            return {"steps": list(self.steps)}
+        if (self.freq, self.start, self.stop) == (1, 0, None):
+            return None
+        out: dict[str, Any] = {"freq": self.freq}
+        if self.start:
+            out["start"] = self.start
+        if self.stop is not None:
+            out["stop"] = self.stop
+        return out
+
+    def describe(self) -> str:
+        if self.steps is not None:
+            return "at steps " + ", ".join(map(str, self.steps[:8])) + (", ..." if len(self.steps) > 8 else "")
+        text = "every step" if self.freq == 1 else f"every {self.freq} steps"
+        if self.start:
+            text += f" from step {self.start}"
+        if self.stop is not None:
+            text += f" before step {self.stop}"
+        return text
+
+    def steps_until(self, last: int) -> list[int]:
+        """The update steps in 1..last (masks change after an optimizer step, never at step 0)."""
+        if self.steps is not None:
+            return sorted(s for s in set(self.steps) if 0 < s <= last)
+        first = max(self.start, 1)
+        first += (self.start - first) % self.freq
+        end = last if self.stop is None else min(last, self.stop - 1)
+        return list(range(first, end + 1, self.freq))
 
     def updates_before(self, step: int) -> int:
         """How many update steps come before ``step`` (from step 1 on: masks change after an

@@ -52,6 +52,13 @@ Rules:
   ``"*proj_[qkv]_dense_layer.weight"``) is form 2/3 with shell globs that match the WHOLE name
   (``fnmatch``, case-sensitive) instead of regexes found anywhere in it.
 - Unknown keys are errors that name the key and the nearest valid one; nothing is ignored.
+- Dynamic sparsity (``algorithm: gmp | set | rigl``): ``sparsity`` may be a schedule, and
+  ``update``, ``drop_fraction`` and the 2.0-2.1 ``schedule`` are read, at the top level or per
+  group; their meaning is in :mod:`sparsetrain.config.dynamic`. The zoo's 2.x forms are read
+  too: a bare number (the level, default heuristic), a list of blocks (each with its own
+  algorithm and filter; a parameter takes the first that selects it) and ``{groups: [{params:
+  {...}, ...}]}``. ``distribution: erk`` spreads a group's level over its tensors
+  (:mod:`sparsetrain.sparsity.erk`); ``init_method: checkerboard`` draws evenly spread masks.
 
 Structure (``structure``, ``block_size``; :mod:`sparsetrain.sparsity.masks` draws the masks):
 
@@ -85,9 +92,19 @@ import copy
 import dataclasses
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+from sparsetrain.config.dynamic import (
+    DYNAMIC_TYPES,
+    build_dynamic,
+    check_dynamic_keys,
+    parse_drop_fraction,
+    parse_level,
+    parse_update_value,
+    split_schedule,
+)
+from sparsetrain.config.schedules import HyperSchedule
+from sparsetrain.config.sparsity_settings import GroupSettings, SparsityConfig
 from sparsetrain.config.sparsity_values import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_INIT_METHOD,
@@ -100,6 +117,7 @@ from sparsetrain.config.sparsity_values import (
     compile_pattern,
     kind_of,
     parse_block_size,
+    parse_distribution,
     parse_fraction,
     parse_init,
     parse_nm,
@@ -110,166 +128,43 @@ from sparsetrain.config.sparsity_values import (
 from sparsetrain.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class GroupSettings:
-    """Settings of one group of parameters; ``pattern`` None means the default heuristic.
-
-    ``structure`` is ``unstructured``, ``block`` or a canonical ``"N:M"`` string; ``block_size``
-    is ``(rows, cols)`` for ``block`` and None otherwise. For ``N:M``, ``sparsity`` is ``1 - N/M``.
-    """
-
-    sparsity: float
-    init_method: str
-    seed: int
-    pattern: str | None
-    structure: str = DEFAULT_STRUCTURE
-    block_size: tuple[int, int] | None = None
-    glob: str | None = None  # a 2.2+ ``param_filter`` glob, of which ``pattern`` is the regex
-
-    @property
-    def group(self) -> str:
-        """The group's name in logs and statistics: its pattern (or glob), or ``default``."""
-        if self.glob is not None:
-            return self.glob
-        return "default" if self.pattern is None else self.pattern
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        """``(N, M)`` for an N:M structure, else None."""
-        return parse_nm(self.structure)
-
-    @property
-    def structure_label(self) -> str:
-        """``unstructured``, ``block 16x16`` or ``2:4``: for logs and tables."""
-        if self.structure == "block" and self.block_size is not None:
-            return f"block {self.block_size[0]}x{self.block_size[1]}"
-        return self.structure
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"sparsity": self.sparsity, "init_method": self.init_method, "seed": self.seed, "structure": self.structure}
-        if self.block_size is not None:
-            out["block_size"] = _block_size_value(self.block_size)
-        return out
-
-
-def _block_size_value(block_size: tuple[int, int]) -> int | list[int]:
-    """``block_size`` as written in a params file: an int when square, else ``[rows, cols]``."""
-    rows, cols = block_size
-    return rows if rows == cols else [rows, cols]
-
-
-@dataclass(frozen=True)
-class SparsityConfig:
-    """A validated ``sparsity:`` block.
-
-    ``groups`` holds one ``GroupSettings`` per pattern in file order (form 2: one; form 3: one
-    per list item, all with the top-level settings; form 4: one per key), or a single group with
-    ``pattern=None`` for the default heuristic. ``sparsity`` is the top-level value, None when
-    only the groups set it. ``form`` is ``default``, ``str``, ``list``, ``dict`` or, for the 2.2+
-    ``param_filter`` globs, ``filter`` (one glob) / ``filter_list``.
-    ``structure`` and ``block_size`` are the top-level values (defaults filled in) that groups
-    inherit; each group's own resolved values are in its ``GroupSettings``.
-    """
-
-    type: str
-    sparsity: float | None
-    init_method: str
-    seed: int
-    form: str
-    groups: tuple[GroupSettings, ...]
-    structure: str = DEFAULT_STRUCTURE
-    block_size: tuple[int, int] = (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
-    where: str = field(default="sparsity", compare=False)
-    source: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
-
-    def to_params(self) -> dict[str, Any]:
-        """The block as the params file wrote it (what ``model_dir/params.yaml`` and checkpoints
-        record), or :meth:`to_dict` for a config built without one."""
-        return copy.deepcopy(dict(self.source)) if self.source is not None else self.to_dict()
-
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dict in the same form, with defaults filled in; parses back to an equal config.
-
-        ``structure`` is always written; ``block_size`` only when some group uses blocks.
-        """
-        out: dict[str, Any] = {"type": self.type}
-        if self.sparsity is not None:
-            out["sparsity"] = self.sparsity
-        out["init_method"] = self.init_method
-        out["seed"] = self.seed
-        out["structure"] = self.structure
-        uses_blocks = any(g.block_size is not None for g in self.groups)
-        if uses_blocks:
-            out["block_size"] = _block_size_value(self.block_size)
-        if self.form == "filter":
-            out["param_filter"] = self.groups[0].glob
-        elif self.form == "filter_list":
-            out["param_filter"] = [g.glob for g in self.groups]
-        elif self.form == "str":
-            out["param_name_patterns"] = self.groups[0].pattern
-        elif self.form == "list":
-            out["param_name_patterns"] = [g.pattern for g in self.groups]
-        elif self.form == "dict":
-            top = {
-                "sparsity": self.sparsity, "init_method": self.init_method, "seed": self.seed,
-                "structure": self.structure, "block_size": _block_size_value(self.block_size),
-            }
-            out["param_name_patterns"] = {
-                g.pattern: {k: v for k, v in g.to_dict().items() if top[k] != v} for g in self.groups
-            }
-        return out
-
-    def describe(self) -> str:
-        """One line for the log, e.g. ``sideband, topk, sparsity 0.75, default heuristic``."""
-        if self.form == "default":
-            g = self.groups[0]
-            shape = "" if g.structure == DEFAULT_STRUCTURE else f", {g.structure_label}"
-            return f"{self.type}, {g.init_method}, sparsity {g.sparsity:g}{shape}, default heuristic"
-        parts = [
-            f"{g.group!r}: {g.init_method} {g.sparsity:g}" + ("" if g.structure == DEFAULT_STRUCTURE else f" {g.structure_label}")
-            for g in self.groups
-        ]
-        return f"{self.type}, " + "; ".join(parts)
-
-    def group_where(self, index: int) -> str:
-        """The key path of group ``index`` for error messages."""
-        g = self.groups[index]
-        if self.form == "filter":
-            return f"{self.where}.param_filter ({g.glob!r})"
-        if self.form == "filter_list":
-            return f"{self.where}.param_filter[{index}] ({g.glob!r})"
-        if self.form == "str":
-            return f"{self.where}.param_name_patterns ({g.pattern!r})"
-        if self.form == "list":
-            return f"{self.where}.param_name_patterns[{index}] ({g.pattern!r})"
-        if self.form == "dict":
-            return f'{self.where}.param_name_patterns["{g.pattern}"]'
-        return f"{self.where} (default heuristic)"
-
-
-def parse_sparsity(block: Mapping[str, Any] | None, where: str = "sparsity") -> SparsityConfig | None:
+def parse_sparsity(block: Any, where: str = "sparsity") -> SparsityConfig | None:
     """Validate a ``sparsity:`` block; None or an empty block gives None (dense training).
 
-    Raises ConfigError, one line naming the key at fault and what would be valid.
+    Also the zoo's 2.x forms: a plain number (the level, default heuristic), a list of blocks (each
+    with its own ``param_filter`` and algorithm; a parameter takes the first that selects it) and
+    ``{groups: [...]}`` with ``params:`` sub-mappings. Raises ConfigError, one line naming the key
+    at fault and what would be valid.
     """
     if block is None:
         return None
+    if isinstance(block, (int, float)) and not isinstance(block, bool):
+        return parse_sparsity({"sparsity": block}, where)
+    if isinstance(block, Mapping) and "groups" in block:
+        block = _flatten_groups(block, where)
+    if isinstance(block, (list, tuple)):
+        return _parse_list(block, where)
     if not isinstance(block, Mapping):
         raise ConfigError(f"{where}: expected a mapping of settings, got {kind_of(block)}")
     if not block:
         return None
+    source = copy.deepcopy(dict(block))
     kind = parse_type(block, where)  # first: a dynamic algorithm's own keys are not the error
     check_keys(block, TOP_KEYS, where)
+    block = split_schedule(block, where)
+    check_dynamic_keys(kind, block, where)
     structure = parse_structure(block.get("structure", DEFAULT_STRUCTURE), f"{where}.structure")
     block_size = parse_block_size(block["block_size"], f"{where}.block_size") if "block_size" in block else None
-    sparsity = parse_fraction(block["sparsity"], f"{where}.sparsity") if "sparsity" in block else None
-    if sparsity is not None:
-        sparsity = check_nm_sparsity(sparsity, structure, f"{where}.sparsity", f"{where}.structure")
+    sparsity = _parse_level(block["sparsity"], kind, structure, where, f"{where}.structure") if "sparsity" in block else None
     init_method = parse_init(block.get("init_method", DEFAULT_INIT_METHOD), f"{where}.init_method")
     seed = parse_seed(block.get("seed", DEFAULT_SEED), f"{where}.seed")
+    distribution = parse_distribution(block.get("distribution", "uniform"), f"{where}.distribution")
     top = {
         "sparsity": sparsity, "init_method": init_method, "seed": seed, "structure": structure,
-        "block_size": block_size or (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE),
+        "block_size": block_size or (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE), "algorithm": kind,
+        "update": parse_update_value(block["update"], f"{where}.update") if "update" in block else None,
+        "drop_fraction": parse_drop_fraction(block["drop_fraction"], f"{where}.drop_fraction") if "drop_fraction" in block else None,
+        "distribution": distribution,
     }
     if "param_filter" in block:
         if "param_name_patterns" in block:
@@ -282,10 +177,79 @@ def parse_sparsity(block: Mapping[str, Any] | None, where: str = "sparsity") -> 
             f"{where}.block_size: set, but no group has structure: block (it is read only by block "
             f"structure); remove it or set {where}.structure: block"
         )
+    if distribution == "erk" and any(g.nm is not None for g in groups):
+        raise ConfigError(f"{where}.distribution: erk spreads a level over tensors; N:M structure fixes each tensor's level")
+    dynamic = None
+    if kind in DYNAMIC_TYPES and isinstance(sparsity, HyperSchedule):
+        dynamic = build_dynamic(kind, sparsity, top["update"], top["drop_fraction"])
     return SparsityConfig(
-        kind, sparsity, init_method, seed, form, groups,
-        structure=structure, block_size=top["block_size"], where=where, source=copy.deepcopy(dict(block)),
+        kind, sparsity.value(0) if isinstance(sparsity, HyperSchedule) else sparsity, init_method, seed, form, groups,
+        structure=structure, block_size=top["block_size"], where=where, source=source,
+        dynamic=dynamic, distribution=distribution,
     )
+
+
+def _flatten_groups(block: Mapping[str, Any], where: str) -> Any:
+    """The zoo's config-class form ``{groups: [{params: {...}, ...}]}``: each item with its
+    ``params`` merged in."""
+    if len(block) != 1:
+        other = next(k for k in block if k != "groups")
+        raise ConfigError(f"{where}.{other}: with groups, every setting goes inside a group")
+    groups = block["groups"]
+    items = groups if isinstance(groups, (list, tuple)) else [groups]
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where}.groups[{i}]: expected a mapping of settings, got {kind_of(item)}")
+        params = item.get("params", {})
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{where}.groups[{i}].params: expected a mapping of settings, got {kind_of(params)}")
+        out.append({**{k: v for k, v in item.items() if k != "params"}, **params})
+    return out if isinstance(groups, (list, tuple)) else out[0]
+
+
+def _parse_list(items: Any, where: str) -> SparsityConfig | None:
+    """The zoo's 2.x list of blocks: each its own algorithm, level and filter."""
+    parts = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where}[{i}]: expected a mapping of settings, got {kind_of(item)}")
+        if any(isinstance(v, Mapping) for v in (item.get("param_name_patterns"),)):
+            raise ConfigError(f"{where}[{i}].param_name_patterns: in a list of groups, give each group a regex or globs")
+        part = parse_sparsity(item, f"{where}[{i}]")
+        if part is not None:
+            parts.append(part)
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return dataclasses.replace(parts[0], where=where, source=copy.deepcopy(list(items)))
+    kinds = list(dict.fromkeys(p.type for p in parts))
+    first = parts[0]
+    return SparsityConfig(
+        "+".join(kinds), None, first.init_method, first.seed, "groups",
+        tuple(g for p in parts for g in p.groups), structure=first.structure, block_size=first.block_size,
+        where=where, source=copy.deepcopy(list(items)), parts=tuple(parts),
+    )
+
+
+def _parse_level(value: Any, kind: str, structure: str, where: str, structure_where: str, key: str = "sparsity") -> Any:
+    """A level: a number in [0, 1) for static sparsity, a number or schedule for gmp / set / rigl."""
+    here = f"{where}.{key}"
+    if kind in DYNAMIC_TYPES:
+        if parse_nm(structure) is not None:
+            raise ConfigError(
+                f"{structure_where}: {structure!r} keeps N of every M fixed; dynamic sparsity ({kind}) changes masks "
+                "within unstructured or block structure only"
+            )
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parse_fraction(value, here)
+        return parse_level(value, kind, here)
+    if isinstance(value, (Mapping, list, tuple)):
+        raise ConfigError(
+            f"{here}: a schedule of the level needs dynamic sparsity; set algorithm: gmp (prune gradually), or "
+            f"give a number in [0, 1)"
+        )
+    return check_nm_sparsity(parse_fraction(value, here), structure, here, structure_where)
 
 
 def _parse_patterns(value: Any, top: dict[str, Any], where: str) -> tuple[str, tuple[GroupSettings, ...]]:
@@ -348,12 +312,18 @@ def _group(pattern: Any, overrides: Any, top: dict[str, Any], key: str) -> Group
                 f"{here}.block_size: this group's structure is {merged['structure']!r}; block_size is "
                 f"read only with structure: block"
             )
+    overrides = split_schedule(overrides, here)
+    check_dynamic_keys(merged["algorithm"], overrides, here)
+    root = key.split(".param_name_patterns")[0]
+    structure_where = f"{here}.structure" if "structure" in overrides else f"{root}.structure"
     if "sparsity" in overrides:
-        root = key.split(".param_name_patterns")[0]
-        structure_where = f"{here}.structure" if "structure" in overrides else f"{root}.structure"
-        merged["sparsity"] = check_nm_sparsity(
-            parse_fraction(overrides["sparsity"], f"{here}.sparsity"), merged["structure"], f"{here}.sparsity", structure_where
-        )
+        merged["sparsity"] = _parse_level(overrides["sparsity"], merged["algorithm"], merged["structure"], here, structure_where)
+    elif merged["algorithm"] in DYNAMIC_TYPES and parse_nm(merged["structure"]) is not None:
+        raise ConfigError(f"{structure_where}: N:M masks are fixed; dynamic sparsity changes unstructured or block masks")
+    if "update" in overrides:
+        merged["update"] = parse_update_value(overrides["update"], f"{here}.update")
+    if "drop_fraction" in overrides:
+        merged["drop_fraction"] = parse_drop_fraction(overrides["drop_fraction"], f"{here}.drop_fraction")
     if "init_method" in overrides:
         merged["init_method"] = parse_init(overrides["init_method"], f"{here}.init_method")
     if "seed" in overrides:
@@ -365,6 +335,11 @@ def _settings(values: dict[str, Any], pattern: str | None, where: str, group: bo
     structure = values["structure"]
     nm = parse_nm(structure)
     sparsity = values["sparsity"]
+    if nm is not None and values["algorithm"] in DYNAMIC_TYPES:
+        raise ConfigError(
+            f"{where}.structure: {structure!r} keeps N of every M fixed; dynamic sparsity ({values['algorithm']}) "
+            "changes masks within unstructured or block structure only"
+        )
     if nm is not None:
         # The N:M ratio decides; a stated value was checked against it where it was set, and a
         # top-level value inherited by a group with its own N:M structure does not apply.
@@ -374,5 +349,12 @@ def _settings(values: dict[str, Any], pattern: str | None, where: str, group: bo
         if group:
             raise ConfigError(f"{where}.sparsity: required; set it in this group or at the top level ({root}.sparsity)")
         raise ConfigError(f"{where}.sparsity: required; a number in [0, 1), the fraction pruned")
+    dynamic = None
+    if isinstance(sparsity, HyperSchedule):
+        dynamic = build_dynamic(values["algorithm"], sparsity, values["update"], values["drop_fraction"])
+        sparsity = dynamic.initial_sparsity
     block_size = tuple(values["block_size"]) if structure == "block" else None
-    return GroupSettings(sparsity, values["init_method"], values["seed"], pattern, structure, block_size)
+    return GroupSettings(
+        sparsity, values["init_method"], values["seed"], pattern, structure, block_size,
+        dynamic=dynamic, distribution=values["distribution"],
+    )

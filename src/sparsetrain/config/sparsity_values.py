@@ -16,17 +16,17 @@ from typing import Any
 
 from sparsetrain.errors import ConfigError
 
-TYPES = ("sideband", "static")
+TYPES = ("sideband", "static", "gmp", "set", "rigl")
 TYPE_ALIASES = {"static": "sideband"}
-NOT_YET_TYPES = ("gmp", "set", "rigl")
-INIT_METHODS = ("topk", "random", "from_zeros")
+INIT_METHODS = ("topk", "random", "from_zeros", "checkerboard")
+DISTRIBUTIONS = ("uniform", "erk")
 TOP_KEYS = (
     "type", "algorithm", "sparsity", "init_method", "seed", "structure", "block_size", "param_name_patterns",
-    "param_filter",
+    "param_filter", "update", "drop_fraction", "schedule", "distribution",
 )
-GROUP_KEYS = ("sparsity", "init_method", "seed", "structure", "block_size")
-# Keys of later versions of the reference (dynamic sparsity): named, not yet built.
-FUTURE_KEYS = ("update", "drop_fraction", "schedule")
+GROUP_KEYS = ("sparsity", "init_method", "seed", "structure", "block_size", "update", "drop_fraction", "schedule")
+# Keys of the reference's RigL that are named here but not built (balanced per-group competition).
+FUTURE_KEYS = ("balance_in_groups", "balance_out_groups")
 DEFAULT_INIT_METHOD = "topk"
 DEFAULT_SEED = 0
 STRUCTURES = ("unstructured", "block")  # and "N:M" strings
@@ -53,11 +53,6 @@ def parse_type(block: Mapping[str, Any], where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where}.{key}: expected a string, one of {', '.join(TYPES)}; got {kind_of(value)}")
     kind = value.strip().lower()
-    if kind in NOT_YET_TYPES:
-        raise ConfigError(
-            f"{where}.{key}: {value!r} is dynamic sparsity (masks that change during training), not built yet; "
-            "only static sparsity (static / sideband) trains here for now"
-        )
     if kind not in TYPES:
         raise ConfigError(f"{where}.{key}: {value!r} is not valid; choose one of {', '.join(TYPES)}")
     return TYPE_ALIASES.get(kind, kind)
@@ -135,6 +130,12 @@ def check_nm_sparsity(sparsity: float, structure: str, where: str, structure_whe
     return implied
 
 
+def parse_distribution(value: Any, where: str) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: {value!r} is not valid; choose one of {', '.join(DISTRIBUTIONS)}")
+    return value.strip().lower()
+
+
 def parse_seed(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{where}: expected an integer, got {kind_of(value)}")
@@ -160,7 +161,10 @@ def check_keys(
         if not isinstance(key, str):
             raise ConfigError(f"{where}: key {key!r} is not a string; valid keys: {', '.join(valid)}")
         if key in FUTURE_KEYS:
-            raise ConfigError(f"{where}.{key}: not supported yet; valid keys: {', '.join(valid)}")
+            raise ConfigError(
+                f"{where}.{key}: RigL's balanced per-group competition is not built; remove it (masks then "
+                f"compete over each whole tensor); valid keys: {', '.join(valid)}"
+            )
         if key in top_level_keys:
             raise ConfigError(
                 f"{where}.{key}: cannot be set per group, only at the top level; valid group keys: {', '.join(valid)}"

@@ -39,6 +39,8 @@ from sparsetrain.config.zoo_keys import (
     SCHEDULERS,
     TRAINER_NO_EFFECT,
     ZOO_MARKERS,
+    optimizer_name,
+    scheduler_name,
 )
 from sparsetrain.errors import ConfigError
 
@@ -165,12 +167,12 @@ def _model(name: str, section: dict, out: Translation) -> None:
 def _optimizer(name: str, section: dict, out: Translation) -> None:
     kind = section.get("optimizer_type")
     if isinstance(kind, str):
-        if kind.lower() not in OPTIMIZERS:
+        if optimizer_name(kind) is None:
             raise ConfigError(
                 f"{_where(out, name, 'optimizer_type')}: {kind!r} is not built here; choose one of "
                 f"{', '.join(OPTIMIZERS.values())} (any case)"
             )
-        section["optimizer_type"] = OPTIMIZERS[kind.lower()]
+        section["optimizer_type"] = optimizer_name(kind)
     if "betas" in section:
         betas = section["betas"]
         if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
@@ -196,13 +198,12 @@ def _optimizer(name: str, section: dict, out: Translation) -> None:
 def _phase(phase: dict, where: str, out: Translation) -> None:
     kind = phase.get("scheduler")
     if isinstance(kind, str):
-        canon = kind.lower().removesuffix("lr")
-        if canon not in SCHEDULERS:
+        if scheduler_name(kind) is None:
             raise ConfigError(
                 f"{where}.scheduler: {kind!r} is not built here; choose one of {', '.join(SCHEDULERS.values())} "
                 "(any case, with or without LR)"
             )
-        phase["scheduler"] = SCHEDULERS[canon]
+        phase["scheduler"] = scheduler_name(kind)
     for old, new in PHASE_SYNONYMS.items():
         if old in phase:
             if new in phase:

@@ -115,3 +115,13 @@ ZOO_MARKERS: dict[str, tuple[str, ...]] = {
     "optimizer": ("betas", "weight_decay", "epsilon", *NO_EFFECT["optimizer"], *REFUSED["optimizer"]),
     "runconfig": (*NO_EFFECT["runconfig"], *REFUSED["runconfig"]),
 }
+
+
+def optimizer_name(kind: str) -> str | None:
+    """Our spelling of an optimizer name in any case (``adamw`` -> ``AdamW``), None if unknown."""
+    return OPTIMIZERS.get(kind.lower())
+
+
+def scheduler_name(kind: str) -> str | None:
+    """Our spelling of a scheduler name in any case, with or without ``LR``, None if unknown."""
+    return SCHEDULERS.get(kind.lower().removesuffix("lr"))

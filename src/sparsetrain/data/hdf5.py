@@ -88,8 +88,8 @@ def _check_data_dir(value: Any, key: str) -> None:
 def datasets(input: HDF5Input) -> list[DatasetSpec]:
     """The datasets a ``source: hdf5`` section names (``data_dir`` or ``mixture``), keys validated."""
     sec = input.section
-    mixture = getattr(input, "mixture", None)
-    subset = getattr(input, "data_subset", None)
+    mixture = input.mixture
+    subset = input.data_subset
     if mixture is None:
         _check_data_dir(input.data_dir, f"{sec}.data_dir")
         parsed = parse_subset(subset, f"{sec}.data_subset") if subset is not None else None
@@ -277,6 +277,6 @@ def hdf5_stream(input: HDF5Input) -> Stream:
     h5py = require_h5py(specs[0].key)
     seen: dict[str, Any] = {}
     streams = [_stream(ds, input, h5py, seen) for ds in specs]
-    if getattr(input, "mixture", None) is None:
+    if input.mixture is None:
         return streams[0]
     return MixtureStream(streams, [ds.weight for ds in specs], [ds.key for ds in specs])

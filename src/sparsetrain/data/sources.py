@@ -70,7 +70,7 @@ def check_input(input: DataInput) -> None:
         _check_hdf5(input)
         return
     for name in HDF5_KEYS:
-        if getattr(input, name, None) is not None:
+        if getattr(input, name) is not None:
             raise ConfigError(f"{sec}.{name}: only for source hdf5 (source is {input.source!r}); remove it")
     if input.max_sequence_length is None:
         raise ConfigError(
@@ -86,7 +86,7 @@ def check_input(input: DataInput) -> None:
 def _check_hdf5(input: DataInput) -> None:
     """``source: hdf5`` needs exactly one of data_dir and mixture (split and eval_fraction do not apply)."""
     sec = input.section
-    has_dir, has_mix = getattr(input, "data_dir", None) is not None, getattr(input, "mixture", None) is not None
+    has_dir, has_mix = input.data_dir is not None, input.mixture is not None
     if has_dir == has_mix:
         raise ConfigError(
             f"{sec}.data_dir: source hdf5 needs data_dir (a directory of .h5 files, an .h5 file or a list) "

@@ -34,9 +34,16 @@ statistics, FLOPs and checkpoints. Nothing outside sees the difference:
 Pack before the optimizer is built: it must hold ``weight_blocks`` (packing a weight an attached
 optimizer holds is an error). ``use_dense_kernels`` gives packed layers a dense ``weight`` again,
 a new parameter: build the optimizer again and attach the sparsifier to it. When the masks change
-(``sparsifier.load_state_dict``), the blocks and the optimizer state of their shape are repacked
-in place (the parameter object stays; its shape changes with the live block count, so do it
-before wrapping the model in DDP).
+(``sparsifier.load_state_dict``, a dynamic-sparsity update), the blocks and the optimizer state of
+their shape move to the new layout: blocks that stay keep their values, blocks that become live
+start at 0 (weights and state), blocks that die are dropped, and the gradient is dropped
+(``None``: it belongs to the old layout). The parameter object stays. With the live block count
+unchanged (SET and RigL keep it exactly) everything moves in place: the blocks' storage, every
+optimizer-state tensor of their shape and the table buffers keep their tensors and addresses,
+because ``torch.compile`` with CUDA graphs (``reduce-overhead``) takes parameters and buffers as
+static inputs at fixed addresses and a new tensor would force a new recording. When the count
+changes (GMP pruning further) they become new tensors of the new size: do that before wrapping the
+model in DDP.
 
 Under FSDP2 (``runconfig.distributed: fsdp``) ``sparsetrain train`` keeps dense storage:
 ``fully_shard`` splits every parameter along dim 0 into DTensor shards and gathers full model and
@@ -46,13 +53,18 @@ does not divide by the ranks), which is neither written nor tested here.
 
 The block tables are non-persistent buffers of the module (they follow ``.to()`` and
 ``torch.compile`` sees them as tensors); call ``use_block_kernels`` again after the masks change
-(the sparsifier does so itself on ``load_state_dict``).
+(the sparsifier does so itself on ``load_state_dict``): tables of unchanged shapes, the layer's
+``_bs_*`` and a fused stack's ``_bsf_*``, are refreshed in place.
+
+:mod:`sparsetrain.sparsity.dense_grad` gives the dense gradient of a packed layer's weight on
+demand (RigL's regrowth criterion): the layer applies its probe in ``forward`` and
+``fused_forward`` while one is set, and costs one attribute check otherwise.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -67,6 +79,7 @@ from sparsetrain.kernels.blocks import (
     pack_blocks,
     unpack_blocks,
 )
+from sparsetrain.sparsity.block_storage import block_mover, drop_tables, rename_parameter, replace_into, set_tables
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +103,10 @@ class BlockSparseLinear(nn.Linear):
     (``weight``) or as those blocks (``weight_blocks``, see the module docstring)."""
 
     block: tuple[int, int]
+    # Set on the instance by ``dense_grad.collect_dense_grads`` while it runs: ``probe(y, x)``
+    # returns ``y`` and adds the dense weight gradient in the backward. A class attribute None
+    # otherwise, so the check costs one attribute read (a constant to torch.compile).
+    _dense_grad_probe: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def packed(self) -> bool:
@@ -102,14 +119,15 @@ class BlockSparseLinear(nn.Linear):
 
     def set_layout(self, layout: torch.Tensor, block: tuple[int, int], optimizers: Iterable = ()) -> None:
         """Take the live blocks ``layout`` (bool, one entry per block); stored blocks, and the
-        state ``optimizers`` hold for them, move to the new layout (0 where a block is new)."""
+        state ``optimizers`` hold for them, move to the new layout (0 where a block is new). With
+        as many live blocks as before, blocks, state and tables are updated in place (same
+        tensors, same addresses: what CUDA graphs need; see the module docstring)."""
         triton_ready()  # decided here, outside any compiled region
         tables = BlockLayout.build(layout.to(self.stored_weight().device), block)
         if self.packed:
-            self._repack(tables, optimizers)
+            self._repack(tables, optimizers)  # reads the old tables: before they change
         self.block = block
-        for name in TABLES:
-            self.register_buffer(f"_bs_{name}", getattr(tables, name), persistent=False)
+        set_tables(self, "_bs_", tables)
 
     def tables(self) -> list[torch.Tensor]:
         return [getattr(self, f"_bs_{name}") for name in TABLES]
@@ -118,16 +136,22 @@ class BlockSparseLinear(nn.Linear):
         return layout_of((self.out_features, self.in_features), self.tables(), self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_sparse_linear(x, self.stored_weight(), self.bias, self.tables(), self.block)
+        y = block_sparse_linear(x, self.stored_weight(), self.bias, self.tables(), self.block)
+        if self._dense_grad_probe is not None:
+            y = self._dense_grad_probe(y, x)
+        return y
 
     @staticmethod
     def fused_forward(x: torch.Tensor, layers: tuple[BlockSparseLinear, ...]) -> torch.Tensor:
         """``layers`` (a module's ``fused_linears``, e.g. attention's q, k, v) as ONE product over
         their weights stacked along the outputs, on the tables :func:`use_block_kernels` built for
-        the stack; each layer on its own where it built none. One product is what the dense model
-        does for plain ``nn.Linear`` layers: the same arithmetic, and one launch per kernel."""
+        the stack; each layer on its own where it built none, or while one has a dense-gradient
+        probe (:mod:`~sparsetrain.sparsity.dense_grad`: each layer's output is probed). One product
+        is what the dense model does for plain ``nn.Linear`` layers: the same arithmetic, and one
+        launch per kernel."""
         first = layers[0]
-        if not hasattr(first, f"{FUSED}{TABLES[0]}"):
+        probed = any(m._dense_grad_probe is not None for m in layers)
+        if probed or not hasattr(first, f"{FUSED}{TABLES[0]}"):
             return torch.cat([m(x) for m in layers], dim=-1)
         weight = torch.cat([m.stored_weight() for m in layers])
         bias = torch.cat([m.bias for m in layers]) if first.bias is not None else None
@@ -144,14 +168,14 @@ class BlockSparseLinear(nn.Linear):
         """Store the live blocks only: ``weight`` becomes ``weight_blocks`` (a new parameter)."""
         weight = self._parameters["weight"]
         blocks = nn.Parameter(pack_blocks(weight, self.layout()), requires_grad=weight.requires_grad)
-        _rename_parameter(self, "weight", BLOCKS, blocks)
+        rename_parameter(self, "weight", BLOCKS, blocks)
 
     @torch.no_grad()
     def unpack(self) -> None:
         """Store the dense weight again: ``weight_blocks`` becomes ``weight`` (a new parameter)."""
         blocks = self._parameters[BLOCKS]
         weight = nn.Parameter(unpack_blocks(blocks, self.layout()), requires_grad=blocks.requires_grad)
-        _rename_parameter(self, BLOCKS, "weight", weight)
+        rename_parameter(self, BLOCKS, "weight", weight)
 
     def dense_weight(self) -> torch.Tensor:
         """The ``(N, K)`` weight with zeros at pruned blocks: the parameter itself when stored
@@ -173,22 +197,25 @@ class BlockSparseLinear(nn.Linear):
 
     @torch.no_grad()
     def _repack(self, tables: BlockLayout, optimizers: Iterable) -> None:
+        """Move the stored blocks, and optimizer state of their shape, from the current layout to
+        ``tables``: in place (``copy_``) where the shape stays, else as new tensors."""
         old = self.layout()
         same = old.nnz == tables.nnz and torch.equal(old.blk_rows, tables.blk_rows)
         if same and torch.equal(old.row_cols, tables.row_cols):
             return
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return pack_blocks(unpack_blocks(t, old), tables)
-
+        move = block_mover(old, tables)
         p = self.weight_blocks
         for optimizer in optimizers:
             state = optimizer.state.get(p, {})
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape:
-                    state[key] = move(value)
-        p.data = move(p)  # the same parameter object: the optimizer keeps holding it
-        p.grad = None
+                    state[key] = replace_into(value, move(value))
+        moved = move(p)
+        if moved.shape == p.shape:
+            p.copy_(moved)  # the same storage: CUDA graphs keep reading it
+        else:
+            p.data = moved  # the same parameter object: the optimizer keeps holding it
+        p.grad = None  # of the old layout
 
     # -- state dict: always the dense weight ----------------------------------------------------
 
@@ -222,15 +249,6 @@ class BlockSparseLinear(nn.Linear):
         return pack_blocks(dense, self.layout().to(dense.device))
 
 
-def _rename_parameter(module: nn.Module, old: str, new: str, value: nn.Parameter) -> None:
-    """Replace parameter ``old`` by ``new`` at the same place in the module's order, so that
-    parameter lists (optimizer groups, state_dict keys) keep their order."""
-    params = list(module._parameters.items())
-    module._parameters.clear()
-    for key, p in params:
-        module._parameters[new if key == old else key] = value if key == old else p
-
-
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {f"{name}.weight" if name else "weight": m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
@@ -259,27 +277,39 @@ def state_dict_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def use_block_kernels(model: nn.Module, sparsifier, *, packed: bool = False) -> list[str]:
+def use_block_kernels(
+    model: nn.Module, sparsifier, *, packed: bool = False, layouts: Mapping[str, torch.Tensor] | None = None,
+    only: Iterable[str] | None = None,
+) -> list[str]:
     """Switch each eligible block-sparse linear layer of ``model`` to the kernels; returns the
     weight names switched (others keep ``F.linear`` on the masked weight). ``packed``: store their
     live blocks only (see the module docstring; before the optimizer is built). Layers already
-    packed stay packed, on the sparsifier's current masks."""
+    packed stay packed, on the sparsifier's current masks. ``layouts``: the live-block grids of
+    masks known to be whole blocks (dynamic sparsity's new masks: not read off the masks again);
+    ``only``: the layers whose masks changed (the others are left as they are)."""
     linears = _linears(model)
     optimizers = sparsifier.optimizers
+    layouts = layouts or {}
+    only = None if only is None else set(only)
     switched, skipped = [], []
     for name, mask in sparsifier.masks.items():
         group = sparsifier.settings[name]
         module = linears.get(name)
         if module is None or group.structure != "block":
             continue
+        if only is not None and name not in only:
+            if isinstance(module, BlockSparseLinear):
+                switched.append(name)
+            continue
         block = group.block_size
-        if not kernel_block_ok(tuple(mask.shape), block) or not is_block_structured(mask, block):
+        layout = layouts.get(name)
+        if not kernel_block_ok(tuple(mask.shape), block) or (layout is None and not is_block_structured(mask, block)):
             skipped.append(name)
             if isinstance(module, BlockSparseLinear):  # its mask changed under it
                 _to_linear(module, name)
             continue
         module.__class__ = BlockSparseLinear
-        module.set_layout(block_layout(mask, block), block, optimizers)
+        module.set_layout(block_layout(mask, block) if layout is None else layout, block, optimizers)
         if packed and not module.packed:
             if any(module.weight is p for opt in optimizers for g in opt.param_groups for p in g["params"]):
                 raise ValueError(
@@ -306,23 +336,32 @@ def use_block_kernels(model: nn.Module, sparsifier, *, packed: bool = False) -> 
 
 def _fuse_stacks(model: nn.Module) -> None:
     """Tables for each module's ``fused_linears`` (layers that run as one product, stacked along
-    their outputs) whose layers are all on the kernels with the same block and storage; built
-    again, from the layers' current layouts, on every call."""
+    their outputs) whose layers are all on the kernels with the same block and storage, on the
+    first layer; built again, from the layers' current layouts, on every call (in place where
+    their shapes stay); dropped from the others and from stacks that no longer fuse."""
     for module in model.modules():
         layers = [getattr(module, n) for n in getattr(module, "fused_linears", ())]
-        for m in layers:
-            for name in TABLES:
-                if hasattr(m, f"{FUSED}{name}"):
-                    delattr(m, f"{FUSED}{name}")
-        if not layers or not all(isinstance(m, BlockSparseLinear) for m in layers):
-            continue
-        first = layers[0]
-        if any(m.block != first.block or m.packed != first.packed or m.in_features != first.in_features for m in layers):
-            continue
-        grid = torch.cat([_grid(m.layout()) for m in layers])
-        tables = BlockLayout.build(grid, first.block)
-        for name in TABLES:
-            first.register_buffer(f"{FUSED}{name}", getattr(tables, name), persistent=False)
+        tables = _stack_tables(layers)
+        for i, m in enumerate(layers):
+            if i == 0 and tables is not None:
+                set_tables(m, FUSED, tables)
+            else:
+                drop_tables(m, FUSED)
+
+
+def _stack_tables(layers: list[nn.Module]) -> BlockLayout | None:
+    """The tables of ``layers`` stacked along their outputs, or None where they cannot fuse."""
+    if not layers or not all(isinstance(m, BlockSparseLinear) for m in layers):
+        return None
+    first = layers[0]
+    if any(m.block != first.block or m.packed != first.packed or m.in_features != first.in_features for m in layers):
+        return None
+    return BlockLayout.build(torch.cat([_grid(m.layout()) for m in layers]), first.block)
+
+
+def live_grid(module: BlockSparseLinear) -> torch.Tensor:
+    """The live-block grid (bool, one entry per block) of a layer on the kernels."""
+    return _grid(module.layout())
 
 
 def _grid(layout: BlockLayout) -> torch.Tensor:
@@ -351,10 +390,8 @@ def _to_linear(module: BlockSparseLinear, name: str) -> None:
             f"sparsity: {name} stores its live blocks only and its mask is no longer one of whole "
             f"{module.block} blocks; use_dense_kernels(model) first"
         )
-    for table in TABLES:
-        delattr(module, f"_bs_{table}")
-        if hasattr(module, f"{FUSED}{table}"):
-            delattr(module, f"{FUSED}{table}")
+    drop_tables(module, "_bs_")
+    drop_tables(module, FUSED)
     module.__class__ = nn.Linear
 
 

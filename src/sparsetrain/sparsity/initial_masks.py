@@ -49,6 +49,8 @@ def mask_for(name: str, param: torch.Tensor, group: GroupSettings, given: torch.
     given = given.to(param.device)
     if group.init_method == "from_zeros":
         return given
+    if group.dynamic is not None and _structure_fits(given, group):
+        return given  # a dynamic run's mask at its last update: its level is the schedule's, not the start's
     if mask_fits(given, group):
         return given
     if group.sparsity == 0.0:
@@ -66,6 +68,15 @@ def mask_for(name: str, param: torch.Tensor, group: GroupSettings, given: torch.
         group.init_method,
     )
     return make_mask(name, param, group)
+
+
+def _structure_fits(mask: torch.Tensor, group: GroupSettings) -> bool:
+    if group.structure != "block":
+        return True
+    from sparsetrain.kernels.blocks import is_block_structured
+    from sparsetrain.sparsity.masks import settings_block
+
+    return is_block_structured(mask, settings_block(group))
 
 
 def warn_from_zeros(masks: Mapping[str, torch.Tensor], settings: Mapping[str, GroupSettings]) -> None:

@@ -12,6 +12,12 @@ Counts are exact: a tensor of n entries at sparsity s has exactly ``round(s * n)
   seed a higher sparsity prunes a superset of a lower one.
 - ``from_zeros`` keeps the entries that are neither exactly zero nor NaN, for importing an already
   pruned model; it ignores the sparsity setting (and the structure: the zeros are taken as found).
+- ``checkerboard`` (the reference zoo's, for stress and performance tests) spreads the kept
+  entries as evenly as possible over the flattened tensor: of n entries keeping k, index i is
+  kept iff ``(i + 1) * k // n > i * k // n`` (integer arithmetic). Exactly k are kept (the sum
+  telescopes), the last entry is always kept when k > 0, and consecutive kept indices are at most
+  ``ceil(n / k)`` apart. It depends only on (shape, sparsity), not on the weights, seed or name.
+  Unlike the zoo's version, the count is exact.
 
 Structured masks (``settings.structure``, see :mod:`sparsetrain.config.sparsity`):
 
@@ -28,6 +34,10 @@ Structured masks (``settings.structure``, see :mod:`sparsetrain.config.sparsity`
   the last dimension must be a multiple of M (else a ConfigError naming the parameter and its
   shape). ``topk`` keeps the N largest ``|w|`` of each group (ties: lower index; NaN smallest);
   ``random`` keeps N of each group from a generator seeded like ``random``.
+
+``checkerboard`` applies its rule to the unit of the structure: to the row-major block grid for
+``block`` (whole blocks, exactly ``round(s * number_of_blocks)`` pruned), and to each run of M for
+``N:M`` (n = M, k = N, the same N positions in every run).
 
 The block geometry (grid, ``block_layout`` of a mask, ``layout_to_mask``, ``is_block_structured``)
 is :mod:`sparsetrain.kernels.blocks`, shared with the kernels. ``is_nm_structured`` checks a mask
@@ -105,6 +115,28 @@ def from_zeros_mask(weight: torch.Tensor) -> torch.Tensor:
     return (weight != 0) & ~torch.isnan(weight)
 
 
+def even_keep(n: int, kept: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool ``[n]`` keeping ``kept`` evenly spread indices: i iff ``(i+1)*kept // n > i*kept // n``."""
+    if not 0 <= kept <= n:
+        raise ValueError(f"cannot keep {kept} of {n} entries")
+    if n * kept >= 2**63:  # (i + 1) * kept reaches n * kept
+        raise ValueError(f"{n} entries keeping {kept} overflow the int64 index arithmetic")
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=device)
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    return (i + 1) * kept // n > i * kept // n
+
+
+def checkerboard_mask(
+    shape: torch.Size | Sequence[int], sparsity: float, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Exactly ``round(sparsity * numel)`` pruned entries, the kept ones evenly spread over the
+    flattened tensor (``even_keep``)."""
+    shape = torch.Size(shape)
+    n = shape.numel()
+    return even_keep(n, n - num_pruned(n, sparsity), device).view(shape)
+
+
 def mask_from_nan(tensor: torch.Tensor) -> torch.Tensor:
     """The mask a NaN-encoded checkpoint tensor carries: kept where not NaN."""
     return ~torch.isnan(tensor.detach())
@@ -174,6 +206,29 @@ def block_random_mask(
     return layout_to_mask(block_random_layout(name, shape, sparsity, seed, block), block, shape).to(device)
 
 
+def block_checkerboard_layout(
+    shape: torch.Size | Sequence[int],
+    sparsity: float,
+    block: BlockSize,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Live blocks of ``block_checkerboard_mask``: ``even_keep`` over the row-major block grid."""
+    grid = block_grid(shape, block)
+    n = grid[0] * grid[1]
+    return even_keep(n, n - num_pruned(n, sparsity), device).view(grid)
+
+
+def block_checkerboard_mask(
+    shape: torch.Size | Sequence[int],
+    sparsity: float,
+    block: BlockSize,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Whole blocks, exactly ``round(s * blocks)`` pruned, the live ones evenly spread over the grid."""
+    shape = torch.Size(shape)
+    return layout_to_mask(block_checkerboard_layout(shape, sparsity, block, device), block, shape)
+
+
 # -- N:M structure ---------------------------------------------------------------------------------
 
 
@@ -235,6 +290,15 @@ def nm_random_mask(
     return _nm_keep(order, n, shape).to(device)
 
 
+def nm_checkerboard_mask(
+    shape: torch.Size | Sequence[int], n: int, m: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The same N evenly spread positions kept in each run of M along the last dimension."""
+    shape = torch.Size(shape)
+    _check_nm(n, m, shape)
+    return even_keep(m, n, device).repeat(shape.numel() // m).view(shape)
+
+
 def is_nm_structured(mask: torch.Tensor, n: int, m: int, exact: bool = True) -> bool:
     """Whether each run of M along the last dimension keeps exactly N (``exact``) or at most N."""
     if not mask.ndim or mask.shape[-1] % m:
@@ -262,6 +326,8 @@ def make_mask(name: str, weight: torch.Tensor, settings: GroupSettings) -> torch
     """The mask of one parameter under its group's settings, on the weight's device."""
     if settings.init_method == "from_zeros":
         return from_zeros_mask(weight)
+    if settings.init_method == "checkerboard":
+        return _checkerboard_for(name, weight.shape, settings, weight.device)
     if settings.init_method not in ("topk", "random"):
         raise ValueError(f"unknown init_method {settings.init_method!r}")
     topk = settings.init_method == "topk"
@@ -281,6 +347,20 @@ def make_mask(name: str, weight: torch.Tensor, settings: GroupSettings) -> torch
     if topk:
         return nm_topk_mask(weight, *nm)
     return nm_random_mask(name, weight.shape, *nm, settings.seed, weight.device)
+
+
+def _checkerboard_for(
+    name: str, shape: torch.Size, settings: GroupSettings, device: torch.device | str | None
+) -> torch.Tensor:
+    if settings.structure == "unstructured":
+        return checkerboard_mask(shape, settings.sparsity, device)
+    if settings.structure == "block":
+        return block_checkerboard_mask(shape, settings.sparsity, settings_block(settings), device)
+    nm = settings.nm
+    if nm is None:
+        raise ValueError(f"unknown structure {settings.structure!r}")
+    check_nm_shape(name, shape, *nm)
+    return nm_checkerboard_mask(shape, *nm, device)
 
 
 def mask_fits(mask: torch.Tensor, settings: GroupSettings) -> bool:
@@ -321,9 +401,11 @@ def expected_pruned(name: str, shape: torch.Size | Sequence[int], settings: Grou
         return pruned_blocks * block[0] * block[1], True
     if settings.init_method == "random":
         layout = block_random_layout(name, shape, settings.sparsity, settings.seed, block)
-        mask = layout_to_mask(layout, block, (rows, cols))
-        return numel - int(mask.sum()), True
-    heights = [min(block[0], rows - i * block[0]) for i in range(grid[0])]
-    widths = [min(block[1], cols - j * block[1]) for j in range(grid[1])]
-    areas = sorted(h * w for h in heights for w in widths)
-    return sum(areas[:pruned_blocks]), False
+    elif settings.init_method == "checkerboard":
+        layout = block_checkerboard_layout(shape, settings.sparsity, block)
+    else:  # topk: the weights pick the blocks
+        heights = [min(block[0], rows - i * block[0]) for i in range(grid[0])]
+        widths = [min(block[1], cols - j * block[1]) for j in range(grid[1])]
+        areas = sorted(h * w for h in heights for w in widths)
+        return sum(areas[:pruned_blocks]), False
+    return numel - int(layout_to_mask(layout, block, (rows, cols)).sum()), True

@@ -4,6 +4,7 @@ with which settings: its patterns (or the default heuristic) resolved against pa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Collection, Iterable, Mapping
@@ -131,8 +132,31 @@ def select_for_model(model: nn.Module, config: SparsityConfig) -> dict[str, Grou
         if key in embedding_params or (len(names) > 1 and any("embed" in n.lower() for n in names))
         for name in names
     }
-    settings = select_parameters(config, named, tied)
+    if config.parts:  # the zoo's list of groups: a parameter takes the first group that selects it
+        settings: dict[str, GroupSettings] = {}
+        for part in config.parts:
+            for name, group in select_parameters(part, named, tied).items():
+                settings.setdefault(name, group)
+    else:
+        settings = select_parameters(config, named, tied)
     shapes = dict(named)
     for name, group in settings.items():
         check_structure(name, shapes[name].shape, group)
-    return settings
+    return spread_erk(settings, {name: tuple(p.shape) for name, p in named})
+
+
+def spread_erk(settings: dict[str, GroupSettings], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, GroupSettings]:
+    """Groups with ``distribution: erk``: each tensor's share of the group's level (the
+    Erdos-Renyi kernel, :mod:`sparsetrain.sparsity.erk`); ``level`` keeps the group's."""
+    from sparsetrain.sparsity.erk import erk_sparsities
+
+    by_group: dict[GroupSettings, list[str]] = {}
+    for name, group in settings.items():
+        if group.distribution == "erk" and group.level is None:
+            by_group.setdefault(group, []).append(name)
+    out = dict(settings)
+    for group, names in by_group.items():
+        shares = erk_sparsities({n: shapes[n] for n in names}, group.sparsity)
+        for n in names:
+            out[n] = dataclasses.replace(group, sparsity=shares[n], level=group.sparsity)
+    return out

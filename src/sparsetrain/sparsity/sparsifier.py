@@ -57,7 +57,7 @@ from torch import nn
 from sparsetrain.config.sparsity import GroupSettings, SparsityConfig, parse_sparsity
 from sparsetrain.distributed import is_dtensor, local_part
 from sparsetrain.errors import CheckpointError
-from sparsetrain.sparsity import block_linear
+from sparsetrain.sparsity import block_linear, mask_stats
 from sparsetrain.sparsity.initial_masks import check_given, mask_for, warn_from_zeros
 from sparsetrain.sparsity.select import select_for_model
 
@@ -131,6 +131,9 @@ class Sparsifier:
         self._hooked = False
         self._masked_grads: dict[int, tuple[weakref.ref, int]] = {}
         self._enforced: dict[int, set[int]] = {}  # id(optimizer) -> indices of _bound it enforces
+        self._bound_names: list[str] = []  # the name of each entry of _bound
+        self._hold: set[str] = set()  # names whose next gradients stay dense until captured (RigL)
+        self._dense_grads: dict[str, torch.Tensor] = {}
         self.block_kernels = False  # set by sparsity.block_linear.use_block_kernels
         self._bind()
         self.apply()
@@ -205,6 +208,8 @@ class Sparsifier:
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
+        if self._hold:
+            self._capture_dense_grads()
         grads, masks = [], []
         for i, (p, _) in enumerate(self._bound):
             grad = p.grad
@@ -242,6 +247,8 @@ class Sparsifier:
         @torch.no_grad()
         def hook(p: torch.Tensor) -> None:
             grad = p.grad
+            if self._hold and self._bound_names[index] in self._hold:
+                return  # RigL's update step: the gradient stays dense until captured before the step
             if grad is not None and not grad.is_sparse:
                 grad = local_part(grad)
                 mask = self._bound[index][1]
@@ -292,7 +299,7 @@ class Sparsifier:
         as live blocks have nothing to bind."""
         params = dict(self.model.named_parameters())
         packed = block_linear.packed_layers(self.model)
-        bound = []
+        bound, bound_names = [], []
         for name, mask in self.masks.items():
             if name in packed:
                 if mask.device != packed[name].weight_blocks.device:
@@ -310,10 +317,21 @@ class Sparsifier:
                 mask = mask.to(device=p.device, dtype=torch.bool)
                 self.masks[name] = mask
             bound.append((p, self._local_mask(name, p, mask)))
-        same = len(bound) == len(self._bound) and all(
-            p is q and m is n for (p, m), (q, n) in zip(bound, self._bound, strict=True)
+            bound_names.append(name)
+        self._bound_names = bound_names
+        same_params = len(bound) == len(self._bound) and all(
+            p is q for (p, _), (q, _) in zip(bound, self._bound, strict=True)
         )
-        if same and self._hooked:
+        if same_params and self._hooked:
+            if any(m is not n for (_, m), (_, n) in zip(bound, self._bound, strict=True)):
+                # New masks on the same parameters (dynamic sparsity): the hooks read the masks
+                # at call time, so they stay; re-registering them would make torch.compile's
+                # guards on the parameters fail and recompile the model at every update.
+                self._bound = bound
+                self._cast.clear()
+                self._masked_grads.clear()
+                for optimizer in self._optimizers:
+                    self._hand_masks(optimizer)
             return
         self._bound = bound
         self._cast.clear()
@@ -357,64 +375,54 @@ class Sparsifier:
                     f"sparsity state: mask of {name!r} has shape {tuple(mask.shape)}, the "
                     f"parameter {tuple(self.masks[name].shape)}"
                 )
+        self.set_masks(masks)
+
+    # -- masks that change (dynamic sparsity) ---------------------------------------------------
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor], layouts: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Replace the masks of the given (already sparsified) parameters: weights and same-shape
+        optimizer state become 0 where the new masks prune (entries that become kept are 0
+        already: pruned entries always are), an optimizer with ``set_masks`` repacks its state,
+        and layers on the block kernels move their stored blocks and tables (in place when the
+        live-block count is unchanged). ``layouts``: the new masks' live-block grids, where the
+        caller has them (they are then not read off the masks again)."""
         for name, mask in masks.items():
-            self.masks[name] = mask.to(dtype=torch.bool)
+            if name not in self.masks:
+                raise ValueError(f"sparsity: {name!r} is not a sparsified parameter")
+            self.masks[name] = mask.to(device=self.masks[name].device, dtype=torch.bool)
         self._bind()
         self._cast.clear()
         self.apply()
         if self.block_kernels:  # the kernels' block tables (and stored blocks) follow the new masks
-            block_linear.use_block_kernels(self.model, self)
+            block_linear.use_block_kernels(self.model, self, layouts=layouts, only=masks)
+
+    def hold_dense_grads(self, names) -> None:
+        """Leave the next gradients of ``names`` dense (unmasked) through backward, however many
+        micro-batches accumulate, and capture them just before the optimizer step (after DDP's
+        all-reduce; gathered under FSDP2), then mask them as always: RigL's regrow scores.
+        Costs one fp32 copy of each such gradient until :meth:`take_dense_grads`."""
+        self._hold = set(names) & set(self._bound_names)
+
+    def take_dense_grads(self) -> dict[str, torch.Tensor]:
+        grads, self._dense_grads = self._dense_grads, {}
+        return grads
 
     @torch.no_grad()
+    def _capture_dense_grads(self) -> None:
+        for name, (p, _) in zip(self._bound_names, self._bound, strict=True):
+            if name in self._hold and p.grad is not None and not p.grad.is_sparse:
+                g = p.grad
+                self._dense_grads[name] = (g.full_tensor() if is_dtensor(g) else g).detach().float().clone()
+        self._hold = set()
+
     def stats(self) -> list[dict[str, Any]]:
-        """Per sparsified parameter: name, group, target sparsity, mask sparsity, actual fraction
-        of exact zeros in the weight, numel, kept (entries the mask keeps)."""
-        params = dict(self.model.named_parameters())
-        packed = block_linear.packed_layers(self.model)
-        rows = []
-        for name, mask in self.masks.items():
-            numel = mask.numel()
-            kept = int(mask.sum().item())
-            if name in packed:  # live blocks stored: every entry not stored is a zero
-                blocks = packed[name].weight_blocks
-                zeros_t = (blocks == 0).sum() + (numel - blocks.numel())
-            else:
-                zeros_t = (local_part(params[name]) == 0).sum()
-                if is_dtensor(params[name]):  # a shard: add up the zeros of all ranks
-                    torch.distributed.all_reduce(zeros_t)
-            zeros = int(zeros_t.item())
-            rows.append(
-                {
-                    "name": name,
-                    "group": self.settings[name].group,
-                    "target": self.settings[name].sparsity,
-                    "mask": (numel - kept) / numel if numel else 0.0,
-                    "actual": zeros / numel if numel else 0.0,
-                    "numel": numel,
-                    "kept": kept,
-                }
-            )
-        return rows
+        """Per sparsified parameter: name, group, target, mask and actual sparsity, numel, kept
+        (:func:`sparsetrain.sparsity.mask_stats.tensor_stats`)."""
+        return mask_stats.tensor_stats(self)
 
     def group_stats(self, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """``stats`` (or the ``rows`` it already returned) summed per group, in config order:
-        group, target, mask, actual, tensors, numel, kept; fractions weighted by tensor size."""
-        groups: dict[str, dict[str, Any]] = {}
-        for row in self.stats() if rows is None else rows:
-            g = groups.setdefault(
-                row["group"],
-                {"group": row["group"], "target": row["target"], "tensors": 0, "numel": 0, "kept": 0, "zeros": 0.0},
-            )
-            g["tensors"] += 1
-            g["numel"] += row["numel"]
-            g["kept"] += row["kept"]
-            g["zeros"] += row["actual"] * row["numel"]
-        for g in groups.values():
-            numel = max(g["numel"], 1)
-            g["mask"] = (g["numel"] - g["kept"]) / numel
-            g["actual"] = g.pop("zeros") / numel
-        order = [g.group for g in self.config.groups] if self.config is not None else []
-        return sorted(groups.values(), key=lambda g: order.index(g["group"]) if g["group"] in order else len(order))
+        """:meth:`stats` summed per group (:func:`sparsetrain.sparsity.mask_stats.group_stats`)."""
+        return mask_stats.group_stats(self, rows)
 
     def pruned_fractions(self) -> dict[str, float]:
         """Parameter name -> fraction of its entries the mask prunes (for FLOP accounting)."""
@@ -427,15 +435,7 @@ class Sparsifier:
 
     def summary(self) -> str:
         """One line: tensors, parameters covered, and the fraction pruned among them."""
-        total = block_linear.dense_numel(self.model)  # live-block layers at their dense size, as the masks
-        covered = sum(m.numel() for m in self.masks.values())
-        kept = sum(int(m.sum().item()) for m in self.masks.values())
-        pruned = covered - kept
-        share = pruned / covered if covered else 0.0
-        return (
-            f"{len(self.masks)} tensors, {covered:,} of {total:,} parameters, "
-            f"{pruned:,} pruned ({share:.1%} of them, {pruned / max(total, 1):.1%} of the model)"
-        )
+        return mask_stats.summary(self)
 
 
 def _same_shape_float(value: Any, p: torch.Tensor) -> bool:

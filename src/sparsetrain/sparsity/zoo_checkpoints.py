@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from sparsetrain import checkpoint as ckpt
+from sparsetrain.checkpoint import WRITER, is_hdf5
 from sparsetrain.errors import CheckpointError
-from sparsetrain.sparsity.zoo_hdf5 import is_hdf5, read_cstorch_hdf5
+from sparsetrain.sparsity.zoo_hdf5 import read_cstorch_hdf5
 
 __all__ = [
     "ZooCheckpoint", "from_zoo_checkpoint", "is_zoo_checkpoint", "map_zoo_optimizer", "masked_model_view",
@@ -53,8 +54,9 @@ class ZooCheckpoint:
 
 
 def is_zoo_checkpoint(state: Any) -> bool:
-    """True for a checkpoint dict the zoo wrote: no ``params`` of ours, or a zoo sparsity form."""
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+    """True for a checkpoint dict the zoo wrote: not marked as ours (``writer``), and no ``params``
+    of ours or a zoo sparsity form."""
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or state.get("writer") == WRITER:
         return False
     opt = state.get("optimizer")
     in_opt = isinstance(opt, dict) and "sparsity" in opt

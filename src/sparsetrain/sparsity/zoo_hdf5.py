@@ -10,22 +10,12 @@ from urllib.parse import unquote
 
 import torch
 
+from sparsetrain.checkpoint import is_hdf5
 from sparsetrain.errors import CheckpointError
-
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
 class _Mismatch(ValueError):
     """Why a container does not map (one line)."""
-
-
-def is_hdf5(path: Path | str) -> bool:
-    """Whether ``path`` starts with the HDF5 signature (as ``cstorch.save``'s files do)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(8) == HDF5_MAGIC
-    except OSError:
-        return False
 
 
 def read_cstorch_hdf5(path: Path | str) -> dict[str, Any]:

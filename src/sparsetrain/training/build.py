@@ -37,6 +37,7 @@ from sparsetrain.model import GPT
 from sparsetrain.optim import build_optimizer, lr_scheduler
 from sparsetrain.sparsity import nan_format
 from sparsetrain.sparsity.block_linear import use_block_kernels
+from sparsetrain.sparsity.dynamic import DynamicSparsity
 from sparsetrain.sparsity.legacy_names import from_legacy, is_legacy
 from sparsetrain.sparsity.select import select_for_model
 from sparsetrain.sparsity.sparsifier import sparsify
@@ -47,7 +48,7 @@ from sparsetrain.sparsity.zoo_checkpoints import (
     read_any_checkpoint,
 )
 from sparsetrain.training.metrics import MetricsWriter
-from sparsetrain.training.state import WRITER, Run, load_training_state
+from sparsetrain.training.state import Run, load_training_state
 
 log = logging.getLogger("sparsetrain")
 
@@ -82,9 +83,15 @@ def setup(
         _build_optimizer(run, state if full_resume else None, path)
     if state is not None and full_resume:
         run.step = int(state["global_step"])
+    if train and run.sparsifier is not None and run.sparsifier.config is not None and run.sparsifier.config.is_dynamic:
+        run.dynamic = DynamicSparsity(run.sparsifier)
+        run.dynamic.load_state_dict(state.get("dynamic_sparsity") if state is not None and full_resume else None, run.step)
     if info.active:
         _join_processes(run)
     _count_flops(run)
+    tokens_per_step = params.train_input.batch_size * (params.train_input.max_sequence_length or 0)
+    done = state.get("flops_done") if state is not None and full_resume else None
+    run.flops_done = float(done) if done is not None else run.flops["sparse"] * tokens_per_step * run.step
     _compile(run)
     run.metrics = MetricsWriter(model_dir, enabled=write_metrics and info.is_main)
     return run
@@ -189,7 +196,7 @@ def _load_weights(run: Run, path: Path | None, full_resume: bool) -> tuple[dict[
     if path is None:
         return None, {}
     state = read_any_checkpoint(path)
-    if is_zoo_checkpoint(state) and state.get("writer") != WRITER:
+    if is_zoo_checkpoint(state):
         # The zoo's forms (names, aliases, mask buffers, optimizer masks) as our NaN form; its
         # optimizer state waits for our optimizer, its scheduler state is not ours to load.
         zoo = from_zoo_checkpoint(state, run.model.state_dict(), path)
@@ -299,6 +306,11 @@ def _join_processes(run: Run) -> None:
         run.forward = run.ddp
     if info.rank:  # each rank its own dropout stream; rank 0 keeps the checkpointed one
         torch.manual_seed((rc.seed * 1_000_003 + info.rank * 7_919 + run.step) % 2**63)
+
+
+def count_flops(run: Run) -> None:
+    """FLOPs per token from the current masks (again after every dynamic update)."""
+    _count_flops(run)
 
 
 def _count_flops(run: Run) -> None:

@@ -164,7 +164,7 @@ def train_record(run: Run, loss: float, tps: float, tokens_per_step: int, peak: 
         "kind": "train", "step": run.step, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
         "tokens": run.step * tokens_per_step, "tokens_per_s": tps,
         "flops_per_step": f["sparse"] * tokens_per_step, "flops_per_step_dense": f["dense"] * tokens_per_step,
-        "flops_total": f["sparse"] * tokens_per_step * run.step,
+        "flops_total": run.flops_done,  # summed step by step: dynamic densities and RigL's dense steps count
         "flops_total_dense": f["dense"] * tokens_per_step * run.step, "flops_ratio": f["ratio"],
     }
     if peak:
@@ -203,6 +203,14 @@ def format_summary(run: Run, history: dict) -> str:
     lines.append(f"train FLOPs/token dense {f['dense']:.3g}   sparse {f['sparse']:.3g}   ratio {f['ratio']:.2f}x")
     for g in history.get("sparsity_groups", []):
         lines.append(f"sparsity         {g['group']}: target {g['target']:.3f}, actual {g['actual']:.3f} ({g['tensors']} tensors)")
+    if run.dynamic:
+        for group, done in run.dynamic.updates_done.items():
+            last = next((r for r in run.dynamic.last_records if r["group"] == group), None)
+            text = f"dynamic          {group}: {run.dynamic.settings[group].dynamic.algorithm}, {done} updates"
+            if last is not None:
+                text += (f", the last at step {last['step']}: sparsity {last['sparsity']:.3f}, "
+                         f"{last['dropped']:,} dropped / {last['regrown']:,} regrown {last['units']}, churn {last['churn']:.3f}")
+            lines.append(text)
     if history.get("last_checkpoint"):
         lines.append(f"checkpoint       {history['last_checkpoint']}")
     if history.get("interrupted"):

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sparsetrain import checkpoint as ckpt
 from sparsetrain import distributed as dist
 from sparsetrain.config import Params
 from sparsetrain.errors import CheckpointError, UserError
@@ -50,6 +51,8 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     sparsifier: Sparsifier | None = None
+    dynamic: Any = None  # sparsity.dynamic.DynamicSparsity, when masks change during training
+    flops_done: float = 0.0  # training FLOPs so far (the sparse count; changes with dynamic densities)
     train_tokens: Any = None
     eval_tokens: Any = None
     step: int = 0
@@ -101,9 +104,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-WRITER = "sparsetrain"  # marks our checkpoints apart from the zoo's (same keys)
-
-
 def checkpoint_state(run: Run) -> dict[str, Any]:
     """The checkpoint dict; pruned positions become NaN (weights and same-shape optimizer state).
 
@@ -127,7 +127,9 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "global_step": run.step,
         "rng": rng_state(run.device),
         "params": run.params.to_dict(),
-        "writer": WRITER,
+        "flops_done": run.flops_done,
+        **({"dynamic_sparsity": run.dynamic.state_dict()} if run.dynamic else {}),
+        "writer": ckpt.WRITER,
     }
 
 

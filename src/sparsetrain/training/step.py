@@ -14,6 +14,9 @@ import torch
 from sparsetrain import checkpoint as ckpt
 from sparsetrain import data
 from sparsetrain import distributed as dist
+from sparsetrain.flops import dense_grad_extra_per_token
+from sparsetrain.sparsity import block_linear
+from sparsetrain.sparsity.dense_grad import collect_dense_grads
 from sparsetrain.training.state import Run, TrainingError
 
 log = logging.getLogger("sparsetrain")
@@ -38,17 +41,26 @@ def train_step(run: Run) -> torch.Tensor:
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
-    for i, (xs, ys) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
-        xs, ys = xs.to(run.device, non_blocking=True), ys.to(run.device, non_blocking=True)
-        # DDP all-reduces gradients on the last micro-batch only.
-        sync = run.ddp.no_sync() if run.ddp is not None and i < accum - 1 else contextlib.nullcontext()
-        with sync:
-            with run.autocast():
-                loss = run.forward(xs, ys)
-            (loss / accum).backward()
-        total += loss.detach()
-        if run.cuda_graphs and i < accum - 1:
-            _own_gradients(run.model)
+    dense = run.dynamic.dense_grads_for(run.step + 1) if run.dynamic else []
+    forward, probe = run.forward, contextlib.nullcontext({})
+    if dense:  # RigL's update step: this step's gradients are formed dense (regrow scores)
+        run.sparsifier.hold_dense_grads(dense)
+        packed = [n for n in dense if n in block_linear.packed_layers(run.model)]
+        if packed:  # live-block layers compute live-block gradients only: a probe adds the dense ones
+            probe = collect_dense_grads(run.model, packed)
+            forward = run.ddp or run.model  # eager: the probe is Python-side
+    with probe as probed:
+        for i, (xs, ys) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+            xs, ys = xs.to(run.device, non_blocking=True), ys.to(run.device, non_blocking=True)
+            # DDP all-reduces gradients on the last micro-batch only.
+            sync = run.ddp.no_sync() if run.ddp is not None and i < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with run.autocast():
+                    loss = forward(xs, ys)
+                (loss / accum).backward()
+            total += loss.detach()
+            if run.cuda_graphs and forward is run.forward and i < accum - 1:
+                _own_gradients(run.model)
     if run.sparsifier is not None:
         run.sparsifier.mask_gradients()  # before clipping, so pruned entries do not count in the norm
     finite = torch.isfinite(total)
@@ -69,7 +81,44 @@ def train_step(run: Run) -> torch.Tensor:
     run.optimizer.step()
     run.scheduler.step()
     run.step += 1
+    run.flops_done += run.flops["sparse"] * inp.batch_size * inp.max_sequence_length
+    if run.dynamic and run.dynamic.is_update(run.step):
+        grads = run.sparsifier.take_dense_grads()
+        grads.update(_averaged(dict(probed), run))
+        _update_masks(run, grads, bool(dense))
     return total / accum
+
+
+def _averaged(grads: dict[str, torch.Tensor], run: Run) -> dict[str, torch.Tensor]:
+    """Probed dense gradients are per rank; DDP averages the gradients it reduces: so do these."""
+    if run.dist.active and grads:
+        for g in grads.values():
+            torch.distributed.all_reduce(g)
+            g.div_(run.dist.world_size)
+    return grads
+
+
+def _update_masks(run: Run, grads: dict[str, torch.Tensor], dense_step: bool) -> None:
+    """Dynamic sparsity's update after this step: new masks, FLOPs from them, one record per group."""
+    from sparsetrain.training.build import count_flops
+
+    if dense_step:  # the dense weight-gradient products this step ran (the paper's accounting)
+        fractions = {n: 1.0 - float(run.sparsifier.masks[n].float().mean()) for n in grads}
+        inp = run.params.train_input
+        run.flops_done += dense_grad_extra_per_token(run.params.model, fractions) * inp.batch_size * inp.max_sequence_length
+        run.dynamic.dense_grad_steps += 1
+    records = run.dynamic.update(run.step, grads)
+    if run.dist.active:
+        dist.check_masks_agree(run.sparsifier.masks, run.dist, run.device)
+    count_flops(run)
+    if run.metrics is not None:
+        for r in records:
+            run.metrics.write({"kind": "sparsity_update", **r})
+            for key in ("sparsity", "dropped", "regrown", "churn", "level", "drop_fraction"):
+                run.metrics.scalar(f"sparsity/{r['group']}/{key}", r[key], run.step)
+    for r in records:
+        log.info("sparsity update at step %d, %s (%s): sparsity %.4f, dropped %d, regrown %d %s, churn %.3f",
+                 run.step, r["group"], r["algorithm"], r["sparsity"], r["dropped"], r["regrown"], r["units"], r["churn"])
 
 
 def _own_gradients(model: torch.nn.Module) -> None:
