@@ -1,6 +1,6 @@
 """Where the time of one dynamic-sparsity mask update goes: a model of a preset's shapes with
-block-sparse layers stored as live blocks (as ``train`` does on a GPU), AdamW state, random dense
-gradients; cProfile of ``DynamicSparsity.update`` (synchronised), sorted by own time.
+block-sparse layers stored as live blocks (as ``train`` does on a GPU), AdamW state (packed, as
+``train`` keeps it; ``--torch_adamw`` for torch's), random dense gradients; cProfile of ``DynamicSparsity.update`` (synchronised), sorted by own time.
 
     python benchmarks/profile_dynamic_update.py --preset gpt3-xl --sparsity 0.75 --block_size 128
 """
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--block_size", type=int, default=128)
     ap.add_argument("--structure", default="block")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--torch_adamw", action="store_true", help="torch.optim.AdamW instead of the packed optimizer")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     inp = {"source": "stdlib", "batch_size": 1, "max_sequence_length": 64}
@@ -41,7 +42,12 @@ def main() -> None:
     sp = sparsify(model, parse_sparsity(block))
     if args.structure == "block":
         use_block_kernels(model, sp, packed=True)
-    opt = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
+    if args.torch_adamw:
+        opt = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
+    else:  # what train builds with a sparsity block (optimizer.packed_state: true)
+        from sparsetrain.optim.packed import PackedOptimizer
+
+        opt = PackedOptimizer(model.parameters(), kind="adamw")
     sp.attach(opt)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

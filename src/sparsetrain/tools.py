@@ -26,6 +26,7 @@ plan:    {"parameters": [{"name", "shape", "numel", "group", "sparsity", "init_m
          when no weight runs on them).
 inspect: {"global_step", "tensors": [{"name", "shape", "numel", "nan", "zero", "sparsity", "nonfinite"}],
           "total": {"numel", "nan", "sparsity"}}
+         plus "dynamic_sparsity": {"updates_done": {group: n}, "last_update"} for a dynamic run's checkpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from sparsetrain import checkpoint as ckpt
 from sparsetrain.config import GroupSettings, Params
+from sparsetrain.config.params import as_written
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.flops import flops_report
 from sparsetrain.kernels.blocks import block_grid, kernel_block_ok
@@ -81,7 +83,8 @@ def plan(params: Params) -> dict[str, Any]:
     with torch.device("meta"):  # shapes only: no memory, even for gpt3-xl
         model = GPT(cfg)
     config = params.sparsity
-    settings = select_for_model(model, config) if config is not None else {}
+    with as_written(params):  # errors name the params file and the key as it wrote it
+        settings = select_for_model(model, config) if config is not None else {}
     rows, dense, fractions = [], [], {}
     dense_numel = 0
     linear_weights = {f"{m_name}.weight" for m_name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -126,8 +129,11 @@ def dynamic_schedules(settings: dict[str, GroupSettings], max_steps: int) -> lis
         d = g.dynamic
         steps = d.update.steps_until(max_steps)
         folds: list[dict[str, Any]] = []
+        reached = g.target
         for j, step in enumerate(steps):
             level, drop = d.level(step, j), d.drop(step, j)
+            if d.algorithm == "gmp":  # GMP never regrows: its masks keep the highest level so far
+                level = reached = max(reached, level)
             if folds and abs(folds[-1]["sparsity"] - level) < 5e-5:
                 folds[-1].update(last=step, updates=folds[-1]["updates"] + 1, drop_fraction_last=drop)
             else:
@@ -182,8 +188,14 @@ def format_plan(report: dict[str, Any]) -> str:
     lines.append(f"sequence length: {seq['value']} (from {seq['from']})")
     f = report["flops_per_token"]
     lines.append(f"training FLOPs per token: dense {f['dense']:.4g}, sparse {f['sparse']:.4g}, ratio {f['ratio']:.2f}x")
+    shown: dict[str, list[str]] = {}  # groups with the same schedule are listed once
     for sch in report.get("schedules", []):
-        lines.append(f"dynamic {sch['group']!r}: {sch['rule']}; {sch['updates']} updates in {sch['max_steps']} steps")
+        key = json.dumps({k: v for k, v in sch.items() if k != "group"}, sort_keys=True)
+        shown.setdefault(key, []).append(sch["group"])
+    for key, groups in shown.items():
+        sch = json.loads(key)
+        names = ", ".join(repr(g) for g in groups)
+        lines.append(f"dynamic {names}: {sch['rule']}; {sch['updates']} updates in {sch['max_steps']} steps")
         lines.append(f"  step 0: sparsity {sch['start_sparsity']:.4f}")
         for f_ in sch["folds"][:12]:
             span = f"step {f_['first']}" if f_["updates"] == 1 else f"steps {f_['first']}..{f_['last']} ({f_['updates']} updates)"
@@ -257,7 +269,11 @@ def inspect(path: Path) -> dict[str, Any]:
         total_numel += t.numel()
         total_nan += nan
     total = {"numel": total_numel, "nan": total_nan, "sparsity": total_nan / max(total_numel, 1)}
-    return {"global_step": state["global_step"], "tensors": tensors, "total": total}
+    report = {"global_step": state["global_step"], "tensors": tensors, "total": total}
+    if isinstance(state.get("dynamic_sparsity"), dict):  # a dynamic run: where its schedule stands
+        dyn = state["dynamic_sparsity"]
+        report["dynamic_sparsity"] = {"updates_done": dyn.get("updates_done", {}), "last_update": dyn.get("last_update")}
+    return report
 
 
 def format_inspect(report: dict[str, Any]) -> str:
@@ -268,6 +284,10 @@ def format_inspect(report: dict[str, Any]) -> str:
         lines.append(f"{t['name']:<34} {shape:<14} {t['numel']:>12,} {t['nan']:>12,} {t['zero']:>10,} {t['sparsity']:>8.3f}{bad}")
     tot = report["total"]
     lines.append(f"total: {tot['numel']:,} entries, {tot['nan']:,} NaN (pruned), sparsity {tot['sparsity']:.3f}")
+    if "dynamic_sparsity" in report:
+        dyn = report["dynamic_sparsity"]
+        done = ", ".join(f"{g} {n}" for g, n in dyn["updates_done"].items())
+        lines.append(f"dynamic sparsity: updates done per group: {done}; last update at step {dyn['last_update']}")
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ def test_update_rule_and_the_count_before_a_step(spec):
     ({"type": "cosin", "init": 0.3}, "sparsity.drop_fraction.type: 'cosin' is not valid; choose one of constant, linear, exp, power, cosine, cycling"),
     ({"type": "linear", "init": 0.3, "slop": 1}, "sparsity.drop_fraction.slop: not a key of a linear schedule; did you mean 'slope'?"),
     ({"type": "cosine", "init": 0.3, "half_period": 0}, "sparsity.drop_fraction.half_period: 0.0 must be positive"),
-    ("0.3", "sparsity.drop_fraction: expected a number or a schedule {type: ...}, got str"),
+    ("a third", "sparsity.drop_fraction: expected a number or a schedule {type: ...}, got str"),
     ([], "sparsity.drop_fraction: expected a non-empty list of numbers"),
 ])
 def test_bad_hyperparameter_schedules_one_line(spec, message):
@@ -72,3 +72,15 @@ def test_bad_update_rules_one_line(spec, message):
     with pytest.raises(ConfigError) as e:
         parse_update(spec, "sparsity.update")
     assert str(e.value) == message
+
+
+def test_numbers_yaml_left_as_strings_and_overflow():
+    """YAML 1.1 reads 1e-2 (an exponent without a dot) as a string: read as the number, as the
+    rest of the params file is. A schedule run far past its range saturates (the level clamps)
+    instead of overflowing."""
+    assert parse_hyper({"type": "exp", "init": 0.1, "gamma": "-1e-2"}, "s").value(100) == pytest.approx(1 - 0.9 * math.exp(-1))
+    assert parse_hyper("3e-1", "s").value(0) == pytest.approx(0.3)
+    assert parse_hyper({"type": "exp", "init": 0.1, "gamma": 1000}, "s").value(5) == -math.inf
+    assert parse_hyper({"type": "power", "init": 0.5, "beta": 1.01}, "s").value(100000) == math.inf
+    assert parse_hyper({"type": "power", "init": 0.0, "beta": 1.01}, "s").value(100000) == 0.0
+    assert parse_update({"steps": [5, 5, 3]}, "u").steps == (3, 5)

@@ -67,7 +67,7 @@ BAD_BLOCKS = [
     ({"sparsity": -0.1}, "sparsity.sparsity: -0.1 is not valid"),
     ({"sparsity": float("nan")}, "sparsity.sparsity: nan is not valid"),
     ({"sparsity": True}, "sparsity.sparsity: expected a number in [0, 1), got bool True"),
-    ({"sparsity": "0.3"}, "sparsity.sparsity: expected a number"),
+    ({"sparsity": "0.3x"}, "sparsity.sparsity: expected a number"),
     ({"init_method": "topk"}, "sparsity.sparsity: required"),
     (
         {"sparsity": 0.3, "init_method": "foo"},

@@ -115,3 +115,26 @@ def test_bad_dynamic_blocks_one_line(block, message):
     with pytest.raises(ConfigError) as e:
         parse_sparsity(block)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"algorithm": "gmp", "sparsity": {"type": "linear", "init": 0.5, "slope": 0.1}, "update": {"freq": 5}},
+     "sparsity.sparsity: the linear schedule reaches 1 at step 5 (update steps up to runconfig.max_steps 20)"),
+    ({"algorithm": "gmp", "sparsity": {"type": "power", "init": 0.9, "beta": 2}, "update": {"freq": 5}},
+     "sparsity.sparsity: the power schedule reaches 28.8 at step 5"),
+    ({"algorithm": "set", "sparsity": 0.5, "param_name_patterns": {"ffn": {"sparsity": {"type": "cosine", "init": 0.5, "half_period": 4, "minimum": 1.2}}}},
+     'sparsity.param_name_patterns["ffn"].sparsity: the cosine schedule reaches 1.2'),
+])
+def test_a_level_that_reaches_1_within_the_run_is_an_error(block, message):
+    from sparsetrain.config import params_from_dict
+
+    raw = {"train_input": {"source": "stdlib", "batch_size": 4, "max_sequence_length": 32},
+           "eval_input": {"source": "stdlib", "batch_size": 4, "max_sequence_length": 32},
+           "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2, "max_position_embeddings": 64},
+           "runconfig": {"max_steps": 20}, "sparsity": block}
+    with pytest.raises(ConfigError) as e:
+        params_from_dict(raw)
+    assert message in str(e.value)
+    raw["runconfig"]["max_steps"] = 4  # the same schedule in a run that ends before it gets there
+    if "linear" in str(block):
+        params_from_dict(raw)

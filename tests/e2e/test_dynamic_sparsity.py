@@ -127,7 +127,7 @@ def test_rigl_dense_gradient_is_right_with_gradient_accumulation(tmp_path, tiny_
         assert agree > 0.99, n
 
 
-def test_a_run_killed_across_an_update_step_resumes_exactly(tmp_path, tiny_params, write_params):
+def test_a_run_killed_across_an_update_step_resumes_exactly(tmp_path, tiny_params, write_params, capsys):
     """8 steps straight vs 4, stop, 4 more: updates at 3 and 6, SET's random regrowth included."""
     for algo in ("set", "rigl"):
         block = {**SET, "algorithm": algo}
@@ -144,6 +144,9 @@ def test_a_run_killed_across_an_update_step_resumes_exactly(tmp_path, tiny_param
         assert sorted(set(steps)) == [3, 6]
         saved = torch.load(resumed / "checkpoint_8.mdl", weights_only=True)
         assert saved["dynamic_sparsity"]["updates_done"] == {"default": 2}
+    capsys.readouterr()
+    assert cli("inspect", resumed / "checkpoint_8.mdl") == 0
+    assert "dynamic sparsity: updates done per group: default 2; last update at step 6" in capsys.readouterr().out
 
 
 def test_records_of_each_update(tmp_path, tiny_params, write_params):
@@ -242,9 +245,35 @@ def test_plan_folds_the_schedule(tiny_params, write_params, capsys):
 
     (schedule,) = json.loads(capsys.readouterr().out)["schedules"]
     assert schedule["updates"] == 5 and schedule["start_sparsity"] == 0.5
-    # cycling: the first mask takes 0.5, updates at 2, 4, 6, 8, 10 take 0.5, 0.7, 0.5, 0.5, 0.7
-    assert [(f["first"], f["last"], f["sparsity"]) for f in schedule["folds"]] == [
-        (2, 2, 0.5), (4, 4, 0.7), (6, 8, 0.5), (10, 10, 0.7)]
+    # cycling: the first mask takes 0.5, updates at 2, 4, 6, 8, 10 ask for 0.5, 0.7, 0.5, 0.5, 0.7;
+    # GMP never regrows, so its masks stay at 0.7 from step 4 on, and plan says so
+    assert [(f["first"], f["last"], f["sparsity"]) for f in schedule["folds"]] == [(2, 2, 0.5), (4, 10, 0.7)]
+
+
+def test_erk_in_blocks_and_over_a_list_of_globs_keeps_the_exact_total(tmp_path, tiny_params):
+    for block in (
+        {**RIGL, "distribution": "erk", "structure": "block", "block_size": 16, "update": {"freq": 2}},
+        {**RIGL, "distribution": "erk", "update": {"freq": 2},
+         "param_filter": ["*proj_[qkv]_dense_layer.weight", "*proj_output_dense_layer.weight", "*linear_layer.weight"]},
+    ):
+        run = _run(tmp_path, tiny_params, block, max_steps=2)
+        for _ in range(3):
+            masks = run.sparsifier.masks
+            total = sum(m.numel() for m in masks.values())
+            assert sum(int((~m).sum()) for m in masks.values()) == num_pruned(total, 0.75)
+            assert len({round(float((~m).float().mean()), 3) for m in masks.values()}) > 1  # spread, not uniform
+            if run.step < 2:
+                train_step(run)
+
+
+def test_idle_rules_and_shadowed_groups_warn(tmp_path, tiny_params, caplog):
+    with caplog.at_level("WARNING"):
+        _run(tmp_path, tiny_params, {**SET, "update": {"steps": [500]}}, "idle", max_steps=4)
+        _run(tmp_path, tiny_params, [{**SET, "param_filter": "*ffn*weight"},
+                                     {"sparsity": 0.5, "param_filter": "*ffn.ffn.0*weight"}], "shadow", max_steps=4)
+    text = caplog.text
+    assert "default (set): no update step in 1..4 (update: at steps 500); it trains with its masks dense (the rule starts after step 0)" in text
+    assert "sparsity[1]: every parameter it selects is taken by an earlier group; it selects nothing" in text
 
 
 # -- on a GPU ----------------------------------------------------------------------------------

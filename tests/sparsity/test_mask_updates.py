@@ -18,10 +18,10 @@ from sparsetrain.sparsity.masks import num_pruned, random_mask
 def _brute_drop_regrow(kept, drop_score, grow_score, level, fraction):
     """The rule written out with Python lists: the oracle."""
     n, k = len(kept), sum(kept)
-    d = round(fraction * k)
+    target = n - round(level * n)
+    d = max(round(fraction * k), k - target)
     kept_idx = sorted((i for i in range(n) if kept[i]), key=lambda i: (-drop_score[i], i))
     after = set(kept_idx[: k - d])
-    target = n - round(level * n)
     r = max(0, target - len(after))
     candidates = sorted((i for i in range(n) if i not in after), key=lambda i: (-grow_score[i], i))
     return after | set(candidates[:r]), d, r
@@ -90,6 +90,19 @@ def test_blocks_are_units_scored_by_their_norm():
     assert norms[grown].min() >= norms[others & ~survivors].max()
 
 
+def test_a_level_that_rises_is_reached_at_once():
+    """From 50% to 80% with drop fraction 0.1: the zoo would drop 10% of the kept and regrow none
+    (sparsity 0.55); here the update ends at the new level's exact count."""
+    torch.manual_seed(3)
+    mask = random_mask("w", (10, 10), 0.5, 0)
+    w = torch.randn(10, 10) * mask
+    change = drop_and_regrow(mask, unit_scores(w, None), torch.rand(100), 0.8, 0.1)
+    assert int(change.mask.sum()) == 20 and (change.dropped, change.regrown) == (30, 0)
+    assert not (change.mask & ~mask).any()
+    kept, dropped = w.abs()[change.mask], w.abs()[mask & ~change.mask]
+    assert kept.min() >= dropped.max()
+
+
 @pytest.mark.parametrize("level", [0.5, 0.8, 0.95])
 def test_prune_further_only_prunes(level):
     torch.manual_seed(2)
@@ -124,7 +137,7 @@ def _stable_reference(mask, drop_score, grow_score, level, fraction):
     """The rule with full stable sorts (the definition the top-k selection must equal)."""
     kept = mask.reshape(-1).clone()
     n, k = kept.numel(), int(kept.sum())
-    d = round(fraction * k)
+    d = min(max(round(fraction * k), k - (n - num_pruned(n, level))), k)
 
     def order(scores, allowed):  # allowed units only, in index order, then a stable sort
         index = allowed.nonzero().squeeze(1)

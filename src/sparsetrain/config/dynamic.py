@@ -23,10 +23,11 @@ Meaning, the zoo's (``cerebras.pytorch.sparse``), t = optimizer steps done:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sparsetrain.config.schedules import HyperSchedule, UpdateRule, parse_hyper, parse_update
+from sparsetrain.config.sparsity_values import parse_fraction
 from sparsetrain.errors import ConfigError
 
 DYNAMIC_TYPES = ("gmp", "set", "rigl")
@@ -44,6 +45,7 @@ class DynamicSettings:
     sparsity: HyperSchedule
     update: UpdateRule
     drop_fraction: HyperSchedule | None = None
+    where: str = field(default="sparsity.sparsity", compare=False)  # the level's key, for messages
 
     @property
     def starts_sparse(self) -> bool:
@@ -119,6 +121,9 @@ def check_dynamic_keys(algorithm: str, block: Mapping[str, Any], where: str) -> 
 def parse_level(value: Any, algorithm: str, where: str) -> HyperSchedule:
     """The ``sparsity`` value of a dynamic group: a number or a schedule; gmp's must change."""
     schedule = parse_hyper(value, where)
+    if schedule.kind == "cycling":
+        for i, v in enumerate(dict(schedule.args)["values"]):
+            parse_fraction(v, f"{where}[{i}]")
     if algorithm == "gmp" and schedule.kind == "constant":
         raise ConfigError(
             f"{where}: gmp with a constant sparsity {schedule.to_value():g} would never change the masks; give a "
@@ -128,11 +133,35 @@ def parse_level(value: Any, algorithm: str, where: str) -> HyperSchedule:
 
 
 def build_dynamic(
-    algorithm: str, level: HyperSchedule, update: UpdateRule | None, drop_fraction: HyperSchedule | None
+    algorithm: str, level: HyperSchedule, update: UpdateRule | None, drop_fraction: HyperSchedule | None,
+    where: str = "sparsity.sparsity",
 ) -> DynamicSettings:
     if algorithm in DROPPING_TYPES and drop_fraction is None:
         drop_fraction = parse_hyper(DEFAULT_DROP_FRACTION, "drop_fraction")
-    return DynamicSettings(algorithm, level, update or UpdateRule(), drop_fraction if algorithm in DROPPING_TYPES else None)
+    dropping = drop_fraction if algorithm in DROPPING_TYPES else None
+    return DynamicSettings(algorithm, level, update or UpdateRule(), dropping, where)
+
+
+def check_levels(dyn: DynamicSettings, max_steps: int) -> None:
+    """A level of 1 or more prunes every weight: an error when the schedule gets there at an update
+    step within ``max_steps`` (formulas are monotone: their ends decide; cosine's peak is init or
+    minimum; cycling's values). Below 0 is clamped to 0 (dense), as the zoo does."""
+    steps = dyn.update.steps_until(max_steps)
+    checks = [(0, 0)] if dyn.starts_sparse else []
+    if steps:
+        checks += [(steps[0], 0), (steps[-1], len(steps) - 1)]
+    values = [(dyn.sparsity.value(t, j + int(dyn.starts_sparse) if t else 0), t) for t, j in checks]
+    args = dict(dyn.sparsity.args)
+    if dyn.sparsity.kind == "cosine":
+        values += [(args["minimum"], None)]
+    for value, step in values:
+        if not value < 1.0:
+            at = f" at step {step}" if step is not None else ""
+            raise ConfigError(
+                f"{dyn.where}: the {dyn.sparsity.kind} schedule reaches {value:.4g}{at} (update steps up to "
+                f"runconfig.max_steps {max_steps}): a level of 1 prunes every weight; keep it below 1 (a gentler "
+                "schedule, or update.stop before it gets there)"
+            )
 
 
 def parse_update_value(value: Any, where: str) -> UpdateRule:

@@ -32,6 +32,17 @@ def key_text(key: Any) -> str:
     return repr(key) if len(repr(key)) <= 80 else repr(key)[:77] + "..."
 
 
+def number(value: Any) -> Any:
+    """A number YAML 1.1 left as a string (``1e-3``, ``75e-2``: an exponent without a dot) as the
+    float it means; anything else as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def closest(name: str, valid: typing.Iterable[str]) -> str:
     match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"

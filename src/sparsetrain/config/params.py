@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from sparsetrain.config.dynamic import check_levels
 from sparsetrain.config.fields import build_section, check_range, closest, coerce, key_text
 from sparsetrain.config.sections import (
     INITIALIZERS,
@@ -231,6 +232,9 @@ def _validate(raw: dict) -> Params:
         raise ConfigError(f"runconfig.device: {runconfig.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
     # Structure only: parameter names are resolved once the model exists (sparsity.select).
     sparsity = parse_sparsity(raw.get("sparsity"))
+    for group in sparsity.groups if sparsity is not None else ():
+        if group.dynamic is not None:
+            check_levels(group.dynamic, runconfig.max_steps)
     params = Params(
         train_input=train, eval_input=eval_, model=_build_model(raw.get("model")),
         optimizer=optimizer, runconfig=runconfig, sparsity=sparsity,

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sparsetrain.config.fields import closest, key_text
+from sparsetrain.config.fields import closest, key_text, number
 from sparsetrain.errors import ConfigError
 
 # type -> (required keys, optional keys with defaults)
@@ -53,9 +53,10 @@ class HyperSchedule:
         if self.kind == "linear":
             return a["init"] + a["slope"] * step
         if self.kind == "exp":
-            return a["final"] - (a["final"] - a["init"]) * math.exp(a["gamma"] * step)
+            scale = a["final"] - a["init"]
+            return a["final"] if scale == 0 else a["final"] - scale * _exp(a["gamma"] * step)
         if self.kind == "power":
-            return a["init"] * a["beta"] ** step
+            return 0.0 if a["init"] == 0 else a["init"] * _pow(a["beta"], step)
         if self.kind == "cosine":
             offset = (a["init"] + a["minimum"]) / 2
             return offset + (a["init"] - offset) * math.cos(math.pi * step / a["half_period"])
@@ -139,8 +140,21 @@ class UpdateRule:
         return 0 if last < first else (last - self.start) // self.freq - (first - self.start) // self.freq + 1
 
 
+def _exp(x: float) -> float:
+    """``e^x``, +inf where it overflows (a schedule run far past its range: the level clamps)."""
+    return math.inf if x > 709.0 else math.exp(x)
+
+
+def _pow(base: float, step: int) -> float:
+    try:
+        return base**step
+    except OverflowError:
+        return math.inf if base > 0 or step % 2 == 0 else -math.inf
+
+
 def parse_hyper(value: Any, where: str) -> HyperSchedule:
     """A number, a list (cycling) or ``{type: ..., ...}``; errors name the key."""
+    value = number(value)
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected a number or a schedule {{type: ...}}, got {value!r}")
     if isinstance(value, (int, float)):
@@ -161,7 +175,7 @@ def parse_hyper(value: Any, where: str) -> HyperSchedule:
     missing = [k for k in required if k not in value]
     if missing:
         raise ConfigError(f"{where}.{missing[0]}: required by a {kind} schedule (keys: {', '.join(required)})")
-    args = {**optional, **{k: value[k] for k in (*required, *optional) if k in value}}
+    args = {k: value[k] if k in value else optional[k] for k in (*required, *optional)}  # the formula's order
     if kind == "cycling":
         return HyperSchedule(kind, (("values", _values(args["values"], f"{where}.values")),))
     parsed = {k: _finite(v, f"{where}.{k}") for k, v in args.items()}
@@ -186,7 +200,7 @@ def parse_update(value: Any, where: str) -> UpdateRule:
         steps = value["steps"]
         if not isinstance(steps, Sequence) or isinstance(steps, str) or not steps:
             raise ConfigError(f"{where}.steps: expected a non-empty list of step numbers")
-        return UpdateRule(steps=tuple(_count(s, f"{where}.steps", 1) for s in steps))
+        return UpdateRule(steps=tuple(sorted({_count(s, f"{where}.steps", 1) for s in steps})))
     freq = _count(value.get("freq", 1), f"{where}.freq", 1)
     start = _count(value.get("start", 0), f"{where}.start", 0)
     stop = value.get("stop")
@@ -197,6 +211,7 @@ def parse_update(value: Any, where: str) -> UpdateRule:
 
 
 def _finite(value: Any, where: str) -> float:
+    value = number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     return float(value)

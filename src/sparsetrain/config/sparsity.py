@@ -181,7 +181,7 @@ def parse_sparsity(block: Any, where: str = "sparsity") -> SparsityConfig | None
         raise ConfigError(f"{where}.distribution: erk spreads a level over tensors; N:M structure fixes each tensor's level")
     dynamic = None
     if kind in DYNAMIC_TYPES and isinstance(sparsity, HyperSchedule):
-        dynamic = build_dynamic(kind, sparsity, top["update"], top["drop_fraction"])
+        dynamic = build_dynamic(kind, sparsity, top["update"], top["drop_fraction"], f"{where}.sparsity")
     return SparsityConfig(
         kind, sparsity.value(0) if isinstance(sparsity, HyperSchedule) else sparsity, init_method, seed, form, groups,
         structure=structure, block_size=top["block_size"], where=where, source=source,
@@ -351,7 +351,7 @@ def _settings(values: dict[str, Any], pattern: str | None, where: str, group: bo
         raise ConfigError(f"{where}.sparsity: required; a number in [0, 1), the fraction pruned")
     dynamic = None
     if isinstance(sparsity, HyperSchedule):
-        dynamic = build_dynamic(values["algorithm"], sparsity, values["update"], values["drop_fraction"])
+        dynamic = build_dynamic(values["algorithm"], sparsity, values["update"], values["drop_fraction"], f"{where}.sparsity")
         sparsity = dynamic.initial_sparsity
     block_size = tuple(values["block_size"]) if structure == "block" else None
     return GroupSettings(

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from sparsetrain.config.fields import number
 from sparsetrain.errors import ConfigError
 
 TYPES = ("sideband", "static", "gmp", "set", "rigl")
@@ -59,11 +60,12 @@ def parse_type(block: Mapping[str, Any], where: str) -> str:
 
 
 def parse_fraction(value: Any, where: str) -> float:
+    value = number(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{where}: expected a number in [0, 1), got {kind_of(value)}")
     value = float(value)
     if not math.isfinite(value) or not 0.0 <= value < 1.0:
-        hint = f" (did you mean {value / 100:g}?)" if 1.0 < value <= 100.0 else ""
+        hint = f" (did you mean {value / 100:g}?)" if 2.0 <= value <= 100.0 else ""  # a percentage
         raise ConfigError(
             f"{where}: {value:g} is not valid; expected a number in [0, 1), the fraction of "
             f"entries pruned in each selected tensor{hint}"

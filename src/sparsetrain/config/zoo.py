@@ -269,6 +269,7 @@ def _from_trainer(raw: dict[str, Any]) -> Translation:
     sections["optimizer"] = _trainer_optimizer(init, out)
     if init.get("sparsity") is not None:
         sections["sparsity"] = init["sparsity"]
+        out.origin["sparsity"] = "trainer.init.sparsity"  # errors name the block where the file has it
     sections["runconfig"] = _trainer_runconfig(init, out)
     fit = _mapping(trainer.get("fit"), "trainer.fit")
     _known(fit, ("train_dataloader", "val_dataloader", "ckpt_path"), "trainer.fit")

@@ -46,6 +46,7 @@ from sparsetrain.sparsity.mask_updates import (
     unit_scores,
 )
 from sparsetrain.sparsity.masks import settings_block
+from sparsetrain.sparsity.select import erk_pool, erk_shares
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,18 @@ class DynamicSparsity:
             if g.dynamic is not None:
                 self.groups.setdefault(g.group, []).append(name)
                 self.settings.setdefault(g.group, g)
-        self.updates_done = {group: 0 for group in self.groups}
+        self.updates_done = dict.fromkeys(self.groups, 0)
         self.last_update: int | None = None
         self.last_records: list[dict[str, Any]] = []
         self.dense_grad_steps = 0  # RigL steps that formed dense gradients (for FLOPs)
+
+    def warn_idle(self, max_steps: int) -> None:
+        """One warning per group whose rule takes no step in 1..max_steps: its masks never change."""
+        for group, settings in self.settings.items():
+            if not settings.dynamic.update.steps_until(max_steps):
+                start = "its masks dense (the rule starts after step 0)" if not settings.dynamic.starts_sparse else "its initial masks"
+                log.warning("sparsity: %s (%s): no update step in 1..%d (update: %s); it trains with %s",
+                            group, settings.dynamic.algorithm, max_steps, settings.dynamic.update.describe(), start)
 
     def __bool__(self) -> bool:
         return bool(self.groups)
@@ -121,12 +130,13 @@ class DynamicSparsity:
 
     def _levels(self, group: str, level: float) -> dict[str, float]:
         names = self.groups[group]
-        if self.settings[group].distribution != "erk":
+        settings = self.settings[group]
+        if settings.distribution != "erk":
             return dict.fromkeys(names, level)
-        from sparsetrain.sparsity.erk import erk_sparsities
-
-        shapes = {n: tuple(self.sparsifier.masks[n].shape) for n in names}
-        return erk_sparsities(shapes, min(level, 1.0 - 1e-12))
+        pool = erk_pool(settings)  # the globs of one list share one spread
+        pooled = [n for n, g in self.sparsifier.settings.items() if g.distribution == "erk" and erk_pool(g) == pool]
+        shares = erk_shares({n: tuple(self.sparsifier.masks[n].shape) for n in pooled}, level, settings)
+        return {n: shares[n] for n in names}
 
     def _change(self, name: str, step: int, level: float, drop: float, dense_grads) -> MaskChange:
         settings = self.sparsifier.settings[name]

@@ -5,9 +5,11 @@ Units: a mask is changed entry by entry (``unstructured``) or block by block (``
 block``: whole blocks kept or pruned, scored by the Frobenius norm of the block, float64).
 
 - :func:`drop_and_regrow` (SET, RigL): of the ``k`` kept units drop ``d = round(drop_fraction * k)``
-  with the smallest drop score (|w|); then regrow ``r = max(0, target - (k - d))`` among the units
-  not kept after the drop, those of largest regrow score (random for SET, |dense gradient| for
-  RigL), where ``target = n - round(level * n)``. At a constant level ``r = d``: counts stay exact.
+  with the smallest drop score (|w|), or ``k - target`` when the level rose by more than that
+  (``target = n - round(level * n)``); then regrow ``r = target - (k - d)`` among the units not kept
+  after the drop, those of largest regrow score (random for SET, |dense gradient| for RigL). Every
+  update ends at exactly ``target`` kept units; at a constant level ``r = d``. (The zoo drops only
+  the fraction, so a rising level is reached over several updates; here at once.)
   A unit dropped and regrown at the same update is kept (the zoo's and the RigL paper's rule),
   so the mask's churn can be smaller than ``d``.
 - :func:`prune_further` (GMP): keep the ``target`` kept units of largest |w|; a target above the
@@ -144,10 +146,12 @@ def drop_and_regrow(
     kept = unit_mask(mask, block) if kept is None else kept
     n = kept.numel()
     k = int(kept.sum())
-    d = min(max(round(drop_fraction * k), 0), k)
+    target = n - num_pruned(n, level)
+    # Drop the fraction, or more when the level rose past it (the zoo then lags the level; here
+    # every update ends at the level's exact count).
+    d = min(max(round(drop_fraction * k), k - target, 0), k)
     after = kept.clone()
     after[_smallest(drop_score.reshape(-1), kept, d)] = False
-    target = n - num_pruned(n, level)
     r = max(0, target - (k - d))
     grown = _largest(regrow_score.reshape(-1), ~after, r)
     new_kept = after.clone()

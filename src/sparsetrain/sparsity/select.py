@@ -135,7 +135,10 @@ def select_for_model(model: nn.Module, config: SparsityConfig) -> dict[str, Grou
     if config.parts:  # the zoo's list of groups: a parameter takes the first group that selects it
         settings: dict[str, GroupSettings] = {}
         for part in config.parts:
-            for name, group in select_parameters(part, named, tied).items():
+            chosen = select_parameters(part, named, tied)
+            if chosen and all(name in settings for name in chosen):
+                log.warning("%s: every parameter it selects is taken by an earlier group; it selects nothing", part.where)
+            for name, group in chosen.items():
                 settings.setdefault(name, group)
     else:
         settings = select_parameters(config, named, tied)
@@ -147,16 +150,33 @@ def select_for_model(model: nn.Module, config: SparsityConfig) -> dict[str, Grou
 
 def spread_erk(settings: dict[str, GroupSettings], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, GroupSettings]:
     """Groups with ``distribution: erk``: each tensor's share of the group's level (the
-    Erdos-Renyi kernel, :mod:`sparsetrain.sparsity.erk`); ``level`` keeps the group's."""
-    from sparsetrain.sparsity.erk import erk_sparsities
-
-    by_group: dict[GroupSettings, list[str]] = {}
+    Erdos-Renyi kernel, :mod:`sparsetrain.sparsity.erk`); ``level`` keeps the group's. The globs
+    or regexes of one list (the zoo's ``param_filter: [...]``) share one spread."""
+    pools: dict[GroupSettings, list[str]] = {}
     for name, group in settings.items():
         if group.distribution == "erk" and group.level is None:
-            by_group.setdefault(group, []).append(name)
+            pools.setdefault(erk_pool(group), []).append(name)
     out = dict(settings)
-    for group, names in by_group.items():
-        shares = erk_sparsities({n: shapes[n] for n in names}, group.sparsity)
+    for names in pools.values():
+        group = settings[names[0]]
+        shares = erk_shares({n: shapes[n] for n in names}, group.sparsity, group)
         for n in names:
-            out[n] = dataclasses.replace(group, sparsity=shares[n], level=group.sparsity)
+            out[n] = dataclasses.replace(settings[n], sparsity=shares[n], level=settings[n].sparsity)
     return out
+
+
+def erk_pool(group: GroupSettings) -> GroupSettings:
+    """What tensors must share to be spread together: every setting but the pattern and level."""
+    return dataclasses.replace(group, pattern=None, glob=None, sparsity=0.0, level=None)
+
+
+def erk_shares(shapes: Mapping[str, tuple[int, ...]], level: float, group: GroupSettings) -> dict[str, float]:
+    """ERK shares of ``level`` over ``shapes``; for block structure over the block grids, so that
+    whole blocks add up to the group's exact count (equal-size blocks: its exact entry count)."""
+    from sparsetrain.kernels.blocks import block_grid
+    from sparsetrain.sparsity.erk import erk_sparsities
+    from sparsetrain.sparsity.masks import settings_block
+
+    if group.structure == "block":
+        shapes = {n: block_grid(shape, settings_block(group)) for n, shape in shapes.items()}
+    return erk_sparsities(shapes, min(level, 1.0 - 1e-12))

@@ -86,6 +86,12 @@ def setup(
     if train and run.sparsifier is not None and run.sparsifier.config is not None and run.sparsifier.config.is_dynamic:
         run.dynamic = DynamicSparsity(run.sparsifier)
         run.dynamic.load_state_dict(state.get("dynamic_sparsity") if state is not None and full_resume else None, run.step)
+        run.dynamic.warn_idle(params.runconfig.max_steps)
+    if state is not None and full_resume and isinstance(state.get("params"), dict) and run.sparsifier is not None:
+        before = state["params"].get("sparsity")
+        if before is not None and before != params.sparsity.to_params():
+            log.info("%s: written with another sparsity block; this run follows the params' block (stored masks "
+                     "are kept where they fit it, dynamic update counts carry on)", path)
     if info.active:
         _join_processes(run)
     _count_flops(run)

@@ -202,7 +202,10 @@ def format_summary(run: Run, history: dict) -> str:
     f = run.flops
     lines.append(f"train FLOPs/token dense {f['dense']:.3g}   sparse {f['sparse']:.3g}   ratio {f['ratio']:.2f}x")
     for g in history.get("sparsity_groups", []):
-        lines.append(f"sparsity         {g['group']}: target {g['target']:.3f}, actual {g['actual']:.3f} ({g['tensors']} tensors)")
+        text = f"sparsity         {g['group']}: target {g['target']:.3f}, actual {g['mask']:.3f} ({g['tensors']} tensors)"
+        if g["actual"] - g["mask"] > 5e-4:  # kept weights that are exactly 0: regrown ones until they train
+            text += f"; {g['actual']:.3f} of the weights are exactly 0"
+        lines.append(text)
     if run.dynamic:
         for group, done in run.dynamic.updates_done.items():
             last = next((r for r in run.dynamic.last_records if r["group"] == group), None)

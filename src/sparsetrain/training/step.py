@@ -117,8 +117,10 @@ def _update_masks(run: Run, grads: dict[str, torch.Tensor], dense_step: bool) ->
             for key in ("sparsity", "dropped", "regrown", "churn", "level", "drop_fraction"):
                 run.metrics.scalar(f"sparsity/{r['group']}/{key}", r[key], run.step)
     for r in records:
-        log.info("sparsity update at step %d, %s (%s): sparsity %.4f, dropped %d, regrown %d %s, churn %.3f",
-                 run.step, r["group"], r["algorithm"], r["sparsity"], r["dropped"], r["regrown"], r["units"], r["churn"])
+        drop = "" if r["algorithm"] == "gmp" else f", drop fraction {r['drop_fraction']:.4f}"
+        log.info("sparsity update at step %d, %s (%s): level %.4f%s: sparsity %.4f, dropped %d, regrown %d %s, churn %.3f",
+                 run.step, r["group"], r["algorithm"], r["level"], drop, r["sparsity"], r["dropped"], r["regrown"],
+                 r["units"], r["churn"])
 
 
 def _own_gradients(model: torch.nn.Module) -> None:
@@ -141,6 +143,9 @@ def _skip_step(run: Run) -> None:
     run.scheduler.step()
     log.warning("non-finite loss or gradients at step %d: update skipped (%d of at most %d)",
                 run.step, run.skipped, rc.max_skipped_steps)
+    if run.dynamic and run.dynamic.is_update(run.step):
+        run.sparsifier.take_dense_grads()  # RigL's scores of the dropped step: not used
+        log.warning("step %d was a sparsity update step: the masks stay as they are (the zoo skips it too)", run.step)
     if run.skipped > rc.max_skipped_steps:
         raise TrainingError(
             f"runconfig.max_skipped_steps: {run.skipped} steps with non-finite loss or gradients, the limit is "
