@@ -263,12 +263,13 @@ def check(row: dict, job: dict, stdout: str) -> list[str]:
 # -- report -------------------------------------------------------------------------------------
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], sign: str = "") -> str:
+    """``mean ± sample std`` (the value alone for one run); ``sign="+"`` shows the sign (differences)."""
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:{sign}.4f}"
+    return f"{statistics.fmean(values):{sign}.4f} ± {statistics.stdev(values):.4f}"
 
 
 def table(rows: list[dict]) -> str:
@@ -293,20 +294,12 @@ def table(rows: list[dict]) -> str:
         seeds = f"{len(rs)}" + ("" if len(rs) == n_all else f" of {n_all}")
         lines.append(
             f"| {level:g} | {algo} | {seeds} | {mean_sd([r['eval_loss'] for r in rs])} "
-            f"| {'' if algo in ('static', 'dense') else signed(d_static)} | {'' if algo == 'dense' else signed(d_dense)} "
+            f"| {'' if algo in ('static', 'dense') else mean_sd(d_static, '+')} | {'' if algo == 'dense' else mean_sd(d_dense, '+')} "
             f"| {mean_sd([r['train_loss'] for r in rs])} | {mean_sd([r['train_loss_last10pct'] for r in rs])} "
             f"| {statistics.fmean(ratio):.2f}x | {'/'.join(sorted({str(r['updates']) for r in rs}))} "
             f"| {f'{statistics.fmean(churn):.4f}' if churn else '-'} | {statistics.fmean(r['wall_s'] for r in rs):.0f} |"
         )
     return "\n".join(lines)
-
-
-def signed(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:+.4f}"
-    return f"{statistics.fmean(values):+.4f} ± {statistics.stdev(values):.4f}"
 
 
 def provenance() -> dict:

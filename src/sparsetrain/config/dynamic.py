@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparsetrain.config.schedules import HyperSchedule, UpdateRule, parse_hyper, parse_update
+from sparsetrain.config.schedules import HyperSchedule, UpdateRule, parse_hyper
 from sparsetrain.config.sparsity_values import parse_fraction
 from sparsetrain.errors import ConfigError
 
@@ -162,10 +162,6 @@ def check_levels(dyn: DynamicSettings, max_steps: int) -> None:
                 f"runconfig.max_steps {max_steps}): a level of 1 prunes every weight; keep it below 1 (a gentler "
                 "schedule, or update.stop before it gets there)"
             )
-
-
-def parse_update_value(value: Any, where: str) -> UpdateRule:
-    return parse_update(value, where)
 
 
 def parse_drop_fraction(value: Any, where: str) -> HyperSchedule:

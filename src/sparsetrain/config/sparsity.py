@@ -100,10 +100,9 @@ from sparsetrain.config.dynamic import (
     check_dynamic_keys,
     parse_drop_fraction,
     parse_level,
-    parse_update_value,
     split_schedule,
 )
-from sparsetrain.config.schedules import HyperSchedule
+from sparsetrain.config.schedules import HyperSchedule, parse_update
 from sparsetrain.config.sparsity_settings import GroupSettings, SparsityConfig
 from sparsetrain.config.sparsity_values import (
     DEFAULT_BLOCK_SIZE,
@@ -162,7 +161,7 @@ def parse_sparsity(block: Any, where: str = "sparsity") -> SparsityConfig | None
     top = {
         "sparsity": sparsity, "init_method": init_method, "seed": seed, "structure": structure,
         "block_size": block_size or (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE), "algorithm": kind,
-        "update": parse_update_value(block["update"], f"{where}.update") if "update" in block else None,
+        "update": parse_update(block["update"], f"{where}.update") if "update" in block else None,
         "drop_fraction": parse_drop_fraction(block["drop_fraction"], f"{where}.drop_fraction") if "drop_fraction" in block else None,
         "distribution": distribution,
     }
@@ -321,7 +320,7 @@ def _group(pattern: Any, overrides: Any, top: dict[str, Any], key: str) -> Group
     elif merged["algorithm"] in DYNAMIC_TYPES and parse_nm(merged["structure"]) is not None:
         raise ConfigError(f"{structure_where}: N:M masks are fixed; dynamic sparsity changes unstructured or block masks")
     if "update" in overrides:
-        merged["update"] = parse_update_value(overrides["update"], f"{here}.update")
+        merged["update"] = parse_update(overrides["update"], f"{here}.update")
     if "drop_fraction" in overrides:
         merged["drop_fraction"] = parse_drop_fraction(overrides["drop_fraction"], f"{here}.drop_fraction")
     if "init_method" in overrides:

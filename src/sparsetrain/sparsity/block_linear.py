@@ -359,11 +359,6 @@ def _stack_tables(layers: list[nn.Module]) -> BlockLayout | None:
     return BlockLayout.build(torch.cat([_grid(m.layout()) for m in layers]), first.block)
 
 
-def live_grid(module: BlockSparseLinear) -> torch.Tensor:
-    """The live-block grid (bool, one entry per block) of a layer on the kernels."""
-    return _grid(module.layout())
-
-
 def _grid(layout: BlockLayout) -> torch.Tensor:
     """The live-block grid (bool, one entry per block) of a layout."""
     rows = -(-layout.shape[0] // layout.block[0])

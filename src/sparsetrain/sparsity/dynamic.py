@@ -35,14 +35,13 @@ import torch
 
 from sparsetrain.config.sparsity import GroupSettings
 from sparsetrain.distributed import is_dtensor
-from sparsetrain.kernels.blocks import block_grid
 from sparsetrain.sparsity import block_linear
 from sparsetrain.sparsity.mask_updates import (
     MaskChange,
     drop_and_regrow,
     prune_further,
     regrow_noise,
-    stored_block_scores,
+    stored_block_units,
     unit_scores,
 )
 from sparsetrain.sparsity.masks import settings_block
@@ -72,7 +71,7 @@ class DynamicSparsity:
     def warn_idle(self, max_steps: int) -> None:
         """One warning per group whose rule takes no step in 1..max_steps: its masks never change."""
         for group, settings in self.settings.items():
-            if not settings.dynamic.update.steps_until(max_steps):
+            if not settings.dynamic.update.updates_before(max_steps + 1):
                 start = "its masks dense (the rule starts after step 0)" if not settings.dynamic.starts_sparse else "its initial masks"
                 log.warning("sparsity: %s (%s): no update step in 1..%d (update: %s); it trains with %s",
                             group, settings.dynamic.algorithm, max_steps, settings.dynamic.update.describe(), start)
@@ -145,9 +144,7 @@ class DynamicSparsity:
         packed = self._packed.get(name) if block is not None else None
         kept = None
         if packed is not None and tuple(packed.block) == tuple(block):  # from the stored blocks, no unpacking
-            drop_score = stored_block_scores(packed.weight_blocks, packed._bs_blk_rows, packed._bs_row_cols,
-                                             block_grid(mask.shape, block)).to(mask.device)
-            kept = block_linear.live_grid(packed).reshape(-1).to(mask.device)
+            drop_score, kept = (t.to(mask.device) for t in stored_block_units(packed.weight_blocks, packed.layout()))
         else:
             drop_score = unit_scores(self._whole_weight(name).to(mask.device), block)
         algorithm = settings.dynamic.algorithm

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsetrain.kernels.blocks import block_grid, block_layout, layout_to_mask, matrix_shape
+from sparsetrain.kernels.blocks import BlockLayout, block_grid, block_layout, layout_to_mask, matrix_shape
 from sparsetrain.sparsity.masks import block_norms, num_pruned
 
 
@@ -36,13 +36,12 @@ class MaskChange:
 
     mask: torch.Tensor
     units: int  # entries or blocks in the tensor
-    kept_before: int
     kept: int
     dropped: int
     regrown: int
     new: int  # units kept now that were not kept before (the churn)
-    layout: torch.Tensor | None = None  # block structure: the live-block grid of ``mask``
-    kept_entries: int = 0  # entries ``mask`` keeps
+    layout: torch.Tensor | None  # block structure: the live-block grid of ``mask``
+    kept_entries: int  # entries ``mask`` keeps
 
 
 def unit_scores(tensor: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
@@ -58,12 +57,16 @@ def unit_scores(tensor: torch.Tensor, block: tuple[int, int] | None) -> torch.Te
     return block_norms(t, block).reshape(-1)
 
 
-def stored_block_scores(blocks: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Block norms of a weight stored as its live blocks ``(nnz, br, bc)`` at grid cells
-    (``rows``, ``cols``), flat over the grid (0 at dead blocks), without unpacking it."""
-    scores = torch.zeros(grid[0] * grid[1], dtype=torch.float32, device=blocks.device)
-    scores[rows.long() * grid[1] + cols.long()] = torch.linalg.vector_norm(blocks.detach().float(), dim=(1, 2))
-    return scores
+def stored_block_units(blocks: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a weight stored as its live blocks ``(nnz, br, bc)`` in ``layout``'s order: each block's
+    norm and whether it is live, flat over the grid (norm 0 at dead blocks), without unpacking it."""
+    rows, cols = layout.grid
+    cells = layout.blk_rows.long() * cols + layout.row_cols.long()
+    scores = torch.zeros(rows * cols, dtype=torch.float32, device=blocks.device)
+    scores[cells] = torch.linalg.vector_norm(blocks.detach().float(), dim=(1, 2))
+    kept = torch.zeros(rows * cols, dtype=torch.bool, device=blocks.device)
+    kept[cells] = True
+    return scores, kept
 
 
 def unit_mask(mask: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
@@ -77,20 +80,19 @@ def from_units(kept: torch.Tensor, like: torch.Tensor, block: tuple[int, int] | 
     return layout_to_mask(kept.view(block_grid(like.shape, block)), block, like.shape)
 
 
-def _change(mask, kept_before, new_kept, block, dropped, regrown) -> MaskChange:
-    new = new_kept if kept_before is None else new_kept & ~kept_before
+def _change(mask, old_kept, new_kept, block, dropped, regrown) -> MaskChange:
+    """The record of an update from ``old_kept`` to ``new_kept`` units of ``mask``."""
     kept = int(new_kept.sum())
-    entries = from_units(new_kept, mask, block) if kept_before is not None else mask
     if block is None:
         kept_entries = kept
     elif all(d % b == 0 for d, b in zip(matrix_shape(mask.shape), block, strict=True)):
         kept_entries = kept * block[0] * block[1]  # whole blocks: no pass over the entries
     else:
-        kept_entries = int(entries.sum())
+        kept_entries = None
+    entries = mask if new_kept is old_kept else from_units(new_kept, mask, block)  # unchanged: the same tensor
     layout = None if block is None else new_kept.view(block_grid(mask.shape, block))
-    churn = 0 if kept_before is None else int(new.sum())
-    return MaskChange(entries, new_kept.numel(), int(kept_before.sum()) if kept_before is not None else kept,
-                      kept, dropped, regrown, churn, layout, kept_entries)
+    return MaskChange(entries, new_kept.numel(), kept, dropped, regrown, int((new_kept & ~old_kept).sum()), layout,
+                      int(entries.sum()) if kept_entries is None else kept_entries)
 
 
 def _ranked(scores: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +171,7 @@ def prune_further(
     k = int(kept.sum())
     target = n - num_pruned(n, level)
     if target >= k:
-        return _change(mask, None, kept, block, 0, 0)
+        return _change(mask, kept, kept, block, 0, 0)
     new_kept = kept.clone()
     new_kept[_smallest(score.reshape(-1), kept, k - target)] = False
     return _change(mask, kept, new_kept, block, k - target, 0)

@@ -14,7 +14,9 @@ from torch import nn
 
 from sparsetrain.config.sparsity import GroupSettings, SparsityConfig
 from sparsetrain.errors import ConfigError
-from sparsetrain.sparsity.masks import check_structure
+from sparsetrain.kernels.blocks import block_grid
+from sparsetrain.sparsity.erk import erk_sparsities
+from sparsetrain.sparsity.masks import check_structure, settings_block
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +175,6 @@ def erk_pool(group: GroupSettings) -> GroupSettings:
 def erk_shares(shapes: Mapping[str, tuple[int, ...]], level: float, group: GroupSettings) -> dict[str, float]:
     """ERK shares of ``level`` over ``shapes``; for block structure over the block grids, so that
     whole blocks add up to the group's exact count (equal-size blocks: its exact entry count)."""
-    from sparsetrain.kernels.blocks import block_grid
-    from sparsetrain.sparsity.erk import erk_sparsities
-    from sparsetrain.sparsity.masks import settings_block
-
     if group.structure == "block":
         shapes = {n: block_grid(shape, settings_block(group)) for n, shape in shapes.items()}
     return erk_sparsities(shapes, min(level, 1.0 - 1e-12))

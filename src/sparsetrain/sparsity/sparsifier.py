@@ -322,28 +322,22 @@ class Sparsifier:
         same_params = len(bound) == len(self._bound) and all(
             p is q for (p, _), (q, _) in zip(bound, self._bound, strict=True)
         )
-        if same_params and self._hooked:
-            if any(m is not n for (_, m), (_, n) in zip(bound, self._bound, strict=True)):
-                # New masks on the same parameters (dynamic sparsity): the hooks read the masks
-                # at call time, so they stay; re-registering them would make torch.compile's
-                # guards on the parameters fail and recompile the model at every update.
-                self._bound = bound
-                self._cast.clear()
-                self._masked_grads.clear()
-                for optimizer in self._optimizers:
-                    self._hand_masks(optimizer)
+        if same_params and self._hooked and all(m is n for (_, m), (_, n) in zip(bound, self._bound, strict=True)):
             return
         self._bound = bound
         self._cast.clear()
         self._masked_grads.clear()
-        for handle in self._grad_handles:
-            handle.remove()
-        self._grad_handles = [
-            p.register_post_accumulate_grad_hook(self._grad_hook(i))
-            for i, (p, _) in enumerate(bound)
-            if p.requires_grad
-        ]
-        self._hooked = True
+        # New masks on the same parameters (dynamic sparsity) keep the hooks: they read the masks
+        # at call time.
+        if not (same_params and self._hooked):
+            for handle in self._grad_handles:
+                handle.remove()
+            self._grad_handles = [
+                p.register_post_accumulate_grad_hook(self._grad_hook(i))
+                for i, (p, _) in enumerate(bound)
+                if p.requires_grad
+            ]
+            self._hooked = True
         for optimizer in self._optimizers:
             self._hand_masks(optimizer)
 

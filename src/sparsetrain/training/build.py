@@ -94,7 +94,7 @@ def setup(
                      "are kept where they fit it, dynamic update counts carry on)", path)
     if info.active:
         _join_processes(run)
-    _count_flops(run)
+    count_flops(run)
     tokens_per_step = params.train_input.batch_size * (params.train_input.max_sequence_length or 0)
     done = state.get("flops_done") if state is not None and full_resume else None
     run.flops_done = float(done) if done is not None else run.flops["sparse"] * tokens_per_step * run.step
@@ -316,10 +316,6 @@ def _join_processes(run: Run) -> None:
 
 def count_flops(run: Run) -> None:
     """FLOPs per token from the current masks (again after every dynamic update)."""
-    _count_flops(run)
-
-
-def _count_flops(run: Run) -> None:
     cfg, p = run.params.model, run.params
     seq = p.train_input.max_sequence_length or p.eval_input.max_sequence_length or cfg.max_position_embeddings
     fractions = run.sparsifier.pruned_fractions() if run.sparsifier else {}

@@ -103,7 +103,7 @@ def _update_masks(run: Run, grads: dict[str, torch.Tensor], dense_step: bool) ->
     from sparsetrain.training.build import count_flops
 
     if dense_step:  # the dense weight-gradient products this step ran (the paper's accounting)
-        fractions = {n: 1.0 - float(run.sparsifier.masks[n].float().mean()) for n in grads}
+        fractions = {n: f for n, f in run.sparsifier.pruned_fractions().items() if n in grads}
         inp = run.params.train_input
         run.flops_done += dense_grad_extra_per_token(run.params.model, fractions) * inp.batch_size * inp.max_sequence_length
         run.dynamic.dense_grad_steps += 1
