@@ -20,7 +20,7 @@ FLOORS = [
     {"model", "flops", "data"},
     {"sparsity", "optim"},
     {"memory", "training"},
-    {"tools", "bench"},
+    {"tools", "bench", "cli_args"},
     {"cli"},
     {"zoo_cli"},
 ]

@@ -6,18 +6,24 @@ A checkpoint is a plain dict, loadable with ``torch.load(weights_only=True)`` (n
 positions (see :mod:`sparsetrain.sparsity.nan_format`). Writes are atomic: the data goes to a
 hidden temporary file in the same directory, is flushed to disk, and is renamed over the final
 name, so a run killed mid-save leaves every earlier checkpoint intact and no partial file that
-looks like a checkpoint.
+looks like a checkpoint. The temporary file's name carries its writer (host and process id), so a
+save never removes another living process's file; checkpoints get the umask's permissions, like
+every other output.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import pickle
 import re
+import socket
 import tempfile
+import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +35,11 @@ from sparsetrain.tensor_tree import map_tensors
 log = logging.getLogger("sparsetrain")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.mdl$")
-# The hidden temporary file a save writes before its rename: ``.checkpoint_<step>.mdl.<random>.tmp``.
+# The hidden temporary file a save writes before its rename:
+# ``.<name>.<host>.<pid>.<random>.tmp`` (older versions: ``.<name>.<random>.tmp``).
 TEMP_RE = re.compile(r"^\.checkpoint_\d+\.mdl\..+\.tmp$")
+WRITER_TEMP_RE = re.compile(r"^\..+\.(mdl|safetensors)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+OLD_TEMP_AGE_S = 24 * 3600  # a temporary file without its writer's name: stale once this old
 REQUIRED_KEYS = ("model", "global_step")
 # Optional top-level entries and the type each must have when present.
 OPTIONAL_DICTS = ("optimizer", "lr_scheduler", "rng", "params")
@@ -134,17 +143,26 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     ``OSError``); its temporary file is removed and earlier checkpoints are untouched. Temporary
     files left by a process killed mid-save are removed after the next successful save.
     """
-    path = Path(path)
     state = on_cpu(state)
+    write_atomically(Path(path), lambda f: torch.save(state, f))
+
+
+def write_atomically(path: Path, write: Callable[[Any], None]) -> None:
+    """Have ``write(file)`` fill a hidden temporary file beside ``path`` (named after its writer:
+    host and pid), flush it to disk and rename it over ``path``: a reader never sees a partial
+    file, and a failed write leaves what was at ``path`` as it was. Errors as
+    :func:`save_checkpoint`'s."""
+    path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _write_error(path, e) from None
     sink = None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is as readable as the other outputs
         with os.fdopen(fd, "wb") as f:
             sink = _Sink(f)
-            torch.save(state, sink)
+            write(sink)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -178,11 +196,47 @@ def on_cpu(state: Any) -> Any:
     return map_tensors(move, state)
 
 
+def _host() -> str:
+    """This machine's name as a temp-file field (no dots: they separate the fields)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's living process
+        return True
+    return True
+
+
+def is_stale_temp(directory: Path, name: str) -> bool:
+    """Whether ``name`` is a temporary checkpoint file of a save that can no longer finish: its
+    writer (named in it) was a process of this host that is gone, or, for a name without its writer
+    (older versions), it is over a day old. Another host's files are never judged stale."""
+    m = WRITER_TEMP_RE.match(name)
+    if m:
+        return m["host"] == _host() and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"]))
+    if not TEMP_RE.match(name):
+        return False
+    try:
+        return time.time() - (Path(directory) / name).stat().st_mtime > OLD_TEMP_AGE_S
+    except OSError:
+        return False
+
+
 def remove_stale_temp_files(model_dir: Path) -> list[Path]:
     """Delete the hidden temporary files of saves that never finished (a process killed mid-save).
 
-    Only one process writes checkpoints into a ``model_dir``, so after one of its saves has
-    completed, any other temporary checkpoint file there is left over from a dead process.
+    Several processes may write into one directory (a training and a ``finalize -o`` beside its
+    checkpoints), so only files whose writer is known to be gone are removed (:func:`is_stale_temp`).
     """
     removed = []
     try:
@@ -190,7 +244,7 @@ def remove_stale_temp_files(model_dir: Path) -> list[Path]:
     except OSError:
         return removed
     for name in names:
-        if TEMP_RE.match(name):
+        if name.endswith(".tmp") and is_stale_temp(Path(model_dir), name):
             stale = Path(model_dir) / name
             try:
                 stale.unlink()
@@ -213,8 +267,48 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+SAFETENSORS_FORMAT = "sparsetrain-dense"  # the "format" metadata of finalize's .safetensors
 WRITER = "sparsetrain"  # the "writer" key of our checkpoints: marks them apart from the zoo's (same keys)
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # the signature of an HDF5 file (the zoo's cstorch.save container)
+
+
+def is_safetensors(path: Path | str) -> bool:
+    """Whether ``path`` has the safetensors layout: an 8-byte little-endian header length, then
+    the JSON header (``{``) that fits in the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
+def load_safetensors(path: Path) -> dict[str, Any]:
+    """A ``.safetensors`` file as a weights-only checkpoint dict: ``model``, ``global_step`` and
+    ``params`` from its metadata where ``finalize`` wrote them (step 0 otherwise), and
+    ``weights_only: True`` -- it holds no optimizer, schedule or RNG state, so it can start a run
+    (a warm start) but not continue one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        model = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: corrupt or truncated .safetensors file ({first[:200]})") from None
+    state: dict[str, Any] = {"model": model, "global_step": 0, "weights_only": True}
+    if meta.get("format") == SAFETENSORS_FORMAT:
+        state["writer"] = WRITER
+    try:
+        state["global_step"] = max(0, int(meta.get("global_step", 0)))
+        if "params" in meta:
+            state["params"] = json.loads(meta["params"])
+    except (TypeError, ValueError):
+        pass  # another tool's metadata: the weights are what counts
+    return state
 
 
 def is_hdf5(path: Path | str) -> bool:
@@ -234,6 +328,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
+        if is_safetensors(path):
+            raise CheckpointError(f"{path}: a .safetensors file (weights only, e.g. finalize's), not a torch.save checkpoint")
         if is_hdf5(path):
             raise CheckpointError(f"{path}: a Cerebras HDF5 checkpoint (cstorch.save), not a torch.save archive")
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint (not a torch.save archive)")
@@ -281,11 +377,16 @@ def _layout_problem(state: dict[str, Any]) -> str | None:
     return None
 
 
-def prune_checkpoints(model_dir: Path, keep: int | None) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints; returns the deleted paths."""
+def prune_checkpoints(model_dir: Path, keep: int | None, newest: int | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints; returns the deleted paths.
+
+    ``newest``: the step just written. Checkpoints of later steps are not this run's history (a
+    resume moves them aside, see :mod:`sparsetrain.training.model_dir`): never counted, never
+    deleted here."""
     if not keep:
         return []
-    old = [p for _, p in list_checkpoints(model_dir)[:-keep]]
+    found = [(s, p) for s, p in list_checkpoints(model_dir) if newest is None or s <= newest]
+    old = [p for _, p in found[:-keep]]
     deleted = []
     for p in old:
         try:

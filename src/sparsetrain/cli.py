@@ -15,11 +15,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sparsetrain.config import PRESETS
+from sparsetrain.cli_args import MODES, build_parser
 from sparsetrain.errors import UserError
 
 log = logging.getLogger("sparsetrain")
-MODES = ("train", "eval", "train_and_eval", "eval_all")
 
 
 # -- the subcommands -------------------------------------------------------------------------------
@@ -27,23 +26,46 @@ MODES = ("train", "eval", "train_and_eval", "eval_all")
 
 def run_mode(args: argparse.Namespace) -> int:
     """``train`` | ``eval`` | ``train_and_eval``: one run on ``--model_dir`` (resumes there)."""
-    from sparsetrain import distributed, training
-    from sparsetrain.config import dump_params, load_params
-    from sparsetrain.training.loop import format_summary
+    from sparsetrain import training
+    from sparsetrain.config import load_params
     from sparsetrain.training.metrics import setup_logging
+    from sparsetrain.training.model_dir import ModelDirLock, command_line
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; rank 0 talks and writes
     params = load_params(args.params, args.overrides, args.unset)
-    model_dir = _prepare_model_dir(_model_dir(args, params))
-    setup_logging(model_dir if main_rank else None, verbose=main_rank)
-    _log_no_effect(params)
-    if args.command == "eval_all":
-        return _eval_all(params, model_dir, args, main_rank)
-    run = training.setup(params, model_dir, checkpoint_path=args.checkpoint_path, train=args.command != "eval")
+    model_dir = _model_dir(args, params)
+    created = not model_dir.exists()
+    _prepare_model_dir(model_dir, args.command)
+    lock = ModelDirLock(model_dir)
     try:
-        if main_rank:
+        if main_rank:  # one writer per model_dir; torchrun's ranks are one run
+            lock.acquire(command_line())
+        setup_logging(model_dir if main_rank else None, verbose=main_rank)
+        _log_no_effect(params)
+        if args.command == "eval_all":
+            return _eval_all(params, model_dir, args, main_rank)
+        try:
+            run = training.setup(params, model_dir, checkpoint_path=args.checkpoint_path, train=args.command != "eval")
+        except (UserError, KeyboardInterrupt):
+            if created and main_rank:  # nothing happened: leave no model_dir behind
+                setup_logging(None, verbose=main_rank)
+                _remove_new_model_dir(model_dir, lock)
+            raise
+        return _run(run, args, params, model_dir, main_rank)
+    finally:
+        lock.release()
+
+
+def _run(run, args: argparse.Namespace, params, model_dir: Path, main_rank: bool) -> int:
+    """The set-up run's training or evaluation, its summary, and the processes' end."""
+    from sparsetrain import distributed
+    from sparsetrain.config import dump_params
+    from sparsetrain.training.loop import format_summary
+
+    try:
+        if main_rank and args.command != "eval":  # params.yaml records the training run; eval leaves it
             _write_text(model_dir / "params.yaml", dump_params(params, args.overrides, args.unset))
-        _log_start(run)
+        _log_start(run, args.command)
         history = _evaluate_only(run) if args.command == "eval" else _train(run, args.command, main_rank)
         if run.sparsifier is not None:  # every rank: with FSDP the statistics gather shards
             history["sparsity_groups"] = run.sparsifier.group_stats()
@@ -176,7 +198,7 @@ def inspect(args: argparse.Namespace) -> int:
 def finalize(args: argparse.Namespace) -> int:
     from sparsetrain import tools
 
-    result = tools.finalize(args.input, args.output)
+    result = tools.finalize(args.input, args.output, overwrite=args.overwrite)
     print(f"wrote dense checkpoint {result['output']} (step {result['global_step']}, NaN -> 0)")
     return 0
 
@@ -227,14 +249,17 @@ def _model_dir(args: argparse.Namespace, params) -> Path:
     raise UserError("--model_dir: required (or runconfig.model_dir in the params file)")
 
 
-def _log_start(run) -> None:
+def _log_start(run, command: str) -> None:
     from sparsetrain.sparsity.block_linear import dense_numel
 
+    if command == "eval":
+        what = f"evaluating {run.loaded_from} (step {run.step})" if run.loaded_from else "evaluating"
+    else:
+        what = f"resuming at step {run.step}" if run.step else "starting at step 0"
     log.info(
         "model: %s parameters on %s (%s%s%s); %s",
         f"{dense_numel(run.model):,}", run.device, run.precision, ", compiled" if run.compiled else "",
-        f", {run.dist.mode.upper()} x{run.dist.world_size}" if run.dist.active else "",
-        f"resuming at step {run.step}" if run.step else "starting at step 0",
+        f", {run.dist.mode.upper()} x{run.dist.world_size}" if run.dist.active else "", what,
     )
 
 
@@ -243,7 +268,7 @@ def _evaluate_only(run) -> dict:
 
     if run.loaded_from is None:
         raise UserError(f"{run.model_dir}: no checkpoint to evaluate; train first or pass --checkpoint_path")
-    return {"eval": training.evaluate(run), "steps_run": 0, "start_step": run.step}
+    return {"eval": training.evaluate(run), "steps_run": 0, "start_step": run.step, "evaluated": run.loaded_from}
 
 
 def _train(run, command: str, main_rank: bool) -> dict:
@@ -262,15 +287,38 @@ def _progress_factory(enabled: bool):
     return lambda initial, total: tqdm(initial=initial, total=total, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _prepare_model_dir(model_dir: Path) -> Path:
+def _prepare_model_dir(model_dir: Path, command: str) -> Path:
+    """Create ``model_dir`` if needed and check it is a directory this process can write (its lock,
+    train.log and metrics go there, for an evaluation too)."""
+    if model_dir.is_symlink() and not model_dir.exists():
+        raise UserError(f"--model_dir {model_dir}: a symbolic link to {os.readlink(model_dir)}, which does not exist")
+    if model_dir.exists() and not model_dir.is_dir():
+        raise UserError(f"--model_dir {model_dir}: is a file, not a directory; give a directory (it is created if missing)")
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
         probe = model_dir / f".write_test.{os.getpid()}"  # per process: torchrun ranks probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"--model_dir {model_dir}: cannot write there ({e.strerror or e})") from None
+        hint = ""
+        if command.startswith("eval") and model_dir.is_dir():
+            hint = ("; an evaluation writes its records there: to evaluate a checkpoint of it, pass that as "
+                    "--checkpoint_path with a --model_dir you can write")
+        raise UserError(f"--model_dir {model_dir}: cannot write there ({e.strerror or e}){hint}") from None
     return model_dir
+
+
+def _remove_new_model_dir(model_dir: Path, lock) -> None:
+    """Undo the model_dir a failed setup created: its log and lock, and the folder if then empty."""
+    from sparsetrain.training.model_dir import LOCK_NAME
+
+    lock.release()
+    for name in ("train.log", LOCK_NAME):
+        (model_dir / name).unlink(missing_ok=True)
+    try:
+        model_dir.rmdir()
+    except OSError:
+        pass  # something else is there now: not ours to remove
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -283,131 +331,27 @@ def _write_text(path: Path, text: str) -> None:
         raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
-# -- arguments -------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsetrain", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mode, text in zip(MODES, ("train (resumes from model_dir)", "evaluate the latest checkpoint", "train, evaluating as it goes",
-                                  "evaluate every checkpoint in model_dir, oldest first")):
-        _add_run_args(sub.add_parser(mode, help=text))
-
-    g = sub.add_parser("generate", help="sample text from a trained model")
-    g.add_argument("--model_dir", "-o", required=True, type=Path)
-    g.add_argument("--checkpoint_path", type=Path, help="default: the newest checkpoint in model_dir")
-    g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max_new_tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top_k", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    _add_debug(g)
-
-    pr = sub.add_parser("prepare", help="tokenize a text source into memory-mapped token shards")
-    pr.add_argument("--params", "-p", required=True, type=Path, help="its train_input names the source and tokenizer")
-    pr.add_argument("--output", required=True, type=Path, help="directory for the shards and meta.json")
-    pr.add_argument("--format", choices=("shards", "zoo-hdf5"), default="shards",
-                    help="shards (ours, memory-mapped) | zoo-hdf5 (the zoo's .h5 sample form, for GptHDF5MapDataProcessor)")
-    pr.add_argument("--seq_len", type=int, help="zoo-hdf5: tokens per sample (default: train_input.max_sequence_length)")
-    _add_overrides(pr)
-    _add_debug(pr)
-
-    cp = sub.add_parser("convert-params", help="write a params file (the zoo's, any layout) in our layout")
-    cp.add_argument("params", type=Path, help="YAML params file")
-    cp.add_argument("-o", "--output", type=Path, help="where to write (default: print)")
-    _add_overrides(cp)
-    _add_debug(cp)
-
-    pl = sub.add_parser("plan", help="dry run: which weights a params file sparsifies, and the FLOPs")
-    pl.add_argument("--params", "-p", required=True, type=Path)
-    _add_overrides(pl)
-    pl.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
-    _add_debug(pl)
-
-    ins = sub.add_parser("inspect", help="per-tensor NaN (pruned) counts and sparsity of a checkpoint")
-    ins.add_argument("checkpoint", type=Path)
-    ins.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
-    _add_debug(ins)
-
-    fin = sub.add_parser("finalize", help="NaN -> 0: a dense checkpoint for other tools")
-    fin.add_argument("-i", "--input", required=True, type=Path, help="sparse checkpoint")
-    fin.add_argument("-o", "--output", required=True, type=Path, help=".mdl (same layout) or .safetensors (weights)")
-    _add_debug(fin)
-
-    bench = sub.add_parser("bench", help="measure training speed and memory (dense vs sparse vs reference)")
-    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
-    _bench_train_arguments(bsub.add_parser("train", help="training step: plain-loop reference, our dense, our sparse; one process"))
-    bl = bsub.add_parser(
-        "layer", help="one linear layer: block-sparse kernels vs cuBLAS, torch BSR and 2:4 (CUDA + Triton)",
-        description="Time forward and backward of one block-sparse linear layer against dense on this GPU.",
-    )
-    _bench_layer_arguments(bl)
-    _add_debug(bl)
-    return parser
-
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", "-p", required=True, type=Path, help="YAML params file")
-    p.add_argument("--model_dir", "-o", type=Path,
-                   help="checkpoints, params, logs and metrics go here (default: runconfig.model_dir)")
-    p.add_argument("--checkpoint_path", type=Path, help="load this checkpoint (outside model_dir: weights only, a warm start)")
-    _add_overrides(p)
-    _add_debug(p)
-
-
-def _add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a params key (repeatable), e.g. --set runconfig.max_steps=100")
-    p.add_argument("--unset", action="append", default=[], metavar="SECTION.KEY",
-                   help="delete a key of the params file (repeatable): it takes its default")
-
-
-def _add_debug(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def _bench_train_arguments(bt: argparse.ArgumentParser) -> None:
-    bt.add_argument("--preset", default="gpt2-small", choices=sorted(PRESETS))
-    bt.add_argument("--batch_size", type=int, default=16)
-    bt.add_argument("--seq_len", type=int, default=1024)
-    bt.add_argument("--sparsity", type=float, default=0.75)
-    bt.add_argument("--structure", default="unstructured", help='unstructured | block | "N:M" (e.g. 2:4)')
-    bt.add_argument("--block_size", type=int, default=128, help="with --structure block: square block side")
-    bt.add_argument("--steps", type=int, default=20, help="timed steps")
-    bt.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
-    bt.add_argument("--compile", default="auto", type=_bool_or_auto, help="auto | true | false")
-    bt.add_argument("--device", default="auto")
-    bt.add_argument("--no_reference", action="store_true", help="skip the plain-loop reference")
-    bt.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="params override for our dense and sparse runs, e.g. runconfig.attention=cudnn")
-    bt.add_argument("--json", action="store_true")
-    _add_debug(bt)
-
-
-def _bench_layer_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--shapes", default="8192x2048,2048x8192", help="weight shapes, out x in, comma separated")
-    ap.add_argument("--sparsity", default="0,0.75,0.9", help="block sparsities, comma separated")
-    ap.add_argument("--block_size", "--block", type=int, default=128, help="square block side")
-    ap.add_argument("--tokens", type=int, default=16384, help="rows of input (batch x context)")
-    ap.add_argument("--json", help="write all figures to this file")
-    ap.add_argument("--show", metavar="JSON", help="print the table of a saved --json file and exit (no GPU needed)")
-
-
-def _bool_or_auto(text: str) -> str | bool:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "auto":
-        return "auto"
-    raise argparse.ArgumentTypeError("expected auto, true or false")
-
-
 # -- entry points ----------------------------------------------------------------------------------
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (whose own handler checkpoints first): unwinds like Ctrl-C,
+    so setup's clean-up runs and the command ends with one line."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
     command = f"bench {args.bench_command}" if args.command == "bench" else args.command
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return COMMANDS[command](args)
     except UserError as e:
@@ -415,9 +359,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside the training loop (setup, evaluation)
+        if args.debug:
+            raise
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: stopped before finishing; checkpoints already written are intact "
+              "(a training stopped in its loop writes one first)", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -291,21 +292,55 @@ def format_inspect(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def finalize(src: Path, out: Path) -> dict[str, Any]:
-    """NaN -> 0 everywhere: a dense checkpoint for other tools (``.safetensors``: weights only)."""
+def finalize(src: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """NaN -> 0 everywhere: a dense checkpoint for other tools (``.safetensors``: weights only).
+
+    The output is written atomically (a reader never sees half a file) and only where nothing is
+    lost: see :func:`check_output`."""
+    out = Path(out)
+    check_output(out, Path(src), overwrite)
     state = ckpt.load_checkpoint(src)
     dense = nan_format.densify(state)
-    out = Path(out)
-    if out.resolve() == Path(src).resolve():
-        raise CheckpointError(f"{out}: finalize would overwrite its input; choose another -o path")
     if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         weights = {k: v.contiguous().clone() for k, v in dense["model"].items() if isinstance(v, torch.Tensor)}
-        meta = {"global_step": str(state["global_step"]), "format": "sparsetrain-dense"}
+        meta = {"global_step": str(state["global_step"]), "format": ckpt.SAFETENSORS_FORMAT}
         if "params" in state:
             meta["params"] = json.dumps(state["params"])
-        save_file(weights, str(out), metadata=meta)
+        blob = save(weights, metadata=meta)
+        ckpt.write_atomically(out, lambda f: f.write(blob))
     else:
         ckpt.save_checkpoint(dense, out)
     return {"input": str(src), "output": str(out), "global_step": state["global_step"]}
+
+
+def check_output(out: Path, src: Path, overwrite: bool) -> None:
+    """Refuse, in one line, an output path where writing would lose something or mislead:
+
+    - its directory is missing, or the path is a directory;
+    - something other than a regular file is there (a FIFO, a device such as ``/dev/full``, a
+      socket): never replaced, even with ``overwrite``;
+    - a file is there and ``overwrite`` is not given (``--overwrite``), or it is the input;
+    - the name is ``checkpoint_<step>.mdl`` in a model_dir (a directory holding checkpoints or a
+      params.yaml): the next resume would load the dense copy as the run's newest checkpoint.
+    """
+    if out.is_dir():
+        raise CheckpointError(f"-o {out}: is a directory; give a file path, e.g. {out / 'dense.mdl'}")
+    if out.suffix not in (".mdl", ".safetensors"):
+        raise CheckpointError(f"-o {out}: choose a name ending in .mdl (same layout) or .safetensors (weights only)")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"-o {out}: the directory {out.parent} does not exist; create it first")
+    if os.path.lexists(out):
+        if not out.is_file():
+            raise CheckpointError(f"-o {out}: is not a regular file (a FIFO, device or socket); finalize never replaces one")
+        if out.resolve() == src.resolve():
+            raise CheckpointError(f"-o {out}: finalize would overwrite its input; choose another -o path")
+        if not overwrite:
+            raise CheckpointError(f"-o {out}: already exists; pass --overwrite to replace it, or choose another -o path")
+    m = ckpt.CHECKPOINT_RE.match(out.name)
+    if m and (ckpt.list_checkpoints(out.parent) or (out.parent / "params.yaml").exists()):
+        raise CheckpointError(
+            f"-o {out}: a checkpoint name in a model_dir, which the next resume would load as the run's "
+            f"checkpoint; choose another name, e.g. {out.parent / f'dense_{m.group(1)}.mdl'}"
+        )

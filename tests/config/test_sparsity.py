@@ -63,7 +63,7 @@ BAD_BLOCKS = [
     ({"sparsity": 0.3, "type": 3}, "sparsity.type: expected a string"),
     ({"sparsity": 0.3, "type": "static", "algorithm": "static"}, "sparsity.algorithm"),
     ({"sparsity": 1.0}, "sparsity.sparsity: 1 is not valid; expected a number in [0, 1)"),
-    ({"sparsity": 75}, "did you mean 0.75?"),
+    ({"sparsity": 75}, "sparsity.sparsity: 75 is not valid; expected a number in [0, 1), the fraction of weights pruned"),
     ({"sparsity": -0.1}, "sparsity.sparsity: -0.1 is not valid"),
     ({"sparsity": float("nan")}, "sparsity.sparsity: nan is not valid"),
     ({"sparsity": True}, "sparsity.sparsity: expected a number in [0, 1), got bool True"),

@@ -5,19 +5,12 @@
 
 See :mod:`~sparsetrain.config.sections` for the keys of each section,
 :mod:`~sparsetrain.config.sparsity` for the ``sparsity:`` block and
-:mod:`~sparsetrain.config.params` for reading, overriding and writing a params file.
+:mod:`~sparsetrain.config.params` for reading and writing a params file and
+:mod:`~sparsetrain.config.overrides` for ``--set`` / ``--unset``.
 """
 
-from sparsetrain.config.params import (
-    SECTIONS,
-    Params,
-    apply_overrides,
-    dump_params,
-    load_params,
-    params_from_dict,
-    parse_override,
-    read_yaml,
-)
+from sparsetrain.config.overrides import apply_overrides, parse_override
+from sparsetrain.config.params import SECTIONS, Params, dump_params, load_params, params_from_dict, read_yaml
 from sparsetrain.config.sections import PRESETS, InputParams, ModelParams, OptimizerParams, RunConfig
 from sparsetrain.config.sparsity import GroupSettings, SparsityConfig, parse_sparsity
 

@@ -165,7 +165,15 @@ def check_levels(dyn: DynamicSettings, max_steps: int) -> None:
 
 
 def parse_drop_fraction(value: Any, where: str) -> HyperSchedule:
+    """A number or a schedule; constants and cycling values must lie in [0, 1] (the message says
+    what the number means and guesses no other value, as :func:`parse_fraction` does)."""
     schedule = parse_hyper(value, where)
-    if schedule.kind == "constant" and not 0.0 <= schedule.to_value() <= 1.0:
-        raise ConfigError(f"{where}: {schedule.to_value():g} is not valid; the fraction of kept entries dropped, in [0, 1]")
+    fixed = {"constant": [(where, schedule.to_value())],
+             "cycling": [(f"{where}[{i}]", v) for i, v in enumerate(dict(schedule.args).get("values", ()))]}
+    for key, v in fixed.get(schedule.kind, []):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(
+                f"{key}: {v:g} is not valid; the fraction of kept entries dropped, in [0, 1] (e.g. 0.3 drops "
+                "30% of them at each update)"
+            )
     return schedule

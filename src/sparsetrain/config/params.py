@@ -5,7 +5,9 @@ Sections: ``train_input``, ``eval_input``, ``model``, ``optimizer``, ``runconfig
 :class:`~sparsetrain.config.sparsity.SparsityConfig`. :func:`load_params` validates every key and raises a
 :class:`~sparsetrain.errors.ConfigError` whose one-line message names the file, the section, the
 key and what would be valid. ``--set section.key=value`` overrides are applied on top of the file
-before validation, so they are checked the same way and end up in the resolved params.
+before validation, so they are checked the same way and end up in the resolved params; an error
+about a key the command line changed names the flag (``--set runconfig.max_step: ...``) instead
+of the file, and a value YAML cannot read is an error, never the text as it was.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ import yaml
 
 from sparsetrain.config.dynamic import check_levels
 from sparsetrain.config.fields import build_section, check_range, closest, coerce, key_text
+from sparsetrain.config.overrides import (
+    FlagError,
+    apply_overrides,
+    apply_unset,
+    flag_keys,
+    naming_flag,
+    one_line,
+    parse_override,
+)
 from sparsetrain.config.sections import (
     INITIALIZERS,
     PRESETS,
@@ -52,6 +63,9 @@ class Params:
     layout: str = field(default="sparsetrain", compare=False, repr=False)  # or "zoo", "zoo trainer"
     no_effect: tuple[str, ...] = field(default=(), compare=False, repr=False)  # zoo keys, as written
     origin: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # our key -> as written
+    # Keys the command line changed, as written there -> the flag ("--set", "--unset"): errors
+    # about them name the flag, not the file (see :func:`as_written`).
+    flags: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, ready for YAML or a checkpoint (``torch.load(weights_only=True)`` safe)."""
@@ -218,7 +232,7 @@ def _validate(raw: dict) -> Params:
     eval_raw = raw.get("eval_input")
     if isinstance(eval_raw, dict) or eval_raw is None:
         eval_raw = {"shuffle": False, **(eval_raw or {})}  # evaluation reads consecutive windows
-    eval_ = build_section(InputParams, eval_raw, "eval_input", section="eval_input")
+    eval_ = _train_tokenizer(build_section(InputParams, eval_raw, "eval_input", section="eval_input"), eval_raw, train)
     optimizer = build_section(OptimizerParams, raw.get("optimizer"), "optimizer")
     _check_schedule(optimizer.learning_rate)
     if train.batch_size % optimizer.grad_accum_steps:
@@ -250,6 +264,32 @@ def _validate(raw: dict) -> Params:
     return params
 
 
+# eval_input keys that evaluation takes from train_input: the eval split is encoded with the
+# tokenizer the model is trained with (``data.load_tokenizer(train_input)``), as ids of another
+# vocabulary would be scored against the wrong embeddings.
+TRAIN_TOKENIZER_KEYS = ("tokenizer", "bpe_vocab_size")
+
+
+def _train_tokenizer(eval_: InputParams, eval_raw: Any, train: InputParams) -> InputParams:
+    """``eval_input`` with train_input's tokenizer keys, so the resolved params (``convert-params``,
+    ``model_dir/params.yaml``) show the tokenizer evaluation really uses rather than
+    eval_input's defaults (``byte``, 4096). An eval_input value that would be ignored because it
+    differs is an error: ``bpe_vocab_size`` only where train_input trains a BPE, as elsewhere
+    neither section reads it."""
+    given = eval_raw if isinstance(eval_raw, dict) else {}
+    for key in TRAIN_TOKENIZER_KEYS:
+        ours, theirs = getattr(eval_, key), getattr(train, key)
+        matters = key == "tokenizer" or train.tokenizer == "bpe"
+        if key in given and matters and ours != theirs:
+            raise ConfigError(
+                f"eval_input.{key}: {ours!r} differs from train_input.{key} {theirs!r}; evaluation encodes "
+                f"with train_input's tokenizer (the model's vocabulary): leave eval_input.{key} out or make "
+                "it the same"
+            )
+        setattr(eval_, key, theirs)
+    return eval_
+
+
 def _parse_compile(value: str | bool) -> str | bool:
     if isinstance(value, bool) or value == "auto":
         return value
@@ -257,49 +297,6 @@ def _parse_compile(value: str | bool) -> str | bool:
     if lowered in ("true", "false"):
         return lowered == "true"
     raise ConfigError(f"runconfig.compile: {value!r} is not valid; choose auto, true or false")
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (["section", "key"], value parsed as YAML)."""
-    path, sep, value = text.partition("=")
-    keys = path.strip().split(".")
-    if not sep or len(keys) < 2 or not all(keys):
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. runconfig.max_steps=100")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except Exception:  # a YAML error, or a constructor failing on a bad tagged value
-        parsed = value
-    return keys, parsed
-
-
-def apply_unset(raw: dict, paths: typing.Sequence[str]) -> dict:
-    """Delete ``--unset section.key`` paths from a raw params mapping (in place) and return it:
-    a key removed falls back to its default (or, in a zoo file, to the zoo's default)."""
-    for text in paths:
-        keys = text.strip().split(".")
-        node: Any = raw
-        for key in keys[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if not all(keys) or not isinstance(node, dict) or keys[-1] not in node:
-            raise ConfigError(f"--unset {text!r}: no such key in the params file")
-        del node[keys[-1]]
-    return raw
-
-
-def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
-    """Apply ``--set`` overrides to a raw params mapping (in place) and return it."""
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for key in keys[:-1]:
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {key} is not a section")
-            node = child
-        node[keys[-1]] = value
-    return raw
 
 
 def read_yaml(path: Path) -> Any:
@@ -323,26 +320,22 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: YAML nested too deeply") from None
     except Exception as e:  # safe_load runs no user code: a constructor failed on a bad
         # tagged value (a date 2001-02-30, "!!int x", "!!int ''") with a plain Python error
-        raise ConfigError(f"{path}: YAML value error: {_one_line(e)}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+        raise ConfigError(f"{path}: YAML value error: {one_line(e)}") from None
 
 
 def load_params(path: str | Path, overrides: typing.Sequence[str] = (), unset: typing.Sequence[str] = ()) -> Params:
     """Read, override and validate a params file (ours, or the model zoo's in any layout). Errors
-    are prefixed with the file name."""
+    are prefixed with the file name, or with the flag for a key that ``--set`` / ``--unset`` changed."""
     path = Path(path)
     raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
-    with naming_file(path):
+    with naming_file(path, overrides, unset):
         params = params_from_dict(raw, overrides, unset)
     params.path = path
+    params.flags = flag_keys(overrides, unset)
     return params
 
 
@@ -350,11 +343,15 @@ def load_params(path: str | Path, overrides: typing.Sequence[str] = (), unset: t
 def as_written(params: Params) -> Iterator[None]:
     """Errors about a params key raised inside (the checks that need the model or the data) name
     the key as the file wrote it (``trainer.fit.train_dataloader.data_dir`` in a 2.4+ zoo file);
-    config errors also name the params file first, as :func:`naming_file` does."""
+    config errors also name the params file first, as :func:`naming_file` does, or the flag when
+    the command line set that key."""
     try:
         yield
     except UserError as e:
         message = _as_written(str(e), params.origin)
+        flagged = naming_flag(message, params.flags)
+        if flagged is not None:
+            raise (FlagError if isinstance(e, ConfigError) else type(e))(flagged) from None
         if isinstance(e, ConfigError) and params.path is not None:
             message = f"{params.path}: {message}"
         if message == str(e):
@@ -363,12 +360,20 @@ def as_written(params: Params) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def naming_file(path: Path | None) -> Iterator[None]:
-    """Config errors raised inside name the params file ``path`` first (nothing when None): for
-    parsing, and for the checks that need the model (``training.build``)."""
+def naming_file(
+    path: Path | None, overrides: typing.Sequence[str] = (), unset: typing.Sequence[str] = ()
+) -> Iterator[None]:
+    """Config errors raised inside name the params file ``path`` first (nothing when None), or
+    the flag, when the key at fault came from ``overrides`` (``--set``) or ``unset``: the file
+    does not hold that value, and blaming it sends the user to the wrong place."""
     try:
         yield
+    except FlagError:
+        raise
     except ConfigError as e:
+        flagged = naming_flag(str(e), flag_keys(overrides, unset))
+        if flagged is not None:
+            raise FlagError(flagged) from None
         if path is None:
             raise
         raise ConfigError(f"{path}: {e}") from None

@@ -41,8 +41,13 @@ class InputParams:
     )
     shuffle_seed: int | None = setting(None, "seed of the batch order (default: runconfig.seed)", min=0, max=2**63 - 1)
     text_field: str = setting("text", "field of each JSON Lines record that holds the document")
-    tokenizer: str = setting("byte", "byte | bpe (trained locally, saved in model_dir) | path to tokenizer.json")
-    bpe_vocab_size: int = setting(4096, "vocabulary size of a locally trained BPE", min=257, max=MAX_VOCAB)
+    tokenizer: str = setting(
+        "byte", "byte | bpe (trained locally, saved in model_dir) | path to tokenizer.json; "
+        "eval_input: always train_input's (evaluation encodes with the model's tokenizer)",
+    )
+    bpe_vocab_size: int = setting(
+        4096, "vocabulary size of a locally trained BPE; eval_input: always train_input's", min=257, max=MAX_VOCAB
+    )
     split: str | None = setting(
         None, "train | eval | all; default: train for train_input, eval for eval_input",
         choices=("train", "eval", "all"),

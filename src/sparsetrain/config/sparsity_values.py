@@ -59,17 +59,18 @@ def parse_type(block: Mapping[str, Any], where: str) -> str:
     return TYPE_ALIASES.get(kind, kind)
 
 
+FRACTION_MEANING = "the fraction of weights pruned in each selected tensor (e.g. 0.75 prunes 75%)"
+
+
 def parse_fraction(value: Any, where: str) -> float:
+    """A sparsity level in [0, 1). Out of range, the message says what the number means and guesses
+    no other value: 1.5 may be a 1.5% or a 15% meant, and a wrong guess taken trains another model."""
     value = number(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{where}: expected a number in [0, 1), got {kind_of(value)}")
     value = float(value)
     if not math.isfinite(value) or not 0.0 <= value < 1.0:
-        hint = f" (did you mean {value / 100:g}?)" if 2.0 <= value <= 100.0 else ""  # a percentage
-        raise ConfigError(
-            f"{where}: {value:g} is not valid; expected a number in [0, 1), the fraction of "
-            f"entries pruned in each selected tensor{hint}"
-        )
+        raise ConfigError(f"{where}: {value:g} is not valid; expected a number in [0, 1), {FRACTION_MEANING}")
     return value
 
 

@@ -14,9 +14,15 @@ back), ``hdf5_write`` (writing the zoo's layout) and ``loading`` (a data section
 - the train/eval split is a stable hash of each file's relative path (blake2b), so it never
   depends on the machine, the process or the order files are listed in;
 - batches are a pure function of ``(seed, step, rank)``: there is no loader state to checkpoint and
-  a resumed run reads exactly the batches it would have read.
+  a resumed run reads exactly the batches it would have read -- of the same data, which
+  :func:`fingerprint` (a few slices, never a full pass) lets a resume check;
+- a batch that cannot fit the machine's memory is a one-line error before anything is allocated
+  (:func:`check_batch_fits`).
 """
 
+from sparsetrain.data.batch_memory import batch_bytes, check_batch_fits
+from sparsetrain.data.checks import check_length, check_vocab
+from sparsetrain.data.fingerprints import fingerprint, fingerprint_changes
 from sparsetrain.data.hdf5 import hdf5_stream
 from sparsetrain.data.hdf5_write import prepare_zoo_hdf5
 from sparsetrain.data.loading import encode_corpus, load_tokenizer, load_tokens
@@ -27,8 +33,6 @@ from sparsetrain.data.stream import (
     SampleStream,
     Stream,
     TokenStream,
-    check_length,
-    check_vocab,
     eval_batches,
     get_batch,
 )
@@ -47,12 +51,16 @@ __all__ = [
     "Stream",
     "TokenStream",
     "Tokenizer",
+    "batch_bytes",
+    "check_batch_fits",
     "check_input",
     "check_length",
     "check_vocab",
     "corpus_files",
     "encode_corpus",
     "eval_batches",
+    "fingerprint",
+    "fingerprint_changes",
     "get_batch",
     "hdf5_stream",
     "iter_documents",

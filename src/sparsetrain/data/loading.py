@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from sparsetrain import distributed
+from sparsetrain.data.batch_memory import check_batch_fits
+from sparsetrain.data.checks import check_length
 from sparsetrain.data.hdf5 import hdf5_stream
 from sparsetrain.data.shards import shard_stream, shard_tokenizer
 from sparsetrain.data.sources import DataInput, check_input, iter_documents, split_of
-from sparsetrain.data.stream import Stream, TokenStream, check_length
+from sparsetrain.data.stream import Stream, TokenStream
 from sparsetrain.data.tokenizers import HFTokenizer, Tokenizer, encoded_chunks, make_tokenizer, token_dtype
 from sparsetrain.errors import ConfigError
 
@@ -99,8 +101,11 @@ def load_tokens(input: DataInput, tokenizer: Tokenizer | None = None, model_dir:
     tokenizer; split and eval_fraction do not apply). Raises ``DataError`` when no window of
     ``max_sequence_length + 1`` tokens fits, or samples of another length. With
     ``max_sequence_length: null`` (hdf5 sample form) the caller takes it from ``stream.seq_len``.
+    A batch that cannot fit this machine's memory is refused (a training batch before the data is
+    read); a batch larger than the data is allowed, with a warning (see ``check_batch_fits``).
     """
     check_input(input)
+    check_batch_fits(input)
     if input.source == "hdf5":
         stream = hdf5_stream(input)
     elif input.source == "shards":
@@ -110,4 +115,5 @@ def load_tokens(input: DataInput, tokenizer: Tokenizer | None = None, model_dir:
         tokens = encode_corpus(input, tokenizer)
         stream = TokenStream([tokens], [f"{input.section}:{split_of(input)}"], tokenizer.vocab_size)
     check_length(stream, input.max_sequence_length or stream.seq_len, input.section)
+    check_batch_fits(input, stream)
     return stream

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsetrain.data.batch_memory import check_batch_memory
 from sparsetrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,6 @@ class Draw:
     rank: int = 0
     world_size: int = 1
     salt: tuple[int, ...] = ()  # a mixture appends the dataset's index
-
-
-def _xy(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.ascontiguousarray(x, dtype=np.int64), np.ascontiguousarray(y, dtype=np.int64)
 
 
 class TokenStream:
@@ -115,15 +112,20 @@ class TokenStream:
         arr = np.searchsorted(firsts + counts, windows, side="right")
         return arr, (windows - firsts[arr]) * seq_len
 
-    def read(self, arr: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-        """Token rows ``arrays[arr[i]][starts[i] : starts[i] + length]`` as int64, (B, length)."""
-        rows = [self.arrays[a][s : s + length] for a, s in zip(arr.tolist(), starts.tolist())]
-        return np.stack(rows).astype(np.int64) if rows else np.empty((0, length), np.int64)
+    def read_xy(self, arr: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of the windows ``arrays[arr[i]][starts[i] : starts[i] + seq_len + 1]``: int64 (B,
+        seq_len), y shifted by one. Each window is copied straight into x and y, so a batch holds
+        no more than those two arrays (see :func:`~sparsetrain.data.batch_memory.batch_bytes`)."""
+        x = np.empty((len(starts), seq_len), np.int64)
+        y = np.empty_like(x)
+        for i, (a, s) in enumerate(zip(arr.tolist(), starts.tolist())):
+            window = self.arrays[a][s : s + seq_len + 1]
+            x[i], y[i] = window[:-1], window[1:]
+        return x, y
 
     def rows(self, windows: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) of the global windows ``windows``: int64 (n, seq_len), y is x shifted by one."""
-        window = self.read(*self.window_starts(windows, seq_len), seq_len + 1)
-        return _xy(window[:, :-1], window[:, 1:])
+        return self.read_xy(*self.window_starts(windows, seq_len), seq_len)
 
     def rank_segments(self, seq_len: int, rank: int, world_size: int) -> tuple[np.ndarray, ...]:
         """Where ``rank`` may start a random window: (array, first start, number of starts).
@@ -159,8 +161,7 @@ class TokenStream:
         rng = np.random.default_rng([how.seed, how.step, how.rank, *how.salt])
         picks = rng.integers(0, ends[-1], size=len(positions))
         seg = np.searchsorted(ends, picks, side="right")
-        window = self.read(arrs[seg], los[seg] + picks - (ends[seg] - nstarts[seg]), seq_len + 1)
-        return _xy(window[:, :-1], window[:, 1:])
+        return self.read_xy(arrs[seg], los[seg] + picks - (ends[seg] - nstarts[seg]), seq_len)
 
 
 class SampleStream:
@@ -201,14 +202,23 @@ class SampleStream:
         """(x, y) of kept samples ``samples``: inputs and labels (-100 where the mask is 0), int64."""
         samples = np.asarray(samples, np.int64)
         piece = np.searchsorted(self._ends, samples, side="right")
-        out = np.empty((len(samples), 3, self.seq_len), np.int64)
+        x = np.empty((len(samples), self.seq_len), np.int64)
+        y = np.empty_like(x)
+        step = max(1, _SCAN_CHUNK_TOKENS // (3 * self.seq_len))  # rows a read: bounded, whatever B
         for p in np.unique(piece).tolist():
             k, lo, hi = self.pieces[p]
             sel = np.flatnonzero(piece == p)
             rows = lo + samples[sel] - (self._ends[p] - (hi - lo))
             wanted, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing indices
-            out[sel] = np.asarray(self.arrays[k][wanted])[inverse]
-        return _xy(out[:, 0], np.where(out[:, 1] != 0, out[:, 2], IGNORE_INDEX))
+            order = np.argsort(inverse, kind="stable")
+            by_row = inverse[order]
+            for first in range(0, len(wanted), step):
+                a, b = np.searchsorted(by_row, [first, first + step])
+                block = np.asarray(self.arrays[k][wanted[first : first + step]])[by_row[a:b] - first]
+                dest = sel[order[a:b]]
+                x[dest] = block[:, 0]
+                y[dest] = np.where(block[:, 1] != 0, block[:, 2], IGNORE_INDEX)
+        return x, y
 
     def _scan(self) -> tuple[int, int]:
         """(smallest, largest) id of the inputs and counted labels, read in chunks."""
@@ -320,7 +330,7 @@ class MixtureStream:
 Stream = TokenStream | SampleStream | MixtureStream
 
 
-def _parts(stream: Stream) -> list[TokenStream | SampleStream]:
+def stream_parts(stream: Stream) -> list[TokenStream | SampleStream]:
     return stream.parts if isinstance(stream, MixtureStream) else [stream]
 
 
@@ -328,49 +338,12 @@ def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def check_length(stream: Stream, max_sequence_length: int, section: str) -> None:
-    """Raise ``DataError`` unless ``max_sequence_length`` fits the data and one sequence is there.
-
-    A token stream needs one window of ``max_sequence_length + 1`` tokens (in each dataset of a
-    mixture); a sample stream must hold samples of exactly that length, and at least one.
-    """
-    if stream.seq_len is not None and stream.seq_len != max_sequence_length:
-        where = _parts(stream)[0].names[0]
-        raise DataError(
-            f"{section}.max_sequence_length: {max_sequence_length} differs from the length "
-            f"{stream.seq_len} of the samples in {where}; set it to {stream.seq_len} or null"
-        )
-    for part in _parts(stream):
-        if isinstance(part, SampleStream) and part.num_samples == 0:
-            raise DataError(f"{section}: the data ({', '.join(part.names[:3])}) holds no samples")
-        if isinstance(part, TokenStream) and part.num_windows(max_sequence_length) == 0:
-            longest = max((len(a) for a in part.arrays), default=0)
-            raise DataError(
-                f"{section}.max_sequence_length: the data holds {part.num_tokens} tokens (longest "
-                f"file {longest}), fewer than one sequence of max_sequence_length + 1 = "
-                f"{max_sequence_length + 1}; use more data or a shorter sequence"
-            )
-
-
-def check_vocab(stream: Stream, vocab_size: int, section: str) -> None:
-    """Raise ``DataError`` if a token id of ``stream`` does not fit a model of ``vocab_size``."""
-    top, low = stream.max_token(), stream.min_token()
-    if top >= vocab_size:
-        tok = f", tokenizer vocab {stream.vocab_size}" if stream.vocab_size else ""
-        raise DataError(
-            f"{section}: token id {top} does not fit model.vocab_size {vocab_size}{tok}; "
-            f"set model.vocab_size to at least {top + 1}"
-        )
-    if low < 0:
-        raise DataError(f"{section}: token id {low} is negative; token ids must lie in [0, model.vocab_size)")
-
-
 def _check_batch_args(stream: Stream, seq_len: int, rank: int, world_size: int) -> int:
     if seq_len < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad batch arguments: seq_len {seq_len}, rank {rank}/{world_size}")
     if stream.seq_len is not None and seq_len != stream.seq_len:
         raise ValueError(f"seq_len {seq_len} differs from the length {stream.seq_len} of the stream's samples")
-    for part in _parts(stream):
+    for part in stream_parts(stream):
         if part.num_rows(seq_len) < world_size:
             what = "sample(s)" if part.seq_len else f"sequence(s) of {seq_len + 1} tokens"
             raise DataError(
@@ -390,6 +363,7 @@ def get_batch(
     shuffle: bool,
     rank: int = 0,
     world_size: int = 1,
+    section: str = "train_input",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch ``step`` of ``rank``: int64 CPU tensors x, y of shape (B, T).
 
@@ -403,9 +377,12 @@ def get_batch(
     (wrapping around). Either way two ranks never share a row's data. Mixture: row i's dataset d
     is drawn by weight from ``default_rng([seed, step, rank])``, then the row is dataset d's row
     at position p under the rules above, with ``d`` appended to each seed (``[seed, step, rank,
-    d]``, ``[seed, epoch, d]``).
+    d]``, ``[seed, epoch, d]``). A batch larger than the data repeats rows (wrapping around, or
+    drawn again). ``section`` names the params key of the error a batch too large for
+    this machine's memory raises (see :func:`~sparsetrain.data.batch_memory.check_batch_fits`), before anything is allocated.
     """
     _check_batch_args(stream, seq_len, rank, world_size)
+    check_batch_memory(batch_size, seq_len, section)
     first = step * batch_size if shuffle else (step * world_size + rank) * batch_size
     positions = first + np.arange(batch_size, dtype=np.int64)
     return _tensors(*stream.draw(positions, seq_len, Draw(seed, step, shuffle, rank, world_size)))
@@ -418,18 +395,20 @@ def eval_batches(
     num_batches: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    section: str = "eval_input",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive rows (windows or samples) from the start, as batches; rank r takes batches r,
     r + world_size, ... (a mixture: its datasets of positive weight one after another).
 
     Every rank yields the same number of batches: ``num_batches`` (capped at what the data
     holds) or, with None, all full batches. A stream with fewer rows than that yields one
-    smaller batch per rank rather than nothing.
+    smaller batch per rank rather than nothing (so only that many rows must fit in memory).
     """
     total = _check_batch_args(stream, seq_len, rank, world_size)
     available = total // batch_size // world_size
+    share = total // world_size
+    check_batch_memory(batch_size if available else min(batch_size, share), seq_len, section)
     if available == 0:
-        share = total // world_size
         rows = rank * share + np.arange(min(batch_size, share), dtype=np.int64)
         yield _tensors(*stream.rows(rows, seq_len))
         return

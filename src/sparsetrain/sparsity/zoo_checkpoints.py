@@ -65,7 +65,10 @@ def is_zoo_checkpoint(state: Any) -> bool:
 
 def read_any_checkpoint(path: Path | str) -> dict[str, Any]:
     """A checkpoint file of ours or the zoo's: ``torch.save`` (``checkpoint.load_checkpoint``, safe
-    loading) or the zoo's ``cstorch.save`` HDF5 container."""
+    loading) or the zoo's ``cstorch.save`` HDF5 container; or a ``.safetensors`` file of weights
+    (``checkpoint.load_safetensors``: ``weights_only`` set)."""
+    if ckpt.is_safetensors(path):
+        return ckpt.load_safetensors(Path(path))
     if is_hdf5(path):
         state = read_cstorch_hdf5(path)
         state.setdefault("global_step", 0)

@@ -5,12 +5,17 @@ Determinism: the model is initialised from ``runconfig.seed``; every batch is a 
 (seed, step), and the torch RNG state (dropout) travels in the checkpoint, so on CPU a resumed
 run reproduces the uninterrupted one exactly.
 
-Which checkpoint is loaded:
+Which checkpoint is loaded (:mod:`sparsetrain.training.model_dir` has the whole rule):
 - none given and ``model_dir`` has checkpoints: the newest one, as a full resume (weights,
   optimizer, schedule, step, RNG, sparsity masks);
-- ``--checkpoint_path`` inside ``model_dir``: a full resume from that one;
-- ``--checkpoint_path`` elsewhere: a warm start -- weights only, step 0, a fresh optimizer. This is
-  the SPDF fine-tuning flow: point a new run at a sparse pre-training checkpoint.
+- ``--checkpoint_path`` naming one of ``model_dir``'s checkpoints: a full resume from that one (a
+  rollback when it is not the newest: the later files are moved aside when training starts);
+- any other ``--checkpoint_path``: a warm start -- weights only, step 0, a fresh optimizer -- into
+  a model_dir without another run's checkpoints. This is the SPDF fine-tuning flow: point a new run
+  at a sparse pre-training checkpoint. Evaluation loads the checkpoint given, or the newest.
+
+A full resume continues the run; what the params change mid-run is applied and named in a warning,
+what cannot carry over is refused (:mod:`sparsetrain.training.resume_checks`).
 
 The ``sparsity:`` block is resolved against the model (which weights, with which settings) once,
 right after the model is built: before a checkpoint or any data is read, so a pattern that
@@ -47,6 +52,8 @@ from sparsetrain.sparsity.zoo_checkpoints import (
     map_zoo_optimizer,
     read_any_checkpoint,
 )
+from sparsetrain.training import model_dir as run_dir
+from sparsetrain.training import resume_checks
 from sparsetrain.training.metrics import MetricsWriter
 from sparsetrain.training.state import Run, load_training_state
 
@@ -60,6 +67,9 @@ def setup(
     """Build tokenizer, model, sparsity, data and optimizer; load a checkpoint if there is one."""
     rc = params.runconfig
     device, info = _device_and_processes(params, train)
+    if train:
+        with as_written(params):
+            data.check_batch_fits(params.train_input)  # before a tokenizer is trained or data read
     torch.manual_seed(rc.seed)  # the same on every rank: identical initial weights
     with as_written(params):
         tokenizer = data.load_tokenizer(params.train_input, model_dir)
@@ -68,21 +78,32 @@ def setup(
     model = GPT(params.model).to(device)
     with as_written(params):
         selection = select_for_model(model, params.sparsity) if params.sparsity is not None else {}
-    path, full_resume = choose_checkpoint(model_dir, checkpoint_path)
+    start = choose_checkpoint(model_dir, checkpoint_path, train)
+    path, full_resume = start.path, start.full_resume
+    if start.note:
+        (log.warning if start.kind == "rollback" else log.info)("%s", start.note)
     run = Run(params=params, model_dir=Path(model_dir), device=device, model=model, forward=model,
               tokenizer=tokenizer, loaded_from=path, dist=info)
     state, masks = _load_weights(run, path, full_resume)
+    if state is not None and full_resume and train:
+        resume_checks.check_resumable(state, path)
+        run_dir.check_step_name(path, int(state["global_step"]))
+        resume_checks.check_sparsity_kept(params, masks, path)
+    _lineage(run, state, start)
     with as_written(params):
         _sparsify(run, masks_to_keep(params, masks, path), selection)
     with as_written(params):
         if train:
             run.train_tokens = _tokens(params.train_input, tokenizer, model_dir, params.model)
+            run.data_fingerprint = data.fingerprint(run.train_tokens)
         if evaluate:
             run.eval_tokens = _tokens(params.eval_input, tokenizer, model_dir, params.model)
     if train:
         _build_optimizer(run, state if full_resume else None, path)
     if state is not None and full_resume:
         run.step = int(state["global_step"])
+    if train and state is not None and full_resume:
+        _say_resume_changes(run, state, path)
     if train and run.sparsifier is not None and run.sparsifier.config is not None and run.sparsifier.config.is_dynamic:
         run.dynamic = DynamicSparsity(run.sparsifier)
         run.dynamic.load_state_dict(state.get("dynamic_sparsity") if state is not None and full_resume else None, run.step)
@@ -99,7 +120,10 @@ def setup(
     done = state.get("flops_done") if state is not None and full_resume else None
     run.flops_done = float(done) if done is not None else run.flops["sparse"] * tokens_per_step * run.step
     _compile(run)
-    run.metrics = MetricsWriter(model_dir, enabled=write_metrics and info.is_main)
+    if train and write_metrics and info.is_main:
+        run_dir.settle(model_dir, run.step)  # one history: what lies after this step moves aside
+    run.metrics = MetricsWriter(model_dir, enabled=write_metrics and info.is_main,
+                                purge_step=run.step if train else None, run_id=run.run_id)
     return run
 
 
@@ -111,12 +135,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def choose_checkpoint(model_dir: Path, explicit: Path | None) -> tuple[Path | None, bool]:
-    """The checkpoint to load, and whether it is a full resume (True) or a warm start."""
+def choose_checkpoint(model_dir: Path, explicit: Path | None, train: bool = True) -> run_dir.Start:
+    """The checkpoint to load and what loading it means: for training, the rule of
+    :func:`~sparsetrain.training.model_dir.choose_start`; an evaluation reads the checkpoint given
+    (or the newest) and changes nothing in model_dir."""
+    if train:
+        return run_dir.choose_start(model_dir, explicit)
     if explicit is not None:
-        inside = Path(explicit).resolve().parent == Path(model_dir).resolve()
-        return Path(explicit), inside
-    return ckpt.latest_checkpoint(model_dir), True
+        return run_dir.Start(Path(explicit), run_dir.inside(explicit, model_dir), "evaluate")
+    latest = ckpt.latest_checkpoint(model_dir)
+    return run_dir.Start(latest, True, "evaluate")
 
 
 def compile_enabled(setting: str | bool, device: torch.device) -> bool:
@@ -169,6 +197,32 @@ def masks_to_keep(params: Params, masks: dict, path: Path | None) -> dict:
 
 
 # -- the steps of setup ----------------------------------------------------------------------------
+
+
+def _lineage(run: Run, state: dict[str, Any] | None, start: run_dir.Start) -> None:
+    """The run's id, the warm start it descends from and the checkpoint a rollback branched its
+    history at: a full resume carries them on (a rollback records its branch point), a fresh or
+    warm start makes a new id (and records its source). Re-running an interrupted warm start or
+    rollback finds them in the newest checkpoint and resumes it (``model_dir.choose_start``)."""
+    if state is not None and start.full_resume:
+        run.run_id = str(state.get("run_id") or run_dir.new_run_id())
+        run.warm_start_from = state.get("warm_start_from")
+        run.branch_from = state.get("branch_from")
+        if start.kind == "rollback":
+            run.branch_from = {"path": str(Path(start.path).resolve()), "step": int(state["global_step"])}
+        return
+    run.run_id = run_dir.new_run_id()
+    if state is not None:
+        run.warm_start_from = {"path": str(Path(start.path).resolve()), "step": int(state["global_step"])}
+
+
+def _say_resume_changes(run: Run, state: dict[str, Any], path: Path) -> None:
+    """Warn about each setting of this resume that differs from the checkpoint's run."""
+    saved = state.get("params") if isinstance(state.get("params"), dict) else None
+    before = state.get("data_fingerprint")
+    change = data.fingerprint_changes(before, run.data_fingerprint) if isinstance(before, dict) else None
+    for note in resume_checks.resume_changes(saved, run.params, run.step, change, data_known=isinstance(before, dict)):
+        log.warning("%s: resuming with %s", path, note)
 
 
 def _device_and_processes(params: Params, train: bool) -> tuple[torch.device, dist.DistInfo]:
@@ -274,7 +328,12 @@ def _build_optimizer(run: Run, resume: dict[str, Any] | None, path: Path | None)
     if resume is not None and "zoo_optimizer" in resume:
         resume = _zoo_resume(run, resume, path)
     if resume is not None:
+        saved = resume.get("params") if isinstance(resume.get("params"), dict) else None
+        resume_checks.check_optimizer_kind(saved, params, path)
+        template = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
         load_training_state(run, resume, path)
+        for change in resume_checks.apply_optimizer_settings(run.optimizer, template):
+            log.warning("%s: resuming with optimizer %s (the params' value; the checkpoint's is replaced)", path, change)
         if run.sparsifier is not None:
             run.sparsifier.apply()  # loaded state of a weight whose mask was redrawn: 0 where pruned now
 

@@ -43,6 +43,11 @@ def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable 
     tokens_per_step = inp.batch_size * inp.max_sequence_length
     peak = peak_flops(run.device)
     start_step = run.step
+    if run.step >= rc.max_steps and ckpt.latest_checkpoint(run.model_dir) is not None:
+        # A finished run run again: no second final evaluation (its records would repeat a step).
+        log.info("already at step %d, max_steps is %d: nothing to train; raise runconfig.max_steps to train "
+                 "further, or evaluate with --mode eval", run.step, rc.max_steps)
+        return _finish(run, start_step, 0.0, None, tokens_per_step)
     if run.sparsifier is not None:
         _log_sparsity(run)
     t_start = t_log = time.perf_counter()
@@ -102,6 +107,7 @@ def evaluate(run: Run) -> dict[str, float]:
     record = {"kind": "eval", "step": run.step, "eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
     run.metrics.write(record)
     run.history["eval"] = record
+    log.info("eval at step %d: loss %.4f, perplexity %.2f (%d tokens)", run.step, mean, record["perplexity"], tokens)
     return record
 
 
@@ -117,7 +123,7 @@ def save(run: Run) -> Path:
     if run.dist.is_main:
         try:
             ckpt.save_checkpoint(state, path)
-            ckpt.prune_checkpoints(run.model_dir, run.params.runconfig.keep_checkpoints)
+            ckpt.prune_checkpoints(run.model_dir, run.params.runconfig.keep_checkpoints, newest=run.step)
         except UserError as e:
             failure = e
     # Every rank learns whether rank 0's write worked, so none waits for a rank that gave up.
@@ -194,8 +200,10 @@ def format_summary(run: Run, history: dict) -> str:
         lines.append(f"throughput       {history['tokens_per_s']:,.0f} tokens/s")
         if history.get("final_loss") is not None:
             lines.append(f"final train loss {history['final_loss']:.4f}")
+    elif history.get("evaluated"):
+        lines.append(f"evaluated        {history['evaluated']} (step {run.step})")
     else:
-        lines.append(f"step             {run.step} (nothing to train)")
+        lines.append(f"step             {run.step} of {rc.max_steps} (nothing to train)")
     if "eval" in history:
         e = history["eval"]
         lines.append(f"eval loss        {e['eval_loss']:.4f}  (perplexity {e['perplexity']:.2f}, {e['eval_tokens']:,} tokens)")

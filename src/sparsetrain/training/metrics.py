@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +24,45 @@ TB_KEYS = {
 }
 
 
-class MetricsWriter:
-    """Appends records to metrics.jsonl and TensorBoard; a no-op when ``enabled`` is false."""
+def _reason(e: OSError) -> str:
+    from sparsetrain.checkpoint import _WRITE_REASONS
 
-    def __init__(self, model_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
+    return _WRITE_REASONS.get(e.errno) or e.strerror or str(e)
+
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl and TensorBoard; a no-op when ``enabled`` is false.
+
+    ``run_id`` stamps every record with the run's lineage (see :mod:`sparsetrain.training.model_dir`);
+    ``purge_step`` (a resume's step) makes TensorBoard drop the events of later steps that an
+    earlier, killed or rolled-back attempt wrote, as metrics.jsonl's are moved aside."""
+
+    def __init__(self, model_dir: Path, enabled: bool = True, tensorboard: bool = True,
+                 purge_step: int | None = None, run_id: str | None = None) -> None:
         self.enabled = enabled
+        self.run_id = run_id
         self._file = None
         self._tb = None
         if not enabled:
             return
-        self._file = open(Path(model_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        path = Path(model_dir) / "metrics.jsonl"
+        try:
+            self._file = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            from sparsetrain.errors import UserError
+
+            raise UserError(f"{path}: cannot write metrics ({_reason(e)})") from None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import; only where used
 
-            self._tb = SummaryWriter(log_dir=str(model_dir))
+            # purge_step 0 would drop nothing TensorBoard keeps apart from a fresh start anyway.
+            self._tb = SummaryWriter(log_dir=str(model_dir), purge_step=purge_step or None)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self.run_id is not None:
+            record = {**record, "run_id": self.run_id}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         try:
             self._file.write(json.dumps(clean) + "\n")
@@ -46,7 +70,7 @@ class MetricsWriter:
         except OSError as e:
             from sparsetrain.errors import UserError
 
-            raise UserError(f"{self._file.name}: cannot write metrics ({e.strerror or e})") from None
+            raise UserError(f"{self._file.name}: cannot write metrics ({_reason(e)})") from None
         if self._tb is None:
             return
         step = record["step"]
@@ -61,15 +85,74 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # a full disk at the last flush: every record was flushed as written
+                pass
             self._file = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
 
 
+def move_records_after(path: Path, step: int, dest: Path) -> int:
+    """Move the records of ``path`` (a metrics.jsonl) whose step is after ``step`` to the end of
+    ``dest``; the rest stays, rewritten atomically with its mode. Returns how many moved. Lines
+    that are not JSON records stay where they are. A symlinked metrics.jsonl stays a link: its
+    target is rewritten."""
+    path, dest = Path(path).resolve(), Path(dest)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    keep, move = [], []
+    for line in lines:
+        try:
+            later = int(json.loads(line).get("step", -1)) > step
+        except (ValueError, TypeError, AttributeError):
+            later = False
+        (move if later else keep).append(line if line.endswith("\n") else line + "\n")
+    if not move:
+        return 0
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "a", encoding="utf-8") as f:
+        f.writelines(move)
+        f.flush()
+        os.fsync(f.fileno())
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, path.stat().st_mode & 0o777)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(move)
+
+
+class _LogFile(logging.FileHandler):
+    """train.log that, once a write fails (disk full, file gone read-only), says so in one line on
+    stderr and stops writing, instead of logging's traceback for every later record: the run goes
+    on on the console (a checkpoint that cannot be written is what stops it)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        reason = _reason(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
+        sys.stderr.write(f"warning: {self.baseFilename}: cannot write the log ({reason}); "
+                         "logging to the console only from here\n")
+        log.removeHandler(self)
+        try:
+            self.close()
+        except OSError:
+            pass
+
+
 def setup_logging(model_dir: Path | None, verbose: bool = True) -> None:
-    """Log INFO to stderr and, given a model_dir, to ``model_dir/train.log``."""
+    """Log INFO to stderr and, given a model_dir, to ``model_dir/train.log`` (a file that cannot be
+    opened is one error line; one that fails later is dropped with a warning, see :class:`_LogFile`)."""
     log.setLevel(logging.INFO)
     for h in list(log.handlers):
         log.removeHandler(h)
@@ -79,7 +162,13 @@ def setup_logging(model_dir: Path | None, verbose: bool = True) -> None:
     console.setLevel(logging.INFO if verbose else logging.WARNING)
     log.addHandler(console)
     if model_dir is not None:
-        fh = logging.FileHandler(Path(model_dir) / "train.log", encoding="utf-8")
+        path = Path(model_dir) / "train.log"
+        try:
+            fh = _LogFile(path, encoding="utf-8")
+        except OSError as e:
+            from sparsetrain.errors import UserError
+
+            raise UserError(f"{path}: cannot write the log ({_reason(e)})") from None
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(fh)
     log.propagate = False

@@ -68,6 +68,10 @@ class Run:
     ddp: Any = None  # the DistributedDataParallel wrapper, when there is one
     compiled: bool = False  # forward runs through torch.compile
     cuda_graphs: bool = False  # the compiled forward/backward replay CUDA graphs (reduce-overhead, max-autotune)
+    run_id: str | None = None  # the lineage: made at a fresh or warm start, kept by resumes (training.model_dir)
+    warm_start_from: dict[str, Any] | None = None  # {path, step} of the checkpoint a warm start began from
+    branch_from: dict[str, Any] | None = None  # {path, step} of the checkpoint a rollback restarted the history at
+    data_fingerprint: dict[str, Any] | None = None  # of the training tokens (data.fingerprint): a resume compares
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast where asked for, with the preferred attention kernel first in line."""
@@ -129,6 +133,10 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "params": run.params.to_dict(),
         "flops_done": run.flops_done,
         **({"dynamic_sparsity": run.dynamic.state_dict()} if run.dynamic else {}),
+        "run_id": run.run_id,
+        **({"warm_start_from": run.warm_start_from} if run.warm_start_from else {}),
+        **({"branch_from": run.branch_from} if run.branch_from else {}),
+        **({"data_fingerprint": run.data_fingerprint} if run.data_fingerprint else {}),
         "writer": ckpt.WRITER,
     }
 
