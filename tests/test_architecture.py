@@ -21,7 +21,7 @@ FLOORS = [
     {"sparsity", "optim"},
     {"memory", "training"},
     {"tools", "bench", "cli_args"},
-    {"cli"},
+    {"cli", "torchrun"},
     {"zoo_cli"},
 ]
 FLOOR = {room: level for level, rooms in enumerate(FLOORS) for room in rooms}

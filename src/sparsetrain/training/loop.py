@@ -160,7 +160,8 @@ def _interrupted(run: Run, bar, start_step: int, t_start: float, loss, tokens_pe
         bar.close()
     path = save(run)
     elapsed = time.perf_counter() - t_start
-    log.warning("interrupted at step %d; checkpoint written to %s", run.step, path)
+    if run.dist.is_main:
+        log.warning("interrupted at step %d; checkpoint written to %s", run.step, path)
     return _finish(run, start_step, elapsed, loss, tokens_per_step, interrupted=True)
 
 

@@ -40,6 +40,8 @@ class Interrupt:
             sys.stderr.write(f"{signal.Signals(signum).name} received again: exiting without a checkpoint\n")
             os._exit(128 + signum)
         self.signum = signum
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank gets it: rank 0 says so
+            return
         log.warning("%s received: finishing this step, then writing a checkpoint (send it again to quit now)",
                     signal.Signals(signum).name)
 
