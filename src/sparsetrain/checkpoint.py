@@ -320,13 +320,23 @@ def is_hdf5(path: Path | str) -> bool:
         return False
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely; any problem is one :class:`CheckpointError` naming the file."""
+def check_regular_file(path: Path) -> None:
+    """A checkpoint to read must be a regular file: a FIFO would block the read for ever."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket), expected a checkpoint file")
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely; any problem is one :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    check_regular_file(path)
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         if is_safetensors(path):
             raise CheckpointError(f"{path}: a .safetensors file (weights only, e.g. finalize's), not a torch.save checkpoint")
@@ -386,15 +396,31 @@ def prune_checkpoints(model_dir: Path, keep: int | None, newest: int | None = No
     if not keep:
         return []
     found = [(s, p) for s, p in list_checkpoints(model_dir) if newest is None or s <= newest]
-    old = [p for _, p in found[:-keep]]
+    old = [(s, p) for s, p in found[:-keep]]
     deleted = []
-    for p in old:
+    for s, p in old:
+        held = stored_step(p)
+        if held is not None and held != s:  # renamed or copied: not the history its name claims
+            log.warning("keep_checkpoints: %s holds step %d, not %d: not deleted (rename it checkpoint_%d.mdl "
+                        "or move it out of the model_dir)", p, held, s, held)
+            continue
         try:
             p.unlink(missing_ok=True)
             deleted.append(p)
         except OSError as e:  # the new checkpoint is safely written: not a reason to stop training
             log.warning("keep_checkpoints: cannot delete %s (%s)", p, e.strerror or e)
     return deleted
+
+
+def stored_step(path: Path) -> int | None:
+    """The ``global_step`` a checkpoint file holds, read without its tensors (memory-mapped), or
+    None where it cannot be read that way."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step = state["global_step"]
+        return int(step)
+    except Exception:  # noqa: BLE001 -- unreadable here: whoever loads it says why
+        return None
 
 
 def check_model_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:

@@ -34,6 +34,8 @@ def run_mode(args: argparse.Namespace) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; rank 0 talks and writes
     params = load_params(args.params, args.overrides, args.unset)
     model_dir = _model_dir(args, params)
+    if args.command in ("eval", "eval_all") and args.checkpoint_path is None and not _has_checkpoints(model_dir):
+        raise UserError(f"--model_dir {model_dir}: no checkpoint to evaluate; train first or pass --checkpoint_path")
     created = not model_dir.exists()
     _prepare_model_dir(model_dir, args.command)
     lock = ModelDirLock(model_dir)
@@ -63,8 +65,8 @@ def _run(run, args: argparse.Namespace, params, model_dir: Path, main_rank: bool
     from sparsetrain.training.loop import format_summary
 
     try:
-        if main_rank and args.command != "eval":  # params.yaml records the training run; eval leaves it
-            _write_text(model_dir / "params.yaml", dump_params(params, args.overrides, args.unset))
+        if main_rank and args.command != "eval" and run.step < params.runconfig.max_steps:
+            _write_params_record(model_dir / "params.yaml", Path(args.params), dump_params(params, args.overrides, args.unset))
         _log_start(run, args.command)
         history = _evaluate_only(run) if args.command == "eval" else _train(run, args.command, main_rank)
         if run.sparsifier is not None:  # every rank: with FSDP the statistics gather shards
@@ -287,6 +289,12 @@ def _progress_factory(enabled: bool):
     return lambda initial, total: tqdm(initial=initial, total=total, desc="train", unit="step", dynamic_ncols=True)
 
 
+def _has_checkpoints(model_dir: Path) -> bool:
+    from sparsetrain import checkpoint as ckpt
+
+    return bool(ckpt.list_checkpoints(model_dir))
+
+
 def _prepare_model_dir(model_dir: Path, command: str) -> Path:
     """Create ``model_dir`` if needed and check it is a directory this process can write (its lock,
     train.log and metrics go there, for an evaluation too)."""
@@ -319,6 +327,27 @@ def _remove_new_model_dir(model_dir: Path, lock) -> None:
         model_dir.rmdir()
     except OSError:
         pass  # something else is there now: not ours to remove
+
+
+PARAMS_RECORD_HEADER = "# resolved params written by sparsetrain"
+
+
+def _write_params_record(path: Path, given: Path, text: str) -> None:
+    """model_dir/params.yaml records the params a training ran with (written only when it trains:
+    eval and a run with nothing left to train leave it). A params file of the user's own at that
+    path (not one we wrote) is never replaced."""
+    try:
+        ours = path.read_text(encoding="utf-8").startswith(PARAMS_RECORD_HEADER)
+    except FileNotFoundError:
+        ours = True
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        same = given.exists() and path.exists() and given.resolve() == path.resolve()
+        log.warning("%s: %s, not a record sparsetrain wrote: left as it is (the resolved params are in each "
+                    "checkpoint)", path, "the params file given" if same else "a file of yours")
+        return
+    _write_text(path, text)
 
 
 def _write_text(path: Path, text: str) -> None:

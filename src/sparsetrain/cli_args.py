@@ -22,11 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_run_args(sub.add_parser(mode, help=text))
 
     g = sub.add_parser("generate", help="sample text from a trained model")
-    g.add_argument("--model_dir", "-o", required=True, type=Path)
+    g.add_argument("--model_dir", "-o", required=True, type=_dir_path)
     g.add_argument("--checkpoint_path", type=Path, help="default: the newest checkpoint in model_dir")
     g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max_new_tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--max_new_tokens", type=_positive_int, default=200)
+    g.add_argument("--temperature", type=_temperature, default=0.8, help="0: greedy (the likeliest token each step)")
     g.add_argument("--top_k", type=_positive_int, default=50, help="sample from the k likeliest tokens (k >= 1)")
     g.add_argument("--seed", type=int, default=0)
     _add_debug(g)
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", "-p", required=True, type=Path, help="YAML params file")
-    p.add_argument("--model_dir", "-o", type=Path,
+    p.add_argument("--model_dir", "-o", type=_dir_path,
                    help="checkpoints, params, logs and metrics go here (default: runconfig.model_dir)")
     p.add_argument("--checkpoint_path", type=Path, help="load this checkpoint (outside model_dir: weights only, a warm start)")
     _add_overrides(p)
@@ -120,6 +120,22 @@ def _bench_layer_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokens", type=int, default=16384, help="rows of input (batch x context)")
     ap.add_argument("--json", help="write all figures to this file")
     ap.add_argument("--show", metavar="JSON", help="print the table of a saved --json file and exit (no GPU needed)")
+
+
+def _dir_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a directory (use . for this one)")
+    return Path(text)
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not valid: give a number >= 0 (0: greedy)")
+    return value
 
 
 def _positive_int(text: str) -> int:

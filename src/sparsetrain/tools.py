@@ -332,6 +332,9 @@ def check_output(out: Path, src: Path, overwrite: bool) -> None:
     if not out.parent.is_dir():
         raise CheckpointError(f"-o {out}: the directory {out.parent} does not exist; create it first")
     if os.path.lexists(out):
+        if out.is_symlink() and not out.exists():
+            raise CheckpointError(f"-o {out}: a symbolic link to {os.readlink(out)}, which does not exist; remove it or "
+                                  "choose another -o path")
         if not out.is_file():
             raise CheckpointError(f"-o {out}: is not a regular file (a FIFO, device or socket); finalize never replaces one")
         if out.resolve() == src.resolve():

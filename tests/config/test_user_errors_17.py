@@ -167,3 +167,11 @@ def test_set_value_whose_end_yaml_drops_as_a_comment_is_an_error():
     assert str(e.value) == ("--set runconfig.model_dir: YAML reads '#2' as a comment and drops it; quote it in YAML "
                             "to pass it as text: --set \"runconfig.model_dir='runs/exp #2'\"")
     assert load_params(TINY_SPARSE, ["runconfig.model_dir=runs/exp#2"]).runconfig.model_dir == "runs/exp#2"
+
+
+def test_an_unknown_section_from_a_flag_names_the_flag(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("model: {hidden_size: 32}\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(path, ["runconfg.max_steps=2"])
+    assert str(e.value) == "--set runconfg.max_steps: runconfg: unknown section; did you mean 'runconfig'?"

@@ -212,7 +212,29 @@ def test_changed_optimizer_settings_apply_on_resume_and_are_named(tmp_path, tiny
     assert decayed["weight_decay"] == 0.02 and decayed["betas"][0] == 0.8 and decayed["eps"] == 1e-6
     assert run.optimizer.param_groups[1]["weight_decay"] == 0.0  # norms and biases stay undecayed
     err = capsys.readouterr().err
-    assert "weight_decay: 0.1 -> 0.02" in err and "betas: (0.9, 0.999) -> (0.8, 0.999)" in err and "eps: 1e-08 -> 1e-06" in err
+    assert "optimizer.weight_decay_rate: 0.1 -> 0.02" in err and "optimizer.beta1: 0.9 -> 0.8" in err
+    assert "optimizer.eps: 1e-08 -> 1e-06" in err
+
+
+def test_every_setting_a_resume_changes_is_named(tmp_path, tiny_params, write_params, capsys):
+    """Found by the second adversarial pass: the learning rate, clipping, dropout and batch order
+    changed without a word."""
+    d = tmp_path / "run"
+    assert cli("train", "--params", write_params(tiny_params()), "--model_dir", d) == 0
+    changed = tiny_params(optimizer={"learning_rate": 0.001, "max_gradient_norm": 0.5},
+                          model={"dropout_rate": 0.1}, train_input={"shuffle_seed": 11},
+                          runconfig={"max_steps": 5})
+    capsys.readouterr()
+    assert cli("train", "--params", write_params(changed, "changed.yaml"), "--model_dir", d) == 0
+    err = capsys.readouterr().err
+    for note in ("optimizer.learning_rate: 0.003 -> 0.001", "optimizer.max_gradient_norm: 1 -> 0.5",
+                 "model.dropout_rate: 0 -> 0.1", "train_input.shuffle_seed: None -> 11 (another batch order"):
+        assert note in err, (note, err)
+    capsys.readouterr()
+    regrouped = tiny_params(optimizer={"decay_embeddings": True}, runconfig={"max_steps": 6})
+    assert cli("train", "--params", write_params(regrouped, "regrouped.yaml"), "--model_dir", d) == 2
+    line = error_line(capsys)
+    assert "optimizer.decay_embeddings: False -> True regroups the optimizer's parameters" in line
 
 
 def test_resuming_as_another_optimizer_is_one_line_and_keeps_params_yaml(tmp_path, tiny_params, write_params, capsys):
@@ -460,3 +482,110 @@ def test_a_model_dir_that_is_not_a_directory_is_one_line(tmp_path, tiny_params, 
     assert cli("train", "--params", write_params(tiny_params()), "--model_dir", d) == 2
     line = error_line(capsys, only=True)
     assert line.startswith(f"error: {expect}"), line
+
+
+def test_eval_of_another_dirs_checkpoint_reports_its_step(tmp_path, tiny_params, write_params, capsys):
+    d = tmp_path / "run"
+    params = write_params(tiny_params())
+    assert cli("train", "--params", params, "--model_dir", d) == 0
+    capsys.readouterr()
+    other = tmp_path / "evals"
+    assert cli("eval", "--params", params, "--model_dir", other, "--checkpoint_path", d / "checkpoint_4.mdl") == 0
+    captured = capsys.readouterr()
+    assert f"evaluating {d / 'checkpoint_4.mdl'} (step 4)" in captured.err
+    assert [r["step"] for r in records(other, "eval")] == [4]
+
+
+def test_generate_temperatures(tmp_path, tiny_params, write_params, capsys):
+    d = tmp_path / "run"
+    assert cli("train", "--params", write_params(tiny_params()), "--model_dir", d) == 0
+    capsys.readouterr()
+    assert cli("generate", "--model_dir", d, "--temperature", "1e-30", "--max_new_tokens", "4") == 0  # no NaN
+    greedy = capsys.readouterr().out
+    assert cli("generate", "--model_dir", d, "--temperature", "0", "--max_new_tokens", "4") == 0
+    assert capsys.readouterr().out == greedy  # a vanishing temperature is greedy decoding
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as exit_:
+            cli("generate", "--model_dir", d, "--temperature", bad)
+        assert exit_.value.code == 2
+        assert f"--temperature: {bad} is not valid: give a number >= 0 (0: greedy)" in capsys.readouterr().err
+
+
+def test_a_params_file_of_the_users_own_in_model_dir_is_kept(tmp_path, tiny_params, write_params, capsys):
+    d = tmp_path / "own"
+    d.mkdir()
+    own = d / "params.yaml"
+    own.write_text("# my notes\n" + yaml.safe_dump(tiny_params()))
+    before = own.read_text()
+    assert cli("train", "--params", own, "--model_dir", d) == 0
+    assert own.read_text() == before
+    assert "the params file given, not a record sparsetrain wrote: left as it is" in capsys.readouterr().err
+
+
+def test_nothing_to_train_leaves_params_yaml_and_the_history(tmp_path, tiny_params, write_params):
+    params = write_params(tiny_params(runconfig={"max_steps": 6, "checkpoint_steps": 2}))
+    d = tmp_path / "run"
+    assert cli("train", "--params", params, "--model_dir", d) == 0
+    record = (d / "params.yaml").read_text()
+    assert cli("train", "--params", params, "--model_dir", d, "--set", "runconfig.max_steps=2") == 0
+    assert (d / "params.yaml").read_text() == record
+    assert cli("train", "--params", params, "--model_dir", d, "--checkpoint_path", d / "checkpoint_2.mdl",
+               "--set", "runconfig.max_steps=2") == 0  # a rollback that trains nothing moves nothing
+    assert steps_of(d) == [2, 4, 6] and not (d / "abandoned").exists()
+
+
+def test_pruning_keeps_a_checkpoint_whose_name_lies(tmp_path, tiny_params, write_params, capsys):
+    params = write_params(tiny_params(runconfig={"max_steps": 6, "checkpoint_steps": 2}))
+    d = tmp_path / "run"
+    assert cli("train", "--params", params, "--model_dir", d) == 0
+    (d / "checkpoint_6.mdl").rename(d / "checkpoint_1.mdl")  # holds step 6
+    capsys.readouterr()
+    assert cli("train", "--params", params, "--model_dir", d, "--set", "runconfig.max_steps=8",
+               "--set", "runconfig.keep_checkpoints=1") == 0
+    assert (d / "checkpoint_1.mdl").exists() and steps_of(d) == [1, 8]
+    assert "checkpoint_1.mdl holds step 6, not 1: not deleted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["--params", "--checkpoint_path", "inspect", "metrics.jsonl"])
+def test_a_fifo_is_refused_not_waited_on(tmp_path, tiny_params, write_params, capsys, what):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    d = tmp_path / "run"
+    params = write_params(tiny_params())
+    if what == "--params":
+        rc, expect = cli("train", "--params", fifo, "--model_dir", d), f"{fifo}: not a regular file"
+    elif what == "--checkpoint_path":
+        rc, expect = cli("train", "--params", params, "--model_dir", d, "--checkpoint_path", fifo), f"{fifo}: not a regular file"
+    elif what == "inspect":
+        rc, expect = cli("inspect", fifo), f"{fifo}: not a regular file"
+    else:
+        d.mkdir()
+        (d / "metrics.jsonl").symlink_to(fifo)
+        rc, expect = cli("train", "--params", params, "--model_dir", d), "metrics.jsonl: cannot write metrics (not a regular file"
+    assert rc == 2
+    assert expect in error_line(capsys)
+
+
+def test_eval_without_a_checkpoint_creates_no_model_dir(tmp_path, tiny_params, write_params, capsys):
+    d = tmp_path / "nothing"
+    assert cli("eval", "--params", write_params(tiny_params()), "--model_dir", d) == 2
+    assert "no checkpoint to evaluate" in error_line(capsys, only=True)
+    assert not d.exists()
+
+
+def test_an_empty_model_dir_argument_is_refused(tmp_path, tiny_params, write_params, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli("train", "--params", write_params(tiny_params()), "--model_dir", "")
+    assert exit_.value.code == 2
+    assert "--model_dir/-o: an empty path; give a directory" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_in_a_params_file_is_named(tmp_path, tiny_params, capsys):
+    text = yaml.safe_dump(tiny_params()) + "runconfig:\n  max_steps: 2\n"
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    from sparsetrain.training.metrics import setup_logging
+
+    setup_logging(None)  # the console handler on this test's stderr
+    assert load_params(path).runconfig.max_steps == 2  # YAML's rule: the last one
+    assert "key 'runconfig' given twice in one mapping; the last one is used" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def test_records_carry_the_run_id(tmp_path):
 
 def test_unopenable_metrics_is_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").mkdir()
-    with pytest.raises(UserError, match=r"metrics.jsonl: cannot write metrics \(Is a directory\)"):
+    with pytest.raises(UserError, match=r"metrics.jsonl: cannot write metrics \(a directory\)"):
         metrics.MetricsWriter(tmp_path, tensorboard=False)
 
 

@@ -152,4 +152,8 @@ def naming_flag(message: str, flags: typing.Mapping[str, str]) -> str | None:
         after = message[len(key) : len(key) + 1]
         if message.startswith(key) and after in (":", " ", ".", "["):
             return f"{flags[key]} {message}" if after in (":", " ") else f"{flags[key]} {key}: {message}"
+    for key in flags:  # a section the flag made up: ``--set runconfg.x=1``
+        section = key.split(".")[0]
+        if message.startswith(f"{section}: unknown section"):
+            return f"{flags[key]} {key}: {message}"
     return None

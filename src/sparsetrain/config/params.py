@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from sparsetrain.config.sparsity import SparsityConfig, parse_sparsity
 from sparsetrain.config.zoo import Translation, from_zoo
 from sparsetrain.config.zoo_keys import optimizer_name, scheduler_name
 from sparsetrain.errors import ConfigError, UserError
+
+log = logging.getLogger("sparsetrain")
 
 
 @dataclass(kw_only=True)
@@ -299,8 +302,29 @@ def _parse_compile(value: str | bool) -> str | bool:
     raise ConfigError(f"runconfig.compile: {value!r} is not valid; choose auto, true or false")
 
 
+class _KeyCheckingLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that notes keys given twice in one mapping (key, line)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[Any, int]] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = key_node.value
+                if key in seen and key != "<<":
+                    self.duplicates.append((key, key_node.start_mark.line + 1))
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; errors name the file and the line."""
+    """Parse a YAML file; errors name the file and the line. A key given twice in one mapping is
+    a warning (YAML loaders keep the last one silently; the zoo's files load as they always did)."""
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO would block for ever
+        raise ConfigError(f"{path}: not a regular file (a FIFO, device or socket), expected a YAML params file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -310,7 +334,14 @@ def read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read params file ({e})") from None
     try:
-        return yaml.safe_load(text)
+        loader = _KeyCheckingLoader(text)
+        try:
+            value = loader.get_single_data()
+        finally:
+            loader.dispose()
+        for key, line in loader.duplicates:
+            log.warning("%s:%d: key %r given twice in one mapping; the last one is used", path, line, key)
+        return value
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

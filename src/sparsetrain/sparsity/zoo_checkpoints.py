@@ -67,6 +67,7 @@ def read_any_checkpoint(path: Path | str) -> dict[str, Any]:
     """A checkpoint file of ours or the zoo's: ``torch.save`` (``checkpoint.load_checkpoint``, safe
     loading) or the zoo's ``cstorch.save`` HDF5 container; or a ``.safetensors`` file of weights
     (``checkpoint.load_safetensors``: ``weights_only`` set)."""
+    ckpt.check_regular_file(Path(path))
     if ckpt.is_safetensors(path):
         return ckpt.load_safetensors(Path(path))
     if is_hdf5(path):

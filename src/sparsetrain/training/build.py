@@ -100,7 +100,7 @@ def setup(
             run.eval_tokens = _tokens(params.eval_input, tokenizer, model_dir, params.model)
     if train:
         _build_optimizer(run, state if full_resume else None, path)
-    if state is not None and full_resume:
+    if state is not None and (full_resume or not train):  # an evaluation reports the checkpoint's step
         run.step = int(state["global_step"])
     if train and state is not None and full_resume:
         _say_resume_changes(run, state, path)
@@ -120,7 +120,7 @@ def setup(
     done = state.get("flops_done") if state is not None and full_resume else None
     run.flops_done = float(done) if done is not None else run.flops["sparse"] * tokens_per_step * run.step
     _compile(run)
-    if train and write_metrics and info.is_main:
+    if train and write_metrics and info.is_main and run.step < params.runconfig.max_steps:
         run_dir.settle(model_dir, run.step)  # one history: what lies after this step moves aside
     run.metrics = MetricsWriter(model_dir, enabled=write_metrics and info.is_main,
                                 purge_step=run.step if train else None, run_id=run.run_id)
@@ -204,7 +204,7 @@ def _lineage(run: Run, state: dict[str, Any] | None, start: run_dir.Start) -> No
     history at: a full resume carries them on (a rollback records its branch point), a fresh or
     warm start makes a new id (and records its source). Re-running an interrupted warm start or
     rollback finds them in the newest checkpoint and resumes it (``model_dir.choose_start``)."""
-    if state is not None and start.full_resume:
+    if state is not None and (start.full_resume or start.kind == "evaluate"):  # eval records: that run's id
         run.run_id = str(state.get("run_id") or run_dir.new_run_id())
         run.warm_start_from = state.get("warm_start_from")
         run.branch_from = state.get("branch_from")
@@ -332,8 +332,8 @@ def _build_optimizer(run: Run, resume: dict[str, Any] | None, path: Path | None)
         resume_checks.check_optimizer_kind(saved, params, path)
         template = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
         load_training_state(run, resume, path)
-        for change in resume_checks.apply_optimizer_settings(run.optimizer, template):
-            log.warning("%s: resuming with optimizer %s (the params' value; the checkpoint's is replaced)", path, change)
+        # Named by their params keys in the resume's warnings (resume_checks.resume_changes).
+        resume_checks.apply_optimizer_settings(run.optimizer, template)
         if run.sparsifier is not None:
             run.sparsifier.apply()  # loaded state of a weight whose mask was redrawn: 0 where pruned now
 

@@ -30,6 +30,18 @@ def _reason(e: OSError) -> str:
     return _WRITE_REASONS.get(e.errno) or e.strerror or str(e)
 
 
+def check_metrics_file(model_dir: Path) -> Path:
+    """model_dir/metrics.jsonl, which must be a regular file where it exists (or a link to one):
+    a FIFO or a device (``/dev/full`` reads without end) would block or exhaust memory."""
+    path = Path(model_dir) / "metrics.jsonl"
+    if path.exists() and not path.is_file():
+        from sparsetrain.errors import UserError
+
+        what = "a directory" if path.is_dir() else "not a regular file (a FIFO, device or socket)"
+        raise UserError(f"{path}: cannot write metrics ({what}); move it away")
+    return path
+
+
 class MetricsWriter:
     """Appends records to metrics.jsonl and TensorBoard; a no-op when ``enabled`` is false.
 
@@ -45,7 +57,7 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        path = Path(model_dir) / "metrics.jsonl"
+        path = check_metrics_file(model_dir)
         try:
             self._file = open(path, "a", encoding="utf-8")
         except OSError as e:

@@ -203,11 +203,11 @@ def new_run_id() -> str:
 def settle(model_dir: Path, step: int) -> Path | None:
     """Move checkpoints and metrics records of steps after ``step`` into ``abandoned/``; returns
     that folder, or None when nothing was there to move. Rank 0 only, before training starts."""
-    from sparsetrain.training.metrics import move_records_after
+    from sparsetrain.training.metrics import check_metrics_file, move_records_after
 
     model_dir = Path(model_dir)
     later = [(s, p) for s, p in ckpt.list_checkpoints(model_dir) if s > step]
-    metrics = model_dir / "metrics.jsonl"
+    metrics = check_metrics_file(model_dir)
     records_after = _has_records_after(metrics, step)
     if not later and not records_after:
         return None

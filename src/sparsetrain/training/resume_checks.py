@@ -55,6 +55,14 @@ def check_optimizer_kind(saved: dict[str, Any] | None, params: Params, path: Pat
             f"continues the optimizer: set optimizer_type: {before}, or warm start a new model_dir from it "
             f"(--checkpoint_path with another --model_dir: the weights, a fresh {now})"
         )
+    before = ((saved or {}).get("optimizer") or {}).get("decay_embeddings")
+    now_decay = params.optimizer.decay_embeddings
+    if before is not None and bool(before) != now_decay:
+        raise CheckpointError(
+            f"{path}: optimizer.decay_embeddings: {before} -> {now_decay} regroups the optimizer's parameters, "
+            f"and a resume continues the checkpoint's groups: keep decay_embeddings: {before}, or warm start a "
+            "new model_dir from it (--checkpoint_path with another --model_dir)"
+        )
 
 
 def apply_optimizer_settings(optimizer: torch.optim.Optimizer, template: list[dict[str, Any]]) -> list[str]:
@@ -75,24 +83,34 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, template: list[di
 
 
 def _short(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = str(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
-DATA_KEYS = ("source", "data_path", "data_dir", "mixture", "data_subset", "tokenizer", "bpe_vocab_size", "shuffle_seed")
+DATA_KEYS = ("source", "data_path", "data_dir", "mixture", "data_subset", "tokenizer", "bpe_vocab_size")
+# Settings of the batches, the regularisation and the optimizer a run may change mid-run: each
+# change is named (in the params' own key) so that a resume never differs from the run silently.
+ORDER_KEYS = ("shuffle", "shuffle_seed")
+MODEL_KEYS = ("dropout_rate", "attention_dropout_rate")
+OPTIMIZER_SKIP = ("optimizer_type", "decay_embeddings", "packed_state")  # refused, or storage only
 
 
 def resume_changes(saved: dict[str, Any] | None, params: Params, step: int, data_change: str | None = None,
                    data_known: bool = False) -> list[str]:
     """Warnings for settings of the checkpoint's params that differ now: batch size, context length,
-    the seed (batches are a function of it and the step), max_steps (the learning-rate schedule
-    is a function of it), the data. ``data_change``: how the
-    training tokens differ from the checkpoint's fingerprint of them (``data_known``: it had one;
-    otherwise the data keys of the params are compared instead)."""
+    batch order (shuffle, shuffle_seed, the seed), dropout, every optimizer key (learning rate and
+    schedule, clipping, Adam's, ...: the params' values are the ones trained with), max_steps (the
+    learning-rate schedule is a function of it), the data. ``data_change``: how the training tokens
+    differ from the checkpoint's fingerprint of them (``data_known``: it had one; otherwise the data
+    keys of the params are compared instead)."""
     notes = []
     if data_change:
         notes.append(f"train_input: {data_change} (other batches from step {step} on than an uninterrupted run's)")
     if not saved:
         return notes
+    now = params.to_dict()
     before_in, now_in = saved.get("train_input") or {}, params.train_input
     for key, what in (("batch_size", "batch size"), ("max_sequence_length", "context length")):
         old, new = before_in.get(key), getattr(now_in, key)
@@ -103,10 +121,19 @@ def resume_changes(saved: dict[str, Any] | None, params: Params, step: int, data
         old, new = before_in.get(key), getattr(now_in, key, None)
         if key in before_in and old != new:
             notes.append(f"train_input.{key}: {old!r} -> {new!r} (other data from step {step} on)")
+    for key in ORDER_KEYS:
+        if key in before_in and before_in[key] != now["train_input"].get(key):
+            notes.append(f"train_input.{key}: {_short(before_in[key])} -> {_short(now['train_input'].get(key))} "
+                         f"(another batch order from step {step} on)")
     old_seed, new_seed = (saved.get("runconfig") or {}).get("seed"), params.runconfig.seed
     if old_seed is not None and old_seed != new_seed and params.train_input.shuffle_seed is None:
         notes.append(f"runconfig.seed: {old_seed} -> {new_seed} (batches are drawn from the seed: other batches "
                      f"from step {step} on; the weights are the checkpoint's)")
+    for section, keys in (("model", MODEL_KEYS), ("optimizer", None)):
+        before_s, now_s = saved.get(section) or {}, now.get(section) or {}
+        for key in keys or [k for k in now_s if k not in OPTIMIZER_SKIP]:
+            if key in before_s and before_s[key] != now_s.get(key):
+                notes.append(f"{section}.{key}: {_short(before_s[key])} -> {_short(now_s.get(key))} (from step {step} on)")
     old_max = (saved.get("runconfig") or {}).get("max_steps")
     new_max = params.runconfig.max_steps
     if new_max <= step:  # nothing left to train: training says so, a schedule note would mean nothing
