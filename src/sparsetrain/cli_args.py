@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sparsetrain import __version__
 from sparsetrain.config import PRESETS
 
 MODES = ("train", "eval", "train_and_eval", "eval_all")
@@ -16,6 +17,7 @@ MODES = ("train", "eval", "train_and_eval", "eval_all")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsetrain", description="Weight-sparse pre-training of GPT-style models, and dense fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"sparsetrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mode, text in zip(MODES, ("train (resumes from model_dir)", "evaluate the latest checkpoint", "train, evaluating as it goes",
                                   "evaluate every checkpoint in model_dir, oldest first")):
