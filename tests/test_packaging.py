@@ -33,3 +33,21 @@ def test_license_and_typing_marker():
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
     assert (ROOT / "src" / "sparsetrain" / "py.typed").exists()
     assert "Typing :: Typed" in meta["classifiers"]
+
+
+def test_every_subcommand_help_shows_defaults_and_an_example(capsys):
+    import pytest
+
+    from sparsetrain.cli_args import build_parser
+
+    commands = [["train"], ["eval"], ["train_and_eval"], ["eval_all"], ["generate"], ["prepare"], ["convert-params"],
+                ["plan"], ["inspect"], ["finalize"], ["bench"], ["bench", "train"], ["bench", "layer"]]
+    for command in commands:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--help"])
+        text = capsys.readouterr().out
+        assert "example:\n  sparsetrain " + " ".join(command) in text, command
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 200)" in text and "(default: 0.8)" in text and "seed of the sampling (default: 0)" in text

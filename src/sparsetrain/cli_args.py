@@ -15,25 +15,47 @@ MODES = ("train", "eval", "train_and_eval", "eval_all")
 # -- arguments -------------------------------------------------------------------------------------
 
 
+EXAMPLES = {'train': 'sparsetrain train --params configs/gpt2_tiny_sparse.yaml --model_dir runs/demo', 'eval': 'sparsetrain eval --params configs/gpt2_tiny_sparse.yaml --model_dir runs/demo', 'train_and_eval': 'sparsetrain train_and_eval --params configs/gpt2_tiny_sparse.yaml --model_dir runs/demo --set runconfig.eval_frequency=200', 'eval_all': 'sparsetrain eval_all --params configs/gpt2_tiny_sparse.yaml --model_dir runs/demo'}
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default (where it has one worth saying) and the example (epilog)
+    as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unsaid = default is None or default is False or default == argparse.SUPPRESS or default in ("", [])
+        if unsaid or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: {default})" if text else f"default: {default}"
+
+
+def _command(sub, name: str, text: str, example: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows the defaults and one example."""
+    return sub.add_parser(name, help=text, description=kwargs.pop("description", text[:1].upper() + text[1:] + "."),
+                          epilog=f"example:\n  {example}", formatter_class=_Help, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsetrain", description="Weight-sparse pre-training of GPT-style models, and dense fine-tuning.")
     parser.add_argument("--version", action="version", version=f"sparsetrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mode, text in zip(MODES, ("train (resumes from model_dir)", "evaluate the latest checkpoint", "train, evaluating as it goes",
                                   "evaluate every checkpoint in model_dir, oldest first")):
-        _add_run_args(sub.add_parser(mode, help=text))
+        _add_run_args(_command(sub, mode, text, EXAMPLES[mode]))
 
-    g = sub.add_parser("generate", help="sample text from a trained model")
+    g = _command(sub, "generate", "sample text from a trained model", 'sparsetrain generate --model_dir runs/demo --prompt "def main(" --temperature 0')
     g.add_argument("--model_dir", "-o", required=True, type=_dir_path)
     g.add_argument("--checkpoint_path", type=Path, help="default: the newest checkpoint in model_dir")
     g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max_new_tokens", type=_positive_int, default=200)
+    g.add_argument("--max_new_tokens", type=_positive_int, default=200, help="tokens to add to the prompt")
     g.add_argument("--temperature", type=_temperature, default=0.8, help="0: greedy (the likeliest token each step)")
     g.add_argument("--top_k", type=_positive_int, default=50, help="sample from the k likeliest tokens (k >= 1)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     _add_debug(g)
 
-    pr = sub.add_parser("prepare", help="tokenize a text source into memory-mapped token shards")
+    pr = _command(sub, "prepare", "tokenize a text source into memory-mapped token shards", "sparsetrain prepare --params configs/gpt2_tiny.yaml --output data/stdlib_shards")
     pr.add_argument("--params", "-p", required=True, type=Path, help="its train_input names the source and tokenizer")
     pr.add_argument("--output", required=True, type=Path, help="directory for the shards and meta.json")
     pr.add_argument("--format", choices=("shards", "zoo-hdf5"), default="shards",
@@ -42,35 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(pr)
     _add_debug(pr)
 
-    cp = sub.add_parser("convert-params", help="write a params file (the zoo's, any layout) in our layout")
+    cp = _command(sub, "convert-params", "write a params file (the zoo's, any layout) in our layout", "sparsetrain convert-params params_gpt3_125m_rigl75.yaml -o ours.yaml")
     cp.add_argument("params", type=Path, help="YAML params file")
     cp.add_argument("-o", "--output", type=Path, help="where to write (default: print)")
     _add_overrides(cp)
     _add_debug(cp)
 
-    pl = sub.add_parser("plan", help="dry run: which weights a params file sparsifies, and the FLOPs")
+    pl = _command(sub, "plan", "dry run: which weights a params file sparsifies, and the FLOPs", "sparsetrain plan --params configs/gpt2_tiny_sparse.yaml")
     pl.add_argument("--params", "-p", required=True, type=Path)
     _add_overrides(pl)
     pl.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
     _add_debug(pl)
 
-    ins = sub.add_parser("inspect", help="per-tensor NaN (pruned) counts and sparsity of a checkpoint")
+    ins = _command(sub, "inspect", "per-tensor NaN (pruned) counts and sparsity of a checkpoint", "sparsetrain inspect runs/demo/checkpoint_1000.mdl")
     ins.add_argument("checkpoint", type=Path)
     ins.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
     _add_debug(ins)
 
-    fin = sub.add_parser("finalize", help="NaN -> 0: a dense checkpoint for other tools")
+    fin = _command(sub, "finalize", "NaN -> 0: a dense checkpoint for other tools", "sparsetrain finalize -i runs/demo/checkpoint_1000.mdl -o runs/demo/dense.safetensors")
     fin.add_argument("-i", "--input", required=True, type=Path, help="sparse checkpoint")
     fin.add_argument("-o", "--output", required=True, type=Path, help=".mdl (same layout) or .safetensors (weights)")
     fin.add_argument("--overwrite", action="store_true", help="replace an existing output file (never a directory or device)")
     _add_debug(fin)
 
-    bench = sub.add_parser("bench", help="measure training speed and memory (dense vs sparse vs reference)")
+    bench = _command(sub, "bench", "measure training speed and memory (dense vs sparse vs reference)", "sparsetrain bench train --preset gpt2-small --batch_size 16 --seq_len 1024 --sparsity 0.75")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
-    _bench_train_arguments(bsub.add_parser("train", help="training step: plain-loop reference, our dense, our sparse; one process"))
-    bl = bsub.add_parser(
-        "layer", help="one linear layer: block-sparse kernels vs cuBLAS, torch BSR and 2:4 (CUDA + Triton)",
-        description="Time forward and backward of one block-sparse linear layer against dense on this GPU.",
+    _bench_train_arguments(_command(bsub, "train", "training step: plain-loop reference, our dense, our sparse; one process", "sparsetrain bench train --preset gpt2-small --sparsity 0.75 --structure block"))
+    bl = _command(
+        bsub, "layer", "one linear layer: block-sparse kernels vs cuBLAS, torch BSR and 2:4 (CUDA + Triton)",
+        "sparsetrain bench layer --sparsity 0.75", description="Time forward and backward of one block-sparse "
+        "linear layer against dense on this GPU.",
     )
     _bench_layer_arguments(bl)
     _add_debug(bl)
