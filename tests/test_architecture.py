@@ -20,7 +20,7 @@ FLOORS = [
     {"model", "flops", "data"},
     {"sparsity", "optim"},
     {"memory", "training"},
-    {"tools", "bench", "cli_args"},
+    {"tools", "bench", "cli_args", "hf"},
     {"cli", "torchrun"},
     {"zoo_cli"},
 ]

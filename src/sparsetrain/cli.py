@@ -205,6 +205,15 @@ def finalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    from sparsetrain.hf import export_hf
+
+    result = export_hf(args.input, args.output, overwrite=args.overwrite)
+    print(f"wrote Hugging Face GPT-2 directory {result['output']} (step {result['global_step']}, "
+          f"{result['sparsified_tensors']} sparse tensors, pruned weights exact zeros, masks in sparsity_masks.safetensors)")
+    return 0
+
+
 def bench_train(args: argparse.Namespace) -> int:
     from sparsetrain.bench.train import main_bench
 
@@ -225,6 +234,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": plan,
     "inspect": inspect,
     "finalize": finalize,
+    "export": export,
     "bench train": bench_train,
     "bench layer": bench_layer,
 }

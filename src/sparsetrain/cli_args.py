@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--overwrite", action="store_true", help="replace an existing output file (never a directory or device)")
     _add_debug(fin)
 
+    ex = _command(sub, "export", "a checkpoint as a Hugging Face GPT-2 directory (from_pretrained loads it)",
+                  "sparsetrain export --format hf -i runs/demo/checkpoint_1000.mdl -o runs/demo/hf")
+    ex.add_argument("--format", choices=("hf",), default="hf", help="hf: transformers' GPT2LMHeadModel and its tokenizer")
+    ex.add_argument("-i", "--input", required=True, type=Path, help="checkpoint (sparse or dense)")
+    ex.add_argument("-o", "--output", required=True, type=Path, help="directory to write")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    _add_debug(ex)
+
     bench = _command(sub, "bench", "measure training speed and memory (dense vs sparse vs reference)", "sparsetrain bench train --preset gpt2-small --batch_size 16 --seq_len 1024 --sparsity 0.75")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     _bench_train_arguments(_command(bsub, "train", "training step: plain-loop reference, our dense, our sparse; one process", "sparsetrain bench train --preset gpt2-small --sparsity 0.75 --structure block"))
