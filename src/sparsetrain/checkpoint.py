@@ -58,9 +58,14 @@ class CheckpointWriteError(CheckpointError, OSError):
     that is also an ``OSError`` with the original ``errno``."""
 
 
+def write_reason(exc: OSError) -> str:
+    """An OSError of a write in a few words: "disk full", "permission denied", ..."""
+    return _WRITE_REASONS.get(exc.errno) or exc.strerror or str(exc) or type(exc).__name__
+
+
 def _write_error(path: Path, exc: OSError) -> CheckpointWriteError:
     code = errno.errorcode.get(exc.errno) if exc.errno is not None else None
-    reason = _WRITE_REASONS.get(exc.errno) or exc.strerror or str(exc) or type(exc).__name__
+    reason = write_reason(exc)
     detail = f"{reason} ({code})" if code else reason
     err = CheckpointWriteError(
         f"{path}: cannot write checkpoint: {detail}; nothing was written, the earlier checkpoints are intact"
@@ -159,7 +164,7 @@ def write_atomically(path: Path, write: Callable[[Any], None]) -> None:
         raise _write_error(path, e) from None
     sink = None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is as readable as the other outputs
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a checkpoint is as readable as the other outputs
         with os.fdopen(fd, "wb") as f:
             sink = _Sink(f)
             write(sink)
@@ -175,7 +180,7 @@ def write_atomically(path: Path, write: Callable[[Any], None]) -> None:
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and (cause or _os_error_in(e))):
             raise _write_error(path, cause or _os_error_in(e)) from None
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     remove_stale_temp_files(path.parent)
 
 
@@ -201,7 +206,8 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (os.umask can only be read by setting it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -254,9 +260,10 @@ def remove_stale_temp_files(model_dir: Path) -> list[Path]:
     return removed
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory (a rename in it) to disk; best effort."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -334,8 +341,6 @@ def check_regular_file(path: Path) -> None:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely; any problem is one :class:`CheckpointError` naming the file."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
     check_regular_file(path)
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         if is_safetensors(path):
@@ -399,7 +404,10 @@ def prune_checkpoints(model_dir: Path, keep: int | None, newest: int | None = No
     old = [(s, p) for s, p in found[:-keep]]
     deleted = []
     for s, p in old:
-        held = stored_step(p)
+        try:  # an int (ours) or a 0-d tensor (the zoo's); anything else: not judged
+            held = int(peek(p, ("global_step",))["global_step"])
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            held = None
         if held is not None and held != s:  # renamed or copied: not the history its name claims
             log.warning("keep_checkpoints: %s holds step %d, not %d: not deleted (rename it checkpoint_%d.mdl "
                         "or move it out of the model_dir)", p, held, s, held)
@@ -412,15 +420,15 @@ def prune_checkpoints(model_dir: Path, keep: int | None, newest: int | None = No
     return deleted
 
 
-def stored_step(path: Path) -> int | None:
-    """The ``global_step`` a checkpoint file holds, read without its tensors (memory-mapped), or
-    None where it cannot be read that way."""
+def peek(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The top-level entries ``keys`` of a checkpoint file, read without its tensors
+    (memory-mapped); {} where it cannot be read that way (whoever loads it says why)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        step = state["global_step"]
-        return int(step)
-    except Exception:  # noqa: BLE001 -- unreadable here: whoever loads it says why
-        return None
+    except Exception:  # noqa: BLE001 -- unreadable here: the full load says why, later
+        return {}
+    return {k: state[k] for k in keys if k in state} if isinstance(state, dict) else {}
+
 
 
 def check_model_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:

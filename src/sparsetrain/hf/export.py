@@ -239,11 +239,11 @@ def _write_dir(out_dir: Path, overwrite: bool, write: Any) -> None:
         raise CheckpointError(f"-o {out_dir}: cannot write ({e.strerror or e})") from None
     old = None
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the export is as readable as other outputs
+        os.chmod(tmp, 0o777 & ~ckpt.current_umask())  # mkdtemp makes 0700; the export is as readable as other outputs
         write(tmp)
         for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+            ckpt.fsync_path(f)
+        ckpt.fsync_path(tmp)
         if out_dir.is_dir() and any(out_dir.iterdir()):
             if not overwrite:  # filled since the check
                 raise CheckpointError(f"-o {out_dir}: is not empty; choose another directory or pass --overwrite")
@@ -260,23 +260,6 @@ def _write_dir(out_dir: Path, overwrite: bool, write: Any) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    _fsync(parent)
+    ckpt.fsync_path(parent)
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -332,7 +332,6 @@ def _build_optimizer(run: Run, resume: dict[str, Any] | None, path: Path | None)
         resume_checks.check_optimizer_kind(saved, params, path)
         template = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
         load_training_state(run, resume, path)
-        # Named by their params keys in the resume's warnings (resume_checks.resume_changes).
         resume_checks.apply_optimizer_settings(run.optimizer, template)
         if run.sparsifier is not None:
             run.sparsifier.apply()  # loaded state of a weight whose mask was redrawn: 0 where pruned now

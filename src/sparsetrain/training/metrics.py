@@ -16,18 +16,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sparsetrain.checkpoint import write_reason
+
 log = logging.getLogger("sparsetrain")
 
 TB_KEYS = {
     "train": ("loss", "lr", "tokens_per_s", "flops_per_step", "flops_ratio", "mfu"),
     "eval": ("eval_loss", "perplexity"),
 }
-
-
-def _reason(e: OSError) -> str:
-    from sparsetrain.checkpoint import _WRITE_REASONS
-
-    return _WRITE_REASONS.get(e.errno) or e.strerror or str(e)
 
 
 def check_metrics_file(model_dir: Path) -> Path:
@@ -63,7 +59,7 @@ class MetricsWriter:
         except OSError as e:
             from sparsetrain.errors import UserError
 
-            raise UserError(f"{path}: cannot write metrics ({_reason(e)})") from None
+            raise UserError(f"{path}: cannot write metrics ({write_reason(e)})") from None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import; only where used
 
@@ -82,7 +78,7 @@ class MetricsWriter:
         except OSError as e:
             from sparsetrain.errors import UserError
 
-            raise UserError(f"{self._file.name}: cannot write metrics ({_reason(e)})") from None
+            raise UserError(f"{self._file.name}: cannot write metrics ({write_reason(e)})") from None
         if self._tb is None:
             return
         step = record["step"]
@@ -115,7 +111,7 @@ def move_records_after(path: Path, step: int, dest: Path) -> int:
     path, dest = Path(path).resolve(), Path(dest)
     try:
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    except FileNotFoundError:
+    except OSError:  # missing or unreadable: nothing here to move
         return 0
     keep, move = [], []
     for line in lines:
@@ -152,7 +148,7 @@ class _LogFile(logging.FileHandler):
 
     def handleError(self, record: logging.LogRecord) -> None:
         exc = sys.exc_info()[1]
-        reason = _reason(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
+        reason = write_reason(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
         sys.stderr.write(f"warning: {self.baseFilename}: cannot write the log ({reason}); "
                          "logging to the console only from here\n")
         log.removeHandler(self)
@@ -180,7 +176,7 @@ def setup_logging(model_dir: Path | None, verbose: bool = True) -> None:
         except OSError as e:
             from sparsetrain.errors import UserError
 
-            raise UserError(f"{path}: cannot write the log ({_reason(e)})") from None
+            raise UserError(f"{path}: cannot write the log ({write_reason(e)})") from None
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(fh)
     log.propagate = False

@@ -40,7 +40,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sparsetrain import checkpoint as ckpt
 from sparsetrain.errors import CheckpointError, UserError
@@ -142,7 +141,7 @@ def choose_start(model_dir: Path, explicit: Path | None) -> Start:
         if not later:
             return Start(explicit, True, "resume")
         newest = later[-1][1]
-        if (metadata(newest).get("branch_from") or {}).get("path") == str(explicit.resolve()):
+        if (ckpt.peek(newest, ("branch_from",)).get("branch_from") or {}).get("path") == str(explicit.resolve()):
             return Start(newest, True, "rollback resumed",
                          f"{newest.name} continues the rollback to {explicit.name}: resuming it (to roll back "
                          f"to {explicit.name} again, move the later checkpoints out of {model_dir} first)")
@@ -153,7 +152,7 @@ def choose_start(model_dir: Path, explicit: Path | None) -> Start:
     if not found:
         return Start(explicit, False, "warm start")
     newest = found[-1][1]
-    origin = (metadata(newest).get("warm_start_from") or {}).get("path")
+    origin = (ckpt.peek(newest, ("warm_start_from",)).get("warm_start_from") or {}).get("path")
     if origin == str(explicit.resolve()):
         return Start(newest, True, "warm start resumed",
                      f"{model_dir} holds this warm start's checkpoints (from {explicit}): resuming {newest.name}")
@@ -166,20 +165,6 @@ def choose_start(model_dir: Path, explicit: Path | None) -> Start:
 
 def inside(path: Path, model_dir: Path) -> bool:
     return Path(path).resolve().parent == Path(model_dir).resolve()
-
-
-def metadata(path: Path) -> dict[str, Any]:
-    """A checkpoint's small entries (``run_id``, ``warm_start_from``, ``global_step``) without
-    reading its tensors (memory-mapped); {} when it cannot be read that way."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 -- unreadable here: the full load says why, later
-        return {}
-    if not isinstance(state, dict):
-        return {}
-    return {k: state[k] for k in ("run_id", "warm_start_from", "branch_from", "global_step") if k in state}
 
 
 def check_step_name(path: Path, stored_step: int) -> None:
@@ -208,22 +193,22 @@ def settle(model_dir: Path, step: int) -> Path | None:
     model_dir = Path(model_dir)
     later = [(s, p) for s, p in ckpt.list_checkpoints(model_dir) if s > step]
     metrics = check_metrics_file(model_dir)
-    records_after = _has_records_after(metrics, step)
-    if not later and not records_after:
-        return None
     dest = model_dir / ABANDONED / f"{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step}"
     n = 1
     while dest.exists():
         dest = dest.with_name(f"{dest.name.split('~')[0]}~{n}")
         n += 1
     try:
-        dest.mkdir(parents=True)
+        if later:
+            dest.mkdir(parents=True)
         for _, p in later:
             os.replace(p, dest / p.name)
-        moved = move_records_after(metrics, step, dest / "metrics.jsonl") if records_after else 0
+        moved = move_records_after(metrics, step, dest / "metrics.jsonl")  # makes dest when it moves any
     except OSError as e:
         raise UserError(f"{dest}: cannot move the files of steps after {step} there ({e.strerror or e}); "
                         "nothing was deleted") from None
+    if not later and not moved:
+        return None
     parts = []
     if later:
         parts.append(f"{len(later)} checkpoint{'s' if len(later) > 1 else ''} ({', '.join(p.name for _, p in later)})")
@@ -234,15 +219,4 @@ def settle(model_dir: Path, step: int) -> Path | None:
     return dest
 
 
-def _has_records_after(metrics: Path, step: int) -> bool:
-    try:
-        with open(metrics, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    if int(json.loads(line).get("step", -1)) > step:
-                        return True
-                except (ValueError, TypeError, AttributeError):
-                    continue
-    except OSError:
-        return False
     return False

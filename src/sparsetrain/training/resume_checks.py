@@ -65,21 +65,11 @@ def check_optimizer_kind(saved: dict[str, Any] | None, params: Params, path: Pat
         )
 
 
-def apply_optimizer_settings(optimizer: torch.optim.Optimizer, template: list[dict[str, Any]]) -> list[str]:
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, template: list[dict[str, Any]]) -> None:
     """Put the params' hyperparameters (``template``: the freshly built optimizer's param groups)
-    back over the loaded ones; returns ``key: old -> new`` for each that changed."""
-    changed = []
-    for i, (group, fresh) in enumerate(zip(optimizer.param_groups, template, strict=True)):
-        for key, value in fresh.items():
-            if key in _NOT_SETTINGS:
-                continue
-            old = group.get(key)
-            if old != value:
-                text = f"{key}: {_short(old)} -> {_short(value)}"
-                if text not in changed and not (key == "weight_decay" and i > 0 and value == 0.0):
-                    changed.append(text)
-            group[key] = value
-    return changed
+    back over the loaded ones; :func:`resume_changes` names each change by its params key."""
+    for group, fresh in zip(optimizer.param_groups, template, strict=True):
+        group.update({key: value for key, value in fresh.items() if key not in _NOT_SETTINGS})
 
 
 def _short(value: Any) -> str:
@@ -136,11 +126,10 @@ def resume_changes(saved: dict[str, Any] | None, params: Params, step: int, data
                 notes.append(f"{section}.{key}: {_short(before_s[key])} -> {_short(now_s.get(key))} (from step {step} on)")
     old_max = (saved.get("runconfig") or {}).get("max_steps")
     new_max = params.runconfig.max_steps
-    if new_max <= step:  # nothing left to train: training says so, a schedule note would mean nothing
-        pass
-    elif old_max is not None and old_max != new_max and isinstance(params.optimizer.learning_rate, list):
+    changed_max = old_max is not None and old_max != new_max and new_max > step  # else nothing to train: fit says so
+    if changed_max and isinstance(params.optimizer.learning_rate, list):
         notes.append(f"runconfig.max_steps: {old_max} -> {new_max}: the learning-rate schedule is stretched to "
                      f"the new length from step {step} on (its phases without total_iters end at max_steps)")
-    elif old_max is not None and old_max != new_max:
+    elif changed_max:
         notes.append(f"runconfig.max_steps: {old_max} -> {new_max}")
     return notes
