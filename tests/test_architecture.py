@@ -19,8 +19,9 @@ FLOORS = [
     {"config"},
     {"model", "flops", "data"},
     {"sparsity", "optim"},
+    {"hf"},
     {"memory", "training"},
-    {"tools", "bench", "cli_args", "hf"},
+    {"tools", "bench", "cli_args", "compare"},
     {"cli", "torchrun"},
     {"zoo_cli"},
 ]

@@ -1,5 +1,6 @@
 """The package as a user installs it (issue 18, "a package that installs whole"): one version,
-``sparsetrain --version``, an SPDX license with its LICENSE file, and ``py.typed``."""
+``sparsetrain --version``, an SPDX license with its LICENSE file, ``py.typed``, project URLs, and a
+wheel that carries the shipped configs, so ``--params builtin:NAME`` works outside a checkout."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_every_subcommand_help_shows_defaults_and_an_example(capsys):
     from sparsetrain.cli_args import build_parser
 
     commands = [["train"], ["eval"], ["train_and_eval"], ["eval_all"], ["generate"], ["prepare"], ["convert-params"],
-                ["plan"], ["inspect"], ["finalize"], ["bench"], ["bench", "train"], ["bench", "layer"]]
+                ["plan"], ["inspect"], ["finalize"], ["export"], ["compare"], ["configs"], ["bench"], ["bench", "train"], ["bench", "layer"]]
     for command in commands:
         with pytest.raises(SystemExit):
             build_parser().parse_args([*command, "--help"])
@@ -51,3 +52,37 @@ def test_every_subcommand_help_shows_defaults_and_an_example(capsys):
         build_parser().parse_args(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 200)" in text and "(default: 0.8)" in text and "seed of the sampling (default: 0)" in text
+
+
+def test_project_urls():
+    urls = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+    assert urls and all(u.startswith("https://") for u in urls.values())
+
+
+def test_the_wheel_carries_the_configs_and_runs_outside_a_checkout(tmp_path):
+    """Build the wheel as pip would, unpack it (what an install puts in site-packages) and run the
+    commands from a directory that is no checkout, with only the unpacked wheel on the path."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("sparsetrain-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(p.name for p in (ROOT / "src" / "sparsetrain" / "configs").glob("*.yaml"))
+    assert sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("sparsetrain/configs/") and n.endswith(".yaml")) == shipped
+    assert "sparsetrain/py.typed" in names
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def run(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "sparsetrain.cli", *args], cwd=elsewhere, capture_output=True,
+                             text=True, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    listing = run("configs")
+    assert all(name.removesuffix(".yaml") in listing for name in shipped)
+    assert "pruned" in run("plan", "--params", "builtin:gpt2_tiny_sparse")
+    run("configs", "gpt2_tiny_sparse", "--copy", "mine")
+    assert (elsewhere / "mine" / "gpt2_tiny_sparse.yaml").read_text() == (ROOT / "configs" / "gpt2_tiny_sparse.yaml").read_text()

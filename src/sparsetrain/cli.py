@@ -28,13 +28,17 @@ def run_mode(args: argparse.Namespace) -> int:
     """``train`` | ``eval`` | ``train_and_eval``: one run on ``--model_dir`` (resumes there)."""
     from sparsetrain import training
     from sparsetrain.config import load_params
+    from sparsetrain.config.hf_model import is_hf_dir
     from sparsetrain.training.metrics import setup_logging
     from sparsetrain.training.model_dir import ModelDirLock, command_line
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; rank 0 talks and writes
+    if is_hf_dir(args.checkpoint_path):  # a Hugging Face directory: the same as model.init_from
+        args.overrides, args.checkpoint_path = [*args.overrides, f"model.init_from=hf:{args.checkpoint_path}"], None
     params = load_params(args.params, args.overrides, args.unset)
     model_dir = _model_dir(args, params)
-    if args.command in ("eval", "eval_all") and args.checkpoint_path is None and not _has_checkpoints(model_dir):
+    nothing = args.command == "eval_all" or params.model.init_from is None
+    if args.command in ("eval", "eval_all") and args.checkpoint_path is None and nothing and not _has_checkpoints(model_dir):
         raise UserError(f"--model_dir {model_dir}: no checkpoint to evaluate; train first or pass --checkpoint_path")
     created = not model_dir.exists()
     _prepare_model_dir(model_dir, args.command)
@@ -78,8 +82,19 @@ def _run(run, args: argparse.Namespace, params, model_dir: Path, main_rank: bool
         run.forward, run.ddp = run.model, None
         distributed.shutdown(run.dist)
     if main_rank:
+        if args.command != "eval":
+            _draw_loss(model_dir)
         print(format_summary(run, history))
     return 0
+
+
+def _draw_loss(model_dir: Path) -> None:
+    """model_dir/loss.png at a training's end; a run never fails for its picture."""
+    try:  # TEMP until sparsetrain.compare lands
+        from sparsetrain.compare import write_loss_png
+    except ModuleNotFoundError:
+        return
+    write_loss_png(model_dir)
 
 
 def _eval_all(params, model_dir: Path, args: argparse.Namespace, main_rank: bool) -> int:
@@ -214,6 +229,18 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    from sparsetrain.compare import compare_runs
+
+    return compare_runs(args.runs, x=args.x, out=args.out, as_json=args.json)
+
+
+def configs(args: argparse.Namespace) -> int:
+    from sparsetrain.config.builtin import configs_command
+
+    return configs_command(args.names, copy_to=args.copy, overwrite=args.overwrite)
+
+
 def bench_train(args: argparse.Namespace) -> int:
     from sparsetrain.bench.train import main_bench
 
@@ -235,6 +262,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "inspect": inspect,
     "finalize": finalize,
     "export": export,
+    "compare": compare,
+    "configs": configs,
     "bench train": bench_train,
     "bench layer": bench_layer,
 }

@@ -95,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     _add_debug(ex)
 
+    cmp = _command(sub, "compare", "runs side by side: a table, and loss against steps, tokens, FLOPs or time",
+                   "sparsetrain compare runs/dense runs/sparse --x flops --out loss.png")
+    cmp.add_argument("runs", nargs="+", type=_dir_path, metavar="RUN_DIR", help="model_dirs (their metrics.jsonl)")
+    cmp.add_argument("--x", choices=("steps", "tokens", "flops", "time"), default="flops",
+                     help="the picture's x axis: flops are the run's training FLOPs with sparsity counted")
+    cmp.add_argument("--out", type=Path, help="write the picture here (.png; needs matplotlib: the [plot] extra)")
+    cmp.add_argument("--json", action="store_true", help="machine-readable table (stable shape)")
+    _add_debug(cmp)
+
+    cf = _command(sub, "configs", "the params files shipped with sparsetrain: list, show or copy them",
+                  "sparsetrain configs gpt2_tiny_sparse --copy my_configs")
+    cf.add_argument("names", nargs="*", metavar="NAME", help="configs to show (or copy); none: list them all")
+    cf.add_argument("--copy", type=_dir_path, metavar="DIR", help="write the named configs (all, if none named) into DIR")
+    cf.add_argument("--overwrite", action="store_true", help="with --copy, replace files already in DIR")
+    _add_debug(cf)
+
     bench = _command(sub, "bench", "measure training speed and memory (dense vs sparse vs reference)", "sparsetrain bench train --preset gpt2-small --batch_size 16 --seq_len 1024 --sparsity 0.75")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     _bench_train_arguments(_command(bsub, "train", "training step: plain-loop reference, our dense, our sparse; one process", "sparsetrain bench train --preset gpt2-small --sparsity 0.75 --structure block"))

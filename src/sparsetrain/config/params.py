@@ -23,8 +23,10 @@ from typing import Any
 
 import yaml
 
+from sparsetrain.config.builtin import builtin_path
 from sparsetrain.config.dynamic import check_levels
 from sparsetrain.config.fields import build_section, check_range, closest, coerce, key_text
+from sparsetrain.config.hf_model import merge_init_from
 from sparsetrain.config.overrides import (
     FlagError,
     apply_overrides,
@@ -227,6 +229,7 @@ def _canonical_names(raw: dict) -> None:
 
 def _validate(raw: dict) -> Params:
     _canonical_names(raw)
+    raw = merge_init_from(raw, PRESETS)  # model.init_from: hf:DIR sets the model's keys (config.hf_model)
     valid = [*SECTIONS, "sparsity"]
     for key in raw:
         if key not in valid:
@@ -356,8 +359,9 @@ def read_yaml(path: Path) -> Any:
 
 def load_params(path: str | Path, overrides: typing.Sequence[str] = (), unset: typing.Sequence[str] = ()) -> Params:
     """Read, override and validate a params file (ours, or the model zoo's in any layout). Errors
-    are prefixed with the file name, or with the flag for a key that ``--set`` / ``--unset`` changed."""
-    path = Path(path)
+    are prefixed with the file name, or with the flag for a key that ``--set`` / ``--unset`` changed.
+    ``builtin:NAME`` reads a config shipped with the package (:mod:`sparsetrain.config.builtin`)."""
+    path = builtin_path(path)
     raw = read_yaml(path)
     if raw is None:
         raw = {}
@@ -367,6 +371,8 @@ def load_params(path: str | Path, overrides: typing.Sequence[str] = (), unset: t
         params = params_from_dict(raw, overrides, unset)
     params.path = path
     params.flags = flag_keys(overrides, unset)
+    for inp in (params.train_input, params.eval_input):
+        inp.params_dir = str(path.resolve().parent)
     return params
 
 

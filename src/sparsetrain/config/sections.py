@@ -41,6 +41,11 @@ class InputParams:
     )
     shuffle_seed: int | None = setting(None, "seed of the batch order (default: runconfig.seed)", min=0, max=2**63 - 1)
     text_field: str = setting("text", "field of each JSON Lines record that holds the document")
+    prompt_field: str | None = setting(
+        None, "jsonl: the field of the prompt; given, each record is one sample, prompt then completion, "
+        "and the loss counts the completion's tokens only (fine-tuning data)"
+    )
+    completion_field: str = setting("completion", "jsonl with prompt_field: the field of the completion")
     tokenizer: str = setting(
         "byte", "byte | bpe (trained locally, saved in model_dir) | path to tokenizer.json; "
         "eval_input: always train_input's (evaluation encodes with the model's tokenizer)",
@@ -59,6 +64,9 @@ class InputParams:
     )
     shuffle: bool = setting(True, "random windows (true) or consecutive windows (false)")
     section: str = field(default="train_input", repr=False, metadata={"internal": True})
+    # The params file's directory: a relative data path missing from the working directory is
+    # looked up there (sparsetrain.data.paths). Set by load_params; never written out.
+    params_dir: str | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -89,6 +97,10 @@ class ModelParams:
     """A GPT-2 / GPT-3 style decoder. Keys given beside ``preset`` override the preset."""
 
     preset: str | None = setting(None, "named model size", choices=tuple(PRESETS))
+    init_from: str | None = setting(
+        None, "hf:DIR: start from a Hugging Face GPT-2 directory on disk (its config sets the model's "
+        "shape; keys given here must agree); a sparsity block takes topk masks from its weights"
+    )
     hidden_size: int = setting(128, "width d", min=1, max=MAX_WIDTH)
     num_hidden_layers: int = setting(4, "number of transformer blocks", min=1, max=MAX_LAYERS)
     num_heads: int = setting(4, "attention heads; must divide hidden_size", min=1, max=MAX_WIDTH)
@@ -202,3 +214,7 @@ class RunConfig:
     progress: bool = setting(True, "show a progress bar on the terminal")
     model_dir: str | None = setting(None, "the model_dir when the command line gives none (the zoo's runconfig.model_dir)")
     save_initial_checkpoint: bool = setting(False, "write a checkpoint of the initial weights (step 0) before training")
+    loggers: list = setting(
+        ["jsonl", "tensorboard"], "where metrics go: any of jsonl (model_dir/metrics.jsonl) | tensorboard | "
+        "wandb (offline unless WANDB_MODE says otherwise) | mlflow (MLFLOW_TRACKING_URI, default model_dir/mlruns)"
+    )

@@ -2,7 +2,8 @@
 
 ``train_input`` / ``eval_input`` name a source, a tokenizer and a split; :func:`load_tokenizer`
 and :func:`load_tokens` turn them into a :class:`~sparsetrain.data.tokenizers.Tokenizer` and a
-stream (text encoded in memory, shards memory-mapped, the zoo's HDF5 files read lazily).
+stream (text encoded in memory, prompt/completion records as samples in memory, shards
+memory-mapped, the zoo's HDF5 files read lazily).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsetrain import distributed
+from sparsetrain.data import completions
 from sparsetrain.data.batch_memory import check_batch_fits
 from sparsetrain.data.checks import check_length
 from sparsetrain.data.hdf5 import hdf5_stream
@@ -30,12 +32,12 @@ def load_tokenizer(input: DataInput, model_dir: Path | None = None) -> Tokenizer
     """The tokenizer of a data section.
 
     ``byte``: UTF-8 bytes. ``bpe``: ``model_dir/tokenizer.json`` if it exists (resume), else a
-    byte-level BPE trained on the section's train split (all of it with ``split: all``) and saved
-    there; under torchrun rank 0 alone does this and the other ranks get a copy of its tokenizer
-    (or its error). Any other value is the path of a tokenizer.json. With ``source: shards`` it is
-    the tokenizer recorded in the shard directory; ``tokenizer`` must agree with it. With ``source:
-    hdf5`` (token ids, no text) it only decodes generated text: ``bpe`` there needs the
-    tokenizer.json already in model_dir.
+    byte-level BPE trained on the section's train split (all of it with ``split: all``; with
+    ``prompt_field``, its prompts and completions) and saved there; under torchrun rank 0 alone
+    does this and the other ranks get a copy of its tokenizer (or its error). Any other value is
+    the path of a tokenizer.json. With ``source: shards`` it is the tokenizer recorded in the
+    shard directory; ``tokenizer`` must agree with it. With ``source: hdf5`` (token ids, no text)
+    it only decodes generated text: ``bpe`` there needs the tokenizer.json already in model_dir.
     """
     check_input(input)
     key = f"{input.section}.tokenizer"
@@ -66,7 +68,8 @@ def _bpe_tokenizer(input: DataInput, model_dir: Path | None, key: str) -> Tokeni
                 log.warning("%s: %s has more tokens than bpe_vocab_size %d", input.section, saved, input.bpe_vocab_size)
             return tok
     train_split = "all" if split_of(input) == "all" else "train"
-    tok = make_tokenizer("bpe", input.bpe_vocab_size, key, iter_documents(input, train_split))
+    texts = completions.texts(input, train_split) if completions.is_completions(input) else iter_documents(input, train_split)
+    tok = make_tokenizer("bpe", input.bpe_vocab_size, key, texts)
     if model_dir is None:
         log.warning("%s: BPE tokenizer trained but not saved (no model_dir)", input.section)
     else:
@@ -97,8 +100,9 @@ def load_tokens(input: DataInput, tokenizer: Tokenizer | None = None, model_dir:
     """The stream of a data section's split.
 
     Text sources are encoded in memory (``tokenizer`` defaults to ``load_tokenizer(input,
-    model_dir)``); shards are memory-mapped read-only; ``hdf5`` files are opened read-only (no
-    tokenizer; split and eval_fraction do not apply). Raises ``DataError`` when no window of
+    model_dir)``), prompt/completion records too, as samples of ``max_sequence_length``
+    (:mod:`~sparsetrain.data.completions`); shards are memory-mapped read-only; ``hdf5`` files
+    are opened read-only (no tokenizer; split and eval_fraction do not apply). Raises ``DataError`` when no window of
     ``max_sequence_length + 1`` tokens fits, or samples of another length. With
     ``max_sequence_length: null`` (hdf5 sample form) the caller takes it from ``stream.seq_len``.
     A batch that cannot fit this machine's memory is refused (a training batch before the data is
@@ -110,6 +114,8 @@ def load_tokens(input: DataInput, tokenizer: Tokenizer | None = None, model_dir:
         stream = hdf5_stream(input)
     elif input.source == "shards":
         stream = shard_stream(input)
+    elif completions.is_completions(input):
+        stream = completions.completion_stream(input, tokenizer or load_tokenizer(input, model_dir))
     else:
         tokenizer = tokenizer or load_tokenizer(input, model_dir)
         tokens = encode_corpus(input, tokenizer)

@@ -1,10 +1,13 @@
 """Corpora: the files of a text source, their stable train/eval split, and their documents.
 
 Sources are ``stdlib`` (the running interpreter's standard library), ``text`` (a file, directory
-or glob) and ``jsonl`` (one document per line); ``shards`` and ``hdf5`` hold tokens, not text,
-and only their keys are checked here. The train/eval split is a stable hash of each file's
+or glob) and ``jsonl`` (one document per line, or with ``prompt_field`` one prompt/completion
+record per line: :mod:`sparsetrain.data.completions`); ``shards`` and ``hdf5`` hold tokens, not
+text, and only their keys are checked here. The train/eval split is a stable hash of each file's
 relative path (blake2b), so it never depends on the machine, the process or the order files are
-listed in; a single file is split inside itself.
+listed in; a single file is split inside itself (a jsonl file by the hash of each record's
+position). Relative paths follow :mod:`sparsetrain.data.paths` (working directory, then beside the
+params file).
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ import json
 import logging
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from sparsetrain.data import hdf5
+from sparsetrain.data.paths import locate_paths, where_looked
 from sparsetrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SOURCES = ("stdlib", "text", "jsonl", "shards", "hdf5")
 HDF5_KEYS = ("data_dir", "mixture", "data_subset")  # only for source hdf5
@@ -42,6 +47,8 @@ class DataInput(Protocol):
     data_subset: str | None
     shuffle_seed: int | None
     text_field: str
+    prompt_field: str | None
+    completion_field: str
     tokenizer: str
     bpe_vocab_size: int
     split: str | None
@@ -58,10 +65,16 @@ def split_of(input: DataInput) -> str:
 
 
 def check_input(input: DataInput) -> None:
-    """Raise ``ConfigError`` for a data section whose values cannot work, naming the key."""
+    """Raise ``ConfigError`` for a data section whose values cannot work, naming the key.
+
+    Every reader of a section calls it first, so it is also where relative paths are looked up
+    beside the params file (:func:`~sparsetrain.data.paths.locate_paths`, in place, idempotent).
+    """
     sec = input.section
     if input.source not in SOURCES:
         raise ConfigError(f"{sec}.source: {input.source!r} is not one of {', '.join(SOURCES)}")
+    locate_paths(input)
+    _check_prompt_keys(input)
     if input.split is not None and input.split not in SPLITS:
         raise ConfigError(f"{sec}.split: {input.split!r} is not one of {', '.join(SPLITS)}")
     if not 0.0 <= input.eval_fraction <= 1.0:
@@ -80,6 +93,22 @@ def check_input(input: DataInput) -> None:
         raise ConfigError(
             f"{sec}.data_path: required for source {input.source!r} "
             f"({'a shard directory' if input.source == 'shards' else 'a file, directory or glob'})"
+        )
+
+
+def _check_prompt_keys(input: DataInput) -> None:
+    """``prompt_field`` only for jsonl, and naming another field than ``completion_field``."""
+    prompt = getattr(input, "prompt_field", None)
+    if prompt is None:
+        return
+    sec = input.section
+    if input.source != "jsonl":
+        raise ConfigError(f"{sec}.prompt_field: only for source jsonl (source is {input.source!r}); remove it")
+    if not prompt or not input.completion_field:
+        raise ConfigError(f"{sec}.{'prompt_field' if not prompt else 'completion_field'}: empty; name a field of the records")
+    if prompt == input.completion_field:
+        raise ConfigError(
+            f"{sec}.prompt_field: {prompt!r} is also completion_field; name two fields (the prompt and the completion)"
         )
 
 
@@ -178,7 +207,9 @@ def _path_files(input: DataInput) -> tuple[Path, list[Path]]:
     if not _has_magic(pattern):
         if path.exists():  # a FIFO, socket or device: reading it could block forever
             raise DataError(f"{sec}.data_path: {pattern!r} is not a regular file or a directory")
-        raise DataError(f"{sec}.data_path: {pattern!r} does not exist (give a file, a directory or a glob)")
+        raise DataError(
+            f"{sec}.data_path: {pattern!r} does not exist{where_looked(pattern, input)} (give a file, a directory or a glob)"
+        )
     parts = path.parts
     fixed = next((i for i, p in enumerate(parts) if _has_magic(p)), len(parts))
     root = Path(*parts[:fixed]) if fixed else Path(".")
@@ -190,7 +221,7 @@ def _path_files(input: DataInput) -> tuple[Path, list[Path]]:
         elif match_path.is_file():
             files.append(match_path)
     if not files:
-        raise DataError(f"{sec}.data_path: {pattern!r} matches no {what}")
+        raise DataError(f"{sec}.data_path: {pattern!r} matches no {what}{where_looked(pattern, input)}")
     return root, files
 
 
@@ -247,10 +278,11 @@ def _read_text(path: Path, section: str) -> str | None:
     return data.decode("utf-8", errors="replace")
 
 
-def _jsonl_documents(path: Path, input: DataInput) -> Iterator[tuple[int, str]]:
-    """(index, text) of each document of a JSON Lines file; blank lines are skipped."""
-    sec, field = input.section, input.text_field
-    text = _read_text(path, sec)
+def jsonl_records(path: Path, section: str) -> Iterator[tuple[int, int, object]]:
+    """(index, line number, parsed value) of each non-blank line of a JSON Lines file; the index
+    counts those lines from 0 (the within-file split hashes it). A line that is not JSON is a
+    ``DataError`` naming the file and line."""
+    text = _read_text(path, section)
     if text is None:
         return
     index = 0
@@ -261,39 +293,60 @@ def _jsonl_documents(path: Path, input: DataInput) -> Iterator[tuple[int, str]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(
-                f"{sec}.data_path: {path}:{lineno}: invalid JSON ({exc.msg}); each line must be one JSON object"
+                f"{section}.data_path: {path}:{lineno}: invalid JSON ({exc.msg}); each line must be one JSON object"
             ) from exc
-        if not isinstance(record, dict) or field not in record:
-            keys = sorted(record)[:10] if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{sec}.text_field: {field!r} missing in {path}:{lineno} (found: {keys})")
-        if not isinstance(record[field], str):
-            raise DataError(
-                f"{sec}.text_field: {field!r} in {path}:{lineno} is a {type(record[field]).__name__}, not a string"
-            )
-        yield index, record[field]
+        yield index, lineno, record
         index += 1
 
 
-def _file_documents(path: Path, input: DataInput) -> Iterator[str]:
-    if input.source == "jsonl":
-        yield from (doc for _, doc in _jsonl_documents(path, input))
-    else:
-        text = _read_text(path, input.section)
-        if text is not None:
-            yield text
+def record_field(record: object, field: str, key: str, where: str) -> str:
+    """``record[field]`` as a string; missing, or not a string, is a ``DataError`` naming ``key``
+    (``<section>.text_field``, ...) and ``where`` (``file:line``)."""
+    if not isinstance(record, dict) or field not in record:
+        keys = sorted(record)[:10] if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{key}: {field!r} missing in {where} (found: {keys})")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(f"{key}: {field!r} in {where} is a {type(value).__name__}, not a string")
+    return value
 
 
-def _split_inside_file(path: Path, key: str, input: DataInput, split: str) -> Iterator[str]:
-    """Documents of one file's share of ``split``: by position (text) or document hash (jsonl)."""
-    frac = input.eval_fraction
-    if input.source == "jsonl":
-        for index, doc in _jsonl_documents(path, input):
+def _jsonl_documents(path: Path, input: DataInput) -> Iterator[tuple[int, str]]:
+    """(index, text) of each document of a JSON Lines file; blank lines are skipped."""
+    key = f"{input.section}.text_field"
+    completion = getattr(input, "completion_field", "completion")
+    for index, lineno, record in jsonl_records(path, input.section):
+        if isinstance(record, dict) and input.text_field not in record and completion in record:
+            raise DataError(f"{key}: {input.text_field!r} missing in {path}:{lineno}, which holds {completion!r}: "
+                            f"for prompt/completion samples set {input.section}.prompt_field")
+        yield index, record_field(record, input.text_field, key, f"{path}:{lineno}")
+
+
+def _text_documents(path: Path, input: DataInput) -> Iterator[tuple[int, str]]:
+    """A text file as one document (none for a binary file)."""
+    text = _read_text(path, input.section)
+    if text is not None:
+        yield 0, text
+
+
+def split_items(
+    input: DataInput, split: str, read: Callable[[Path], Iterator[tuple[int, T]]],
+    allow_empty: bool = False, files: list[tuple[Path, str]] | None = None,
+) -> Iterator[T]:
+    """The items of ``split``: what ``read(path)`` yields, as ``(index, item)``, for each file of
+    the split, in order. One jsonl file is split by item instead: item ``index`` of the file
+    ``key`` is in eval when ``hash(f"{key}#{index}") < eval_fraction``. (One text file is split
+    by position, in :func:`documents`.) ``files``: the source's files, if already listed."""
+    files = _source_files(input) if files is None else files
+    if _within_file_split(input, files):
+        ((path, key),) = files
+        frac = input.eval_fraction
+        for index, item in read(path):
             if split == "all" or (_hash_unit(f"{key}#{index}") < frac) == (split == "eval"):
-                yield doc
+                yield item
         return
-    text = _read_text(path, input.section) or ""
-    cut = len(text) - round(len(text) * frac)
-    yield {"all": text, "train": text[:cut], "eval": text[cut:]}[split]
+    for path in _split_files(input, split, files, allow_empty):
+        yield from (item for _, item in read(path))
 
 
 def iter_documents(input: DataInput, split: str | None = None) -> Iterator[str]:
@@ -309,13 +362,20 @@ def documents(input: DataInput, split: str, allow_empty: bool) -> Iterator[str]:
     check_input(input)
     if input.source in ("shards", "hdf5"):
         raise ConfigError(f"{input.section}.source: {input.source!r} holds tokens, not documents")
+    if getattr(input, "prompt_field", None) is not None:
+        raise ConfigError(
+            f"{input.section}.prompt_field: each record is a prompt/completion sample, not a document, and "
+            "`sparsetrain prepare` writes documents: train on the .jsonl itself, or leave prompt_field out "
+            f"to read its {input.text_field!r} field as documents"
+        )
     files = _source_files(input)
-    if _within_file_split(input, files):
-        ((path, key),) = files
-        docs = _split_inside_file(path, key, input, split)
+    if input.source != "jsonl" and _within_file_split(input, files):  # one text file: by position
+        text = _read_text(files[0][0], input.section) or ""
+        cut = len(text) - round(len(text) * input.eval_fraction)
+        docs: Iterator[str] = iter([{"all": text, "train": text[:cut], "eval": text[cut:]}[split]])
     else:
-        paths = _split_files(input, split, files, allow_empty)
-        docs = (doc for path in paths for doc in _file_documents(path, input))
+        reader = _jsonl_documents if input.source == "jsonl" else _text_documents
+        docs = split_items(input, split, lambda path: reader(path, input), allow_empty, files)
     count = 0
     for doc in docs:
         if doc:

@@ -2,7 +2,8 @@
 
 A :class:`TokenStream` holds 1-D token arrays cut into windows of any length; a
 :class:`SampleStream` holds fixed-length samples (input ids, loss mask, labels), the model zoo's
-HDF5 sample form; a :class:`MixtureStream` draws each row from one of several streams by weight.
+HDF5 sample form and that of prompt/completion records (:mod:`~sparsetrain.data.completions`);
+a :class:`MixtureStream` draws each row from one of several streams by weight.
 Batches are a pure function of ``(seed, step, rank)``: there is no loader state to checkpoint and
 a resumed run reads exactly the batches it would have read.
 """
@@ -217,7 +218,7 @@ class SampleStream:
                 block = np.asarray(self.arrays[k][wanted[first : first + step]])[by_row[a:b] - first]
                 dest = sel[order[a:b]]
                 x[dest] = block[:, 0]
-                y[dest] = np.where(block[:, 1] != 0, block[:, 2], IGNORE_INDEX)
+                y[dest] = np.where(block[:, 1] != 0, block[:, 2].astype(np.int64), IGNORE_INDEX)  # uint: no wrap
         return x, y
 
     def _scan(self) -> tuple[int, int]:
@@ -229,9 +230,9 @@ class SampleStream:
                 for lo in range(first, end, step):
                     block = np.asarray(self.arrays[k][lo : min(end, lo + step)])
                     counted = block[:, 1] != 0
-                    x = block[:, 0]
-                    top = max(top, int(x.max()), int(np.where(counted, block[:, 2], -1).max()))
-                    low = min(low, int(x.min()), int(np.where(counted, block[:, 2], 0).min()))
+                    x, labels = block[:, 0], block[:, 2].astype(np.int64)  # uint ids: -1 must not wrap
+                    top = max(top, int(x.max()), int(np.where(counted, labels, -1).max()))
+                    low = min(low, int(x.min()), int(np.where(counted, labels, 0).min()))
             self._range = (low, top)
         return self._range
 

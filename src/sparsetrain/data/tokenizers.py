@@ -117,9 +117,12 @@ class HFTokenizer(Tokenizer):
             tok = _HF.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception for a bad file
             raise DataError(f"{key}: {str(path)!r} is not a valid tokenizer.json ({exc})") from exc
-        eos = next((t for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
+        named = _named_eos(path)
+        candidates = (named, *EOS_CANDIDATES) if named is not None else EOS_CANDIDATES
+        eos = next((t for t in candidates if tok.token_to_id(t) is not None), None)
         if eos is None:
-            raise DataError(f"{key}: {str(path)!r} has no end-of-text token (one of {', '.join(EOS_CANDIDATES)})")
+            raise DataError(f"{key}: {str(path)!r} has no end-of-text token (one of {', '.join(EOS_CANDIDATES)}, "
+                            "or the eos_token of a special_tokens_map.json beside it)")
         return cls(tok, eos)
 
     @classmethod
@@ -207,3 +210,20 @@ def encoded_chunks(tokenizer: Tokenizer, docs: Iterable[str]) -> Iterator[np.nda
         if i:
             yield eos
         yield tokenizer.encode_documents(group)
+
+
+def _named_eos(path: Path) -> str | None:
+    """The ``eos_token`` a Hugging Face directory names beside its tokenizer.json
+    (``special_tokens_map.json``, else ``tokenizer_config.json``): how ``save_pretrained`` records
+    a tokenizer whose end-of-text is none of the usual names (our byte tokenizer's NUL)."""
+    import json
+
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            value = json.loads((Path(path).parent / name).read_text(encoding="utf-8")).get("eos_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            return value
+    return None

@@ -46,13 +46,13 @@ import torch
 from sparsetrain import checkpoint as ckpt
 from sparsetrain.config import ModelParams
 from sparsetrain.config.fields import build_section
+from sparsetrain.config.hf_model import EXPORT_FORMAT, FUNCTION_KEYS
 from sparsetrain.errors import CheckpointError, UserError
 from sparsetrain.hf.names import masks_to_hf, scale_queries, to_hf
 from sparsetrain.hf.tokenizer import TokenizerSource, find_tokenizer, write_tokenizer
 from sparsetrain.model import GPT
 from sparsetrain.sparsity.nan_format import decode_state_dict
 
-EXPORT_FORMAT = "sparsetrain-hf-gpt2"  # sparsetrain.json's "format"
 MASKS_FILE = "sparsity_masks.safetensors"
 
 
@@ -87,6 +87,7 @@ def export_hf(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> dict[
         "sparsity": sparsity,
         "sparsity_config": state["params"].get("sparsity"),
         "query_scale": query_scale(cfg),  # c_attn's queries are ours times this (attention_type)
+        "model": {k: getattr(cfg, k) for k in FUNCTION_KEYS},  # what an import builds (config.hf_model)
     }
     _write_dir(out_dir, overwrite, lambda tmp: _write_files(tmp, cfg, tokenizer, weights, masks, info))
     pruned = sum(int((~m).sum()) for m in masks.values())

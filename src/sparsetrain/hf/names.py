@@ -130,6 +130,23 @@ def masks_to_hf(masks: Mapping[str, torch.Tensor], state: Mapping[str, torch.Ten
     return {e.hf: _join(e, [masks[n].bool() if n in masks else kept(n) for n in e.ours]) for e in wanted}
 
 
+def masks_from_hf(hf_masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`masks_to_hf`: masks in Hugging Face names and layout as ours, one per
+    part of each (a fused ``c_attn`` mask gives q, k and v; a part all True was not sparsified and
+    is left out). Raises ``ValueError`` for a name GPT2LMHeadModel has no tensor of."""
+    table = {e.hf: e for e in entries(layer_count(hf_masks))}
+    out: dict[str, torch.Tensor] = {}
+    for name, mask in hf_masks.items():
+        if name not in table:
+            raise ValueError(f"{name!r} is not a tensor of GPT2LMHeadModel")
+        e = table[name]
+        t = mask.bool().t() if e.conv1d else mask.bool()
+        for ours, part in zip(e.ours, t.chunk(len(e.ours), dim=0), strict=True):
+            if not bool(part.all()):
+                out[ours] = part.contiguous().clone()
+    return out
+
+
 def from_hf(hf: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The inverse of :func:`to_hf`: a GPT2LMHeadModel state dict in our names and layout, with the
     ``ln_f.*`` alias beside ``transformer_decoder.norm.*`` (both are in our model's state dict). A

@@ -35,9 +35,11 @@ from sparsetrain import checkpoint as ckpt
 from sparsetrain import data
 from sparsetrain import distributed as dist
 from sparsetrain.config import GroupSettings, InputParams, ModelParams, Params
+from sparsetrain.config.hf_model import is_hf_dir, source_dir
 from sparsetrain.config.params import as_written
 from sparsetrain.errors import ConfigError
 from sparsetrain.flops import flops_report
+from sparsetrain.hf.load import read_hf_dir
 from sparsetrain.model import GPT
 from sparsetrain.optim import build_optimizer, lr_scheduler
 from sparsetrain.sparsity import nan_format
@@ -78,7 +80,8 @@ def setup(
     model = GPT(params.model).to(device)
     with as_written(params):
         selection = select_for_model(model, params.sparsity) if params.sparsity is not None else {}
-    start = choose_checkpoint(model_dir, checkpoint_path, train)
+    init_from = source_dir(params.model.init_from) if params.model.init_from else None
+    start = choose_checkpoint(model_dir, checkpoint_path, train, init_from)
     path, full_resume = start.path, start.full_resume
     if start.note:
         (log.warning if start.kind == "rollback" else log.info)("%s", start.note)
@@ -123,7 +126,8 @@ def setup(
     if train and write_metrics and info.is_main and run.step < params.runconfig.max_steps:
         run_dir.settle(model_dir, run.step)  # one history: what lies after this step moves aside
     run.metrics = MetricsWriter(model_dir, enabled=write_metrics and info.is_main,
-                                purge_step=run.step if train else None, run_id=run.run_id)
+                                purge_step=run.step if train else None, run_id=run.run_id,
+                                loggers=rc.loggers, run_config=params.to_dict())
     return run
 
 
@@ -135,15 +139,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def choose_checkpoint(model_dir: Path, explicit: Path | None, train: bool = True) -> run_dir.Start:
+def choose_checkpoint(model_dir: Path, explicit: Path | None, train: bool = True,
+                      init_from: Path | None = None) -> run_dir.Start:
     """The checkpoint to load and what loading it means: for training, the rule of
     :func:`~sparsetrain.training.model_dir.choose_start`; an evaluation reads the checkpoint given
-    (or the newest) and changes nothing in model_dir."""
+    (or the newest, or ``init_from``'s weights) and changes nothing in model_dir."""
     if train:
-        return run_dir.choose_start(model_dir, explicit)
+        return run_dir.choose_start(model_dir, explicit, init_from)
     if explicit is not None:
         return run_dir.Start(Path(explicit), run_dir.inside(explicit, model_dir), "evaluate")
     latest = ckpt.latest_checkpoint(model_dir)
+    if latest is None and init_from is not None:
+        return run_dir.Start(Path(init_from), False, "evaluate")
     return run_dir.Start(latest, True, "evaluate")
 
 
@@ -255,7 +262,17 @@ def _load_weights(run: Run, path: Path | None, full_resume: bool) -> tuple[dict[
     the masks its NaNs carry."""
     if path is None:
         return None, {}
-    state = read_any_checkpoint(path)
+    # A Hugging Face directory reads in our names already (sparsetrain.hf.load).
+    state = read_hf_dir(path, run.model.state_dict()) if is_hf_dir(path) else _as_ours(read_any_checkpoint(path), run, path)
+    ckpt.check_model_state(state["model"], run.model.state_dict(), path)
+    clean, masks = nan_format.decode_state_dict(state["model"])
+    run.model.load_state_dict(clean)
+    log.info("loaded %s (step %d)%s", path, state["global_step"], "" if full_resume else " as a warm start at step 0")
+    return state, masks
+
+
+def _as_ours(state: dict[str, Any], run: Run, path: Path) -> dict[str, Any]:
+    """A checkpoint of the zoo's or of our older names in our names and NaN form."""
     if is_zoo_checkpoint(state):
         # The zoo's forms (names, aliases, mask buffers, optimizer masks) as our NaN form; its
         # optimizer state waits for our optimizer, its scheduler state is not ours to load.
@@ -263,17 +280,13 @@ def _load_weights(run: Run, path: Path | None, full_resume: bool) -> tuple[dict[
         for note in zoo.notes:
             if "no optimizer to map it onto yet" not in note:
                 log.info("%s: %s", path, note)
-        state = {"model": zoo.model, "global_step": zoo.global_step, "zoo_optimizer": zoo.zoo_optimizer}
-    elif is_legacy(state["model"]):
+        return {"model": zoo.model, "global_step": zoo.global_step, "zoo_optimizer": zoo.zoo_optimizer}
+    if is_legacy(state["model"]):
         log.info("%s: written with the parameter names of before the zoo's; renamed (qkv split into q, k, v), "
                  "the optimizer state is not converted: a fresh optimizer", path)
-        state = {"model": from_legacy(state["model"]), "global_step": state["global_step"], "zoo_optimizer": None,
-                 "rng": state.get("rng", {})}
-    ckpt.check_model_state(state["model"], run.model.state_dict(), path)
-    clean, masks = nan_format.decode_state_dict(state["model"])
-    run.model.load_state_dict(clean)
-    log.info("loaded %s (step %d)%s", path, state["global_step"], "" if full_resume else " as a warm start at step 0")
-    return state, masks
+        return {"model": from_legacy(state["model"]), "global_step": state["global_step"], "zoo_optimizer": None,
+                "rng": state.get("rng", {})}
+    return state
 
 
 def _sparsify(run: Run, masks: dict[str, torch.Tensor], selection: dict[str, GroupSettings]) -> None:

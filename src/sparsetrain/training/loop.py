@@ -85,10 +85,15 @@ def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable 
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
-    """Mean token loss and perplexity over ``eval_steps`` batches of the eval split."""
+    """Mean token loss and perplexity over ``eval_steps`` batches of the eval split.
+
+    The mean is over the counted targets: every token of plain text, the completion tokens of
+    prompt/completion data, the positions an HDF5 sample's loss mask keeps. ``eval_loss_tokens``
+    says which: ``all``, or ``completion`` where the data's loss mask left targets out.
+    """
     inp = run.params.eval_input
     run.model.eval()
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, left_out = 0.0, 0, 0
     # Every rank walks the same global batches and scores its own rows: N processes evaluate
     # exactly the tokens one process would.
     rows = dist.rank_slice(inp.batch_size, run.dist, "eval_input") if run.dist.active else slice(None)
@@ -100,14 +105,19 @@ def evaluate(run: Run) -> dict[str, float]:
         # training loss's model.loss_scaling: eval_loss and perplexity are per token.
         with run.autocast():
             loss_sum += float(F.cross_entropy(run.model(x).flatten(0, 1), y.flatten(), reduction="sum"))
-        tokens += int((y != -100).sum())
-    loss_sum, tokens = dist.total([loss_sum, float(tokens)], run.dist, run.device)
+        counted = int((y != -100).sum())
+        tokens += counted
+        left_out += y.numel() - counted
+    loss_sum, tokens, left_out = dist.total([loss_sum, float(tokens), float(left_out)], run.dist, run.device)
     tokens = int(tokens)
     mean = loss_sum / max(tokens, 1)
-    record = {"kind": "eval", "step": run.step, "eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
+    counts = "completion" if left_out else "all"
+    record = {"kind": "eval", "step": run.step, "eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)),
+              "eval_tokens": tokens, "eval_loss_tokens": counts}
     run.metrics.write(record)
     run.history["eval"] = record
-    log.info("eval at step %d: loss %.4f, perplexity %.2f (%d tokens)", run.step, mean, record["perplexity"], tokens)
+    what = "completion " if left_out else ""
+    log.info("eval at step %d: %sloss %.4f, perplexity %.2f (%d %stokens)", run.step, what, mean, record["perplexity"], tokens, what)
     return record
 
 
@@ -207,7 +217,8 @@ def format_summary(run: Run, history: dict) -> str:
         lines.append(f"step             {run.step} of {rc.max_steps} (nothing to train)")
     if "eval" in history:
         e = history["eval"]
-        lines.append(f"eval loss        {e['eval_loss']:.4f}  (perplexity {e['perplexity']:.2f}, {e['eval_tokens']:,} tokens)")
+        what = "completion " if e.get("eval_loss_tokens") == "completion" else ""
+        lines.append(f"eval loss        {e['eval_loss']:.4f}  (perplexity {e['perplexity']:.2f}, {e['eval_tokens']:,} {what}tokens)")
     f = run.flops
     lines.append(f"train FLOPs/token dense {f['dense']:.3g}   sparse {f['sparse']:.3g}   ratio {f['ratio']:.2f}x")
     for g in history.get("sparsity_groups", []):

@@ -46,7 +46,8 @@ class MetricsWriter:
     earlier, killed or rolled-back attempt wrote, as metrics.jsonl's are moved aside."""
 
     def __init__(self, model_dir: Path, enabled: bool = True, tensorboard: bool = True,
-                 purge_step: int | None = None, run_id: str | None = None) -> None:
+                 purge_step: int | None = None, run_id: str | None = None,
+                 loggers: list | None = None, run_config: dict | None = None) -> None:
         self.enabled = enabled
         self.run_id = run_id
         self._file = None

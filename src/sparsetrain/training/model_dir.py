@@ -124,11 +124,25 @@ class Start:
     note: str = ""  # said in the log when set
 
 
-def choose_start(model_dir: Path, explicit: Path | None) -> Start:
+def choose_start(model_dir: Path, explicit: Path | None, init_from: Path | None = None) -> Start:
     """The checkpoint to load (see the module docstring), refusing a warm start into another run's
-    model_dir. Reads only the metadata of model_dir's newest checkpoint, and only for a warm start."""
+    model_dir. Reads only the metadata of model_dir's newest checkpoint, and only for a warm start.
+    ``init_from`` (``model.init_from``'s directory) is the warm start of a run given no
+    ``--checkpoint_path``; its resumes follow from model_dir's checkpoints."""
     model_dir = Path(model_dir)
     found = ckpt.list_checkpoints(model_dir)
+    if init_from is not None:
+        own = explicit is not None and inside(explicit, model_dir) and ckpt.CHECKPOINT_RE.match(Path(explicit).name)
+        if explicit is not None and not own:
+            raise UserError(f"--checkpoint_path {explicit} and model.init_from {init_from}: two starting points; give one")
+        if explicit is None and not found:
+            return Start(Path(init_from), False, "warm start")
+        origin = (ckpt.peek(found[-1][1], ("warm_start_from",)).get("warm_start_from") or {}).get("path")
+        if explicit is None and origin != str(Path(init_from).resolve()):
+            raise UserError(
+                f"model.init_from: {init_from}: {model_dir} holds checkpoints of a run that did not start from it "
+                f"({', '.join(p.name for _, p in found[-3:])}); give a new --model_dir"
+            )
     if explicit is None:
         return Start(found[-1][1], True, "resume") if found else Start(None, True, "fresh")
     explicit = Path(explicit)
