@@ -27,15 +27,13 @@ log = logging.getLogger("sparsetrain")
 def run_mode(args: argparse.Namespace) -> int:
     """``train`` | ``eval`` | ``train_and_eval``: one run on ``--model_dir`` (resumes there)."""
     from sparsetrain import training
-    from sparsetrain.config import load_params
-    from sparsetrain.config.hf_model import is_hf_dir
+    from sparsetrain.config.run_params import load_with_checkpoint_dir
     from sparsetrain.training.metrics import setup_logging
     from sparsetrain.training.model_dir import ModelDirLock, command_line
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; rank 0 talks and writes
-    if is_hf_dir(args.checkpoint_path):  # a Hugging Face directory: the same as model.init_from
-        args.overrides, args.checkpoint_path = [*args.overrides, f"model.init_from=hf:{args.checkpoint_path}"], None
-    params = load_params(args.params, args.overrides, args.unset)
+    # a Hugging Face directory as --checkpoint_path is model.init_from
+    params, args.checkpoint_path = load_with_checkpoint_dir(args.params, args.overrides, args.unset, args.checkpoint_path)
     model_dir = _model_dir(args, params)
     nothing = args.command == "eval_all" or params.model.init_from is None
     if args.command in ("eval", "eval_all") and args.checkpoint_path is None and nothing and not _has_checkpoints(model_dir):

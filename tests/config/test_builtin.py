@@ -25,7 +25,7 @@ def test_builtin_reads_the_shipped_file_from_any_directory(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("spec, hint", [("builtin:gpt2_tiny_spars", "did you mean 'gpt2_tiny_sparse'?"),
-                                        ("builtin:../pyproject", "valid keys"), ("builtin:", "valid keys")])
+                                        ("builtin:../pyproject", "valid names"), ("builtin:", "valid names")])
 def test_an_unknown_name_is_one_line(spec, hint):
     with pytest.raises(ConfigError) as e:
         load_params(spec)

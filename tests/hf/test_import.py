@@ -234,3 +234,22 @@ def test_truncated_weights_are_one_line(tiny_params, write_params, tmp_path, cap
     path = write_params(params_for(tiny_params, tmp_path / "gpt2"))
     assert cli("train", "--params", path, "--model_dir", tmp_path / "run") == 2
     assert f"{weights}: cannot read it" in capsys.readouterr().err
+
+
+def test_checkpoint_path_directories_are_named_as_the_flag(tiny_params, write_params, tmp_path, capsys):
+    """A directory given as --checkpoint_path: without a config.json it is neither form it may be;
+    with one, the import's errors name --checkpoint_path, the flag the user typed."""
+    path = write_params(tiny_params(model=None))
+    (tmp_path / "empty").mkdir()
+    assert cli("train", "--params", path, "--model_dir", tmp_path / "run", "--checkpoint_path", tmp_path / "empty") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --checkpoint_path {tmp_path / 'empty'}: a directory without a config.json; give a checkpoint file "
+        "(checkpoint_<step>.mdl) or a Hugging Face GPT-2 directory (save_pretrained, sparsetrain export)")
+    save_gpt2(tmp_path / "gpt2")
+    capsys.readouterr()  # transformers' own progress output
+    config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    assert cli("train", "--params", path, "--model_dir", tmp_path / "run", "--checkpoint_path", tmp_path / "gpt2") == 2
+    assert capsys.readouterr().err.strip() == (f"error: --checkpoint_path: {tmp_path / 'gpt2' / 'config.json'}: "
+                                               "model_type 'llama'; only GPT-2 ('gpt2') models are read")
+    assert not (tmp_path / "run").exists()

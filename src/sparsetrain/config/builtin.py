@@ -33,7 +33,7 @@ def builtin_path(spec: str | Path) -> Path:
     name = text[len(PREFIX):].removesuffix(".yaml")
     path = CONFIG_DIR / f"{name}.yaml"
     if "/" in name or not path.is_file():
-        raise ConfigError(f"{text}: no shipped config of that name{closest(name, names())} "
+        raise ConfigError(f"{text}: no shipped config of that name{closest(name, names(), 'names')} "
                           "(`sparsetrain configs` lists them)")
     return path
 

@@ -43,9 +43,9 @@ def number(value: Any) -> Any:
     return value
 
 
-def closest(name: str, valid: typing.Iterable[str]) -> str:
+def closest(name: str, valid: typing.Iterable[str], what: str = "keys") -> str:
     match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
+    return f"; did you mean '{match[0]}'?" if match else f"; valid {what}: {', '.join(sorted(valid))}"
 
 
 def type_name(tp: Any) -> str:

@@ -51,6 +51,7 @@ def is_hf_dir(path: Path | str | None) -> bool:
     return path is not None and Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))

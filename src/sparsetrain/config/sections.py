@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparsetrain.config.fields import setting
+from sparsetrain.errors import ConfigError
 
 # Upper bounds on model sizes, far above any real model (GPT-3 175B: width 12288, 96 layers):
 # larger values overflow torch's size arithmetic or take minutes just to build the module tree.
@@ -215,6 +216,23 @@ class RunConfig:
     model_dir: str | None = setting(None, "the model_dir when the command line gives none (the zoo's runconfig.model_dir)")
     save_initial_checkpoint: bool = setting(False, "write a checkpoint of the initial weights (step 0) before training")
     loggers: list = setting(
-        ["jsonl", "tensorboard"], "where metrics go: any of jsonl (model_dir/metrics.jsonl) | tensorboard | "
-        "wandb (offline unless WANDB_MODE says otherwise) | mlflow (MLFLOW_TRACKING_URI, default model_dir/mlruns)"
+        ["jsonl", "tensorboard"], "where metrics go, a list of: jsonl (model_dir/metrics.jsonl, always written: "
+        "resume, compare and loss.png read it) | tensorboard | wandb (offline unless WANDB_MODE says otherwise) | "
+        "mlflow (MLFLOW_TRACKING_URI, default model_dir/mlruns); a name given twice counts once",
     )
+
+    def __post_init__(self) -> None:
+        self.loggers = check_loggers(self.loggers)
+
+
+LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")
+
+
+def check_loggers(names: list) -> list:
+    """``runconfig.loggers`` with each name once, in the order given: a repeated name is harmless
+    (one writer each), so it is collapsed rather than refused. metrics.jsonl is written whether
+    or not ``jsonl`` is listed, since the run's own tools need it."""
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"runconfig.loggers: {name!r} is not valid; choose any of {', '.join(LOGGERS)}")
+    return list(dict.fromkeys(names))

@@ -1,8 +1,9 @@
-"""Run outputs: ``metrics.jsonl``, TensorBoard events and the log file.
+"""Run outputs: ``metrics.jsonl``, TensorBoard events, the trackers and the log file.
 
 Every logged training step and every evaluation becomes one JSON object on its own line of
 ``model_dir/metrics.jsonl`` (schema in the README) and the same numbers go to TensorBoard under
-``train/*``, ``eval/*`` and ``sparsity/*``. Only rank 0 writes.
+``train/*``, ``eval/*`` and ``sparsity/*``, and to wandb or MLflow when ``runconfig.loggers``
+lists them (:mod:`sparsetrain.training.trackers`). Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,33 +41,53 @@ def check_metrics_file(model_dir: Path) -> Path:
 
 
 class MetricsWriter:
-    """Appends records to metrics.jsonl and TensorBoard; a no-op when ``enabled`` is false.
+    """Appends records to metrics.jsonl and to the ``loggers`` asked for; a no-op when ``enabled``
+    is false.
 
-    ``run_id`` stamps every record with the run's lineage (see :mod:`sparsetrain.training.model_dir`);
+    metrics.jsonl is always written, ``jsonl`` listed or not: resume, ``compare`` and loss.png
+    read it. ``tensorboard=False`` drops TensorBoard whatever ``loggers`` says (a shorthand for
+    callers that want the file only). ``run_id`` stamps every record with the run's lineage (see
+    :mod:`sparsetrain.training.model_dir`) and names the tracker runs, so a resume continues them;
     ``purge_step`` (a resume's step) makes TensorBoard drop the events of later steps that an
-    earlier, killed or rolled-back attempt wrote, as metrics.jsonl's are moved aside."""
+    earlier, killed or rolled-back attempt wrote, as metrics.jsonl's are moved aside. A tracker
+    that fails mid-run is dropped with one warning: the run never stops for its dashboards."""
 
     def __init__(self, model_dir: Path, enabled: bool = True, tensorboard: bool = True,
                  purge_step: int | None = None, run_id: str | None = None,
-                 loggers: list | None = None, run_config: dict | None = None) -> None:
+                 loggers: Sequence[str] = ("jsonl", "tensorboard"), run_config: dict | None = None) -> None:
+        from sparsetrain.training import trackers
+
         self.enabled = enabled
         self.run_id = run_id
         self._file = None
         self._tb = None
+        self._trackers: dict[str, Any] = {}
         if not enabled:
             return
+        extra = [name for name in loggers if name in trackers.PACKAGES]
+        trackers.require(extra)  # before any file is opened
         path = check_metrics_file(model_dir)
+        try:  # the trackers first: one that cannot start leaves no files of a run that never ran
+            for name in extra:
+                self._trackers[name] = trackers.open_tracker(name, model_dir, run_id, run_config)
+            if tensorboard and "tensorboard" in loggers:
+                from torch.utils.tensorboard import SummaryWriter  # slow import; only where used
+
+                # purge_step 0 would drop nothing TensorBoard keeps apart from a fresh start anyway.
+                self._tb = SummaryWriter(log_dir=str(model_dir), purge_step=purge_step or None)
+            self._file = self._open(path)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _open(path: Path):
         try:
-            self._file = open(path, "a", encoding="utf-8")
+            return open(path, "a", encoding="utf-8")
         except OSError as e:
             from sparsetrain.errors import UserError
 
             raise UserError(f"{path}: cannot write metrics ({write_reason(e)})") from None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # slow import; only where used
-
-            # purge_step 0 would drop nothing TensorBoard keeps apart from a fresh start anyway.
-            self._tb = SummaryWriter(log_dir=str(model_dir), purge_step=purge_step or None)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -80,17 +102,34 @@ class MetricsWriter:
             from sparsetrain.errors import UserError
 
             raise UserError(f"{self._file.name}: cannot write metrics ({write_reason(e)})") from None
-        if self._tb is None:
-            return
         step = record["step"]
         kind = record.get("kind", "train")
-        for key in TB_KEYS.get(kind, ()):
-            if isinstance(record.get(key), (int, float)):
-                self._tb.add_scalar(f"{kind}/{key.removeprefix('eval_')}", record[key], step)
+        if self._tb is not None:
+            for key in TB_KEYS.get(kind, ()):
+                if _is_number(record.get(key)):
+                    self._tb.add_scalar(f"{kind}/{key.removeprefix('eval_')}", record[key], step)
+        if self._trackers:
+            self._track(tracked_scalars(record), step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self._tb is not None:
             self._tb.add_scalar(tag, value, step)
+        if self._trackers:
+            self._track({tag: value}, step)
+
+    def _track(self, values: dict[str, float], step: int) -> None:
+        if not values:
+            return
+        for name, tracker in list(self._trackers.items()):
+            try:
+                tracker.log(values, step)
+            except Exception as e:  # a dashboard's failure is not the run's
+                from sparsetrain.training.trackers import one_line
+
+                log.warning("runconfig.loggers: %s failed at step %d (%s); it logs nothing more in this run",
+                            name, step, one_line(e))
+                del self._trackers[name]
+                _close_quietly(tracker)
 
     def close(self) -> None:
         if self._file is not None:
@@ -102,6 +141,33 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        trackers, self._trackers = self._trackers, {}
+        for name, tracker in trackers.items():
+            if not _close_quietly(tracker):
+                log.warning("runconfig.loggers: %s could not finish its run; what it logged may be incomplete", name)
+
+
+def tracked_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """What the trackers get of a train or eval record: every number in it, named as TensorBoard
+    names them (``train/loss``, ``eval/loss``, ``eval/tokens``); the step is their x axis. Other
+    kinds reach the trackers through :meth:`MetricsWriter.scalar`, as TensorBoard's ``sparsity/*``."""
+    kind = record.get("kind", "train")
+    if kind not in TB_KEYS:
+        return {}
+    return {f"{kind}/{key.removeprefix('eval_')}": float(value) for key, value in record.items()
+            if key not in ("step", "kind") and _is_number(value)}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _close_quietly(tracker: Any) -> bool:
+    try:
+        tracker.close()
+        return True
+    except Exception:
+        return False
 
 
 def move_records_after(path: Path, step: int, dest: Path) -> int:
