@@ -86,3 +86,14 @@ def test_move_records_after_moves_later_steps_and_keeps_the_rest(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o640
     assert metrics.move_records_after(path, 2, dest) == 0  # nothing later: nothing moves
     assert metrics.move_records_after(tmp_path / "missing.jsonl", 0, dest) == 0
+
+
+def test_move_records_after_keeps_lines_that_are_not_utf8_byte_for_byte(tmp_path):
+    """A foreign or torn line of invalid UTF-8 stays where it was, unchanged, and the records
+    around it move as usual: a resume never stops on it."""
+    path, dest = tmp_path / "metrics.jsonl", tmp_path / "abandoned" / "metrics.jsonl"
+    junk = b"\xff\xfe not text\n"
+    path.write_bytes(b'{"step": 1}\n' + junk + b'{"step": 3}\n')
+    assert metrics.move_records_after(path, 2, dest) == 1
+    assert path.read_bytes() == b'{"step": 1}\n' + junk
+    assert dest.read_bytes() == b'{"step": 3}\n'

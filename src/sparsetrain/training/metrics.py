@@ -173,11 +173,12 @@ def _close_quietly(tracker: Any) -> bool:
 def move_records_after(path: Path, step: int, dest: Path) -> int:
     """Move the records of ``path`` (a metrics.jsonl) whose step is after ``step`` to the end of
     ``dest``; the rest stays, rewritten atomically with its mode. Returns how many moved. Lines
-    that are not JSON records stay where they are. A symlinked metrics.jsonl stays a link: its
-    target is rewritten."""
+    that are not JSON records stay where they are, byte for byte (invalid UTF-8 too: a torn or
+    foreign line must not stop a resume). A symlinked metrics.jsonl stays a link: its target is
+    rewritten."""
     path, dest = Path(path).resolve(), Path(dest)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines(keepends=True)
     except OSError:  # missing or unreadable: nothing here to move
         return 0
     keep, move = [], []
@@ -190,14 +191,14 @@ def move_records_after(path: Path, step: int, dest: Path) -> int:
     if not move:
         return 0
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "a", encoding="utf-8") as f:
+    with open(dest, "a", encoding="utf-8", errors="surrogateescape") as f:
         f.writelines(move)
         f.flush()
         os.fsync(f.fileno())
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, path.stat().st_mode & 0o777)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.writelines(keep)
             f.flush()
             os.fsync(f.fileno())
