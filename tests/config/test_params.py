@@ -64,6 +64,11 @@ def test_file_errors(tmp_path):
     wrong.write_text("model:\n  hidden_sise: 3\n")
     with pytest.raises(ConfigError, match=r"wrong.yaml: model.hidden_sise: unknown key"):
         load_params(wrong)
+    for text in ("", "# only a comment\n", "---\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(ConfigError, match=r"empty.yaml: the params file is empty; expected a mapping with sections train_input"):
+            load_params(empty)
 
 
 def test_overrides_apply_and_are_recorded(tiny_params, write_params):

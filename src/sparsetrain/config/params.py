@@ -363,8 +363,8 @@ def load_params(path: str | Path, overrides: typing.Sequence[str] = (), unset: t
     ``builtin:NAME`` reads a config shipped with the package (:mod:`sparsetrain.config.builtin`)."""
     path = builtin_path(path)
     raw = read_yaml(path)
-    if raw is None:
-        raw = {}
+    if raw is None:  # an empty file is a mistake (a truncated copy, the wrong path), not "defaults"
+        raise ConfigError(f"{path}: the params file is empty; expected a mapping with sections {', '.join(SECTIONS)}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
     with naming_file(path, overrides, unset):
