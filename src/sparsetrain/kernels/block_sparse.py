@@ -36,6 +36,7 @@ kernel's registers and shared memory without a GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -57,9 +58,15 @@ def tma_available(device: torch.device) -> bool:
     """TMA descriptors: Triton support and a Hopper-or-later GPU (or the interpreter)."""
     if TensorDescriptor is None:
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    if device.type != "cuda":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _hopper_or_later(index: int) -> bool:
+    """Asked once per GPU: the capability query costs microseconds per call in the eager path."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 # (BM, BK, warps, stages): a short list (each is compiled and timed on the first call per shape);

@@ -21,10 +21,15 @@ kernels just skip the zero blocks), or on the stored blocks unpacked to dense, d
 
 On Hopper the kernels load tiles through TMA descriptors; ``SPARSETRAIN_BLOCK_TMA=0`` in the
 environment makes them use pointer loads instead (for comparison; TMA is the faster).
+``SPARSETRAIN_BLOCK_KERNEL=gluon`` runs the forward and input gradient on the Gluon ping-pong
+kernels (``kernels.gluon_block_sparse``; sm_90, 128x128 blocks, else the Triton ones): they are
+correct but measured no faster than the Triton kernels (benchmarks/NOTES_block_kernels.md), so
+the default (``auto``, or ``triton``) stays on Triton.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -72,6 +77,29 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
     return tma_available(tensors[0].device) and all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+@functools.cache
+def _gluon_device(index: int) -> bool:
+    """sm_90 (the kernels use wgmma and setmaxnreg) and a Triton with Gluon."""
+    if torch.cuda.get_device_capability(index) != (9, 0):
+        return False
+    try:
+        from sparsetrain.kernels import gluon_block_sparse  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _gluon(block: tuple[int, int], *tensors: torch.Tensor):
+    """The Gluon kernel module when it is asked for and takes this call (module docstring)."""
+    if os.environ.get("SPARSETRAIN_BLOCK_KERNEL", "auto") != "gluon":
+        return None
+    if not _use_tma(*tensors) or not _gluon_device(tensors[0].device.index or 0):
+        return None
+    from sparsetrain.kernels import gluon_block_sparse
+
+    return gluon_block_sparse if gluon_block_sparse.gluon_ok(block, tensors[0].dtype) else None
+
+
 @torch.library.custom_op("sparsetrain::block_sparse_mm", mutates_args=())
 def block_sparse_mm(
     x: torch.Tensor, weight: torch.Tensor, tables: list[torch.Tensor], br: int, bc: int
@@ -90,6 +118,9 @@ def _forward_impl(x, weight, tables, br, bc):
         packed = weight.to(x.dtype, copy=True)
     else:
         packed = block_sparse.pack(weight, layout, x.dtype)
+    gluon = _gluon((br, bc), x, packed)
+    if gluon is not None:
+        return gluon.forward(x, packed, layout), packed
     return block_sparse.forward(x, packed, layout, use_tma=_use_tma(x, packed)), packed
 
 
@@ -116,7 +147,11 @@ def _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight,
     dy = dy.to(x.dtype)
     dx = dw = x.new_empty(0)
     if need_input:
-        dx = block_sparse.dgrad(dy, packed, layout, use_tma=_use_tma(dy, packed))
+        gluon = _gluon((br, bc), dy, packed)
+        if gluon is not None:
+            dx = gluon.dgrad(dy, packed, layout)
+        else:
+            dx = block_sparse.dgrad(dy, packed, layout, use_tma=_use_tma(dy, packed))
     if need_weight:
         dw = block_sparse.wgrad(
             x, dy, layout, out_dtype=weight_dtype, use_tma=_use_tma(x, dy), packed=block_weight
