@@ -13,7 +13,8 @@ plan:    {"parameters": [{"name", "shape", "numel", "group", "sparsity", "init_m
          "schedules" lists dynamic groups (gmp, set, rigl): their update steps up to max_steps
          folded into runs of one level ([] for static sparsity). "sparsity" of a parameter row is
          its level at step 0 (0.0 for a dynamic group that starts dense).
-         "structure" is "unstructured", "block" or "N:M" (e.g. "2:4"). Block rows add
+         "structure" is "unstructured", "block" or "N:M" (e.g. "2:4"); N:M rows add "input_dim",
+         the dimension the groups run along (the last for our model's weights). Block rows add
          "block_size": [rows, cols], "blocks" (partial edge blocks included), "pruned_blocks"
          (exactly round(sparsity * blocks)) and "pruned_exact": "pruned" is exact except for
          topk blocks on a shape with partial edge blocks (it depends on which blocks the weights
@@ -45,14 +46,8 @@ from sparsetrain.config import GroupSettings, Params
 from sparsetrain.config.params import as_written
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.flops import flops_report
-from sparsetrain.kernels.blocks import block_grid, kernel_block_ok
 from sparsetrain.memory import plan_memory
-from sparsetrain.sparsity import nan_format
-from sparsetrain.sparsity.masks import (
-    expected_pruned,
-    num_pruned_blocks,
-    settings_block,
-)
+from sparsetrain.sparsity import nan_format, plans
 from sparsetrain.sparsity.select import select_for_model
 
 
@@ -86,31 +81,10 @@ def plan(params: Params) -> dict[str, Any]:
     config = params.sparsity
     with as_written(params):  # errors name the params file and the key as it wrote it
         settings = select_for_model(model, config) if config is not None else {}
-    rows, dense, fractions = [], [], {}
-    dense_numel = 0
-    linear_weights = {f"{m_name}.weight" for m_name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for name, p in model.named_parameters():
-        s = settings.get(name)
-        if s is None:
-            dense.append(name)
-            dense_numel += p.numel()
-            continue
-        pruned, exact = expected_pruned(name, p.shape, s)
-        fractions[name] = pruned / p.numel()
-        row = {
-            "name": name, "shape": list(p.shape), "numel": p.numel(), "group": s.group,
-            "sparsity": s.sparsity, "init_method": s.init_method, "pruned": pruned, "kept": p.numel() - pruned,
-            "structure": s.structure,
-        }
-        if s.structure == "block":
-            block = settings_block(s)
-            grid = block_grid(p.shape, block)
-            row.update({
-                "block_size": list(block), "blocks": grid[0] * grid[1],
-                "pruned_blocks": num_pruned_blocks(p.shape, s.sparsity, block), "pruned_exact": exact,
-                "gpu_kernels": name in linear_weights and kernel_block_ok(tuple(p.shape), block),
-            })
-        rows.append(row)
+    selection = plans.plan_for(model, settings)
+    rows = [entry.to_dict() for entry in selection.entries]
+    dense, dense_numel = list(selection.dense), selection.dense_numel
+    fractions = {entry.name: entry.pruned / entry.numel for entry in selection.entries}
     seq_len, seq_from = sequence_length(params)
     flops = flops_report(cfg, seq_len, fractions)
     memory = plan_memory(rows, dense_numel, params.optimizer, sparse=config is not None)
@@ -162,21 +136,7 @@ def sequence_length(params: Params) -> tuple[int, str]:
 
 def format_plan(report: dict[str, Any]) -> str:
     rows = report["parameters"]
-    lines = [f"{'parameter':<34} {'shape':<14} {'group':<16} {'sparsity':>8} {'init':<10} {'structure':<16} {'kept':>12}"]
-    for r in rows:
-        shape = "x".join(map(str, r["shape"]))
-        structure = r.get("structure", "unstructured")
-        if structure == "block":
-            structure = "block {}x{}{}".format(*r["block_size"], "*" if r.get("gpu_kernels") else "")
-        approx = "~" if r.get("pruned_exact") is False else ""
-        kept = f"{approx}{r['kept']:,}"
-        lines.append(
-            f"{r['name']:<34} {shape:<14} {r['group']:<16} {r['sparsity']:>8.3f} {r['init_method']:<10} "
-            f"{structure:<16} {kept:>12}"
-        )
-    total = sum(r["numel"] for r in rows)
-    pruned = sum(r["pruned"] for r in rows)
-    lines.append(f"{len(rows)} sparsified tensors: {pruned:,} of {total:,} entries pruned ({pruned / max(total, 1):.1%})")
+    lines = [*plans.plan_table(rows), plans.totals_line(rows)]
     if any(r.get("gpu_kernels") for r in rows):
         lines.append("* runs on the block-sparse GPU kernels (CUDA, bf16/fp16 autocast, runconfig.sparse_kernels: auto)")
     if any(r.get("structure") == "block" and not r.get("gpu_kernels") for r in rows):

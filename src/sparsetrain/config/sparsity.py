@@ -45,6 +45,14 @@ Rules:
 - Default heuristic (no patterns): every parameter with more than one dimension whose lower-cased
   name contains neither ``norm`` nor ``embed`` and that is not the LM head (``lm_head`` in the
   name, or a weight that is, or is tied to, an embedding table).
+- ``exclude`` (a regex or a list of regexes, the syntax of ``param_name_patterns``: ``re.search``
+  on any of a parameter's names, whatever the form of the selection, ``param_filter`` globs
+  included) keeps the parameters it matches dense, even where the heuristic or a pattern selects
+  them: e.g. ``exclude: ["^conv1\\.", "^fc\\."]`` keeps a conv net's stem and classifier dense, as
+  pruning practice does. A pattern that matches no parameter at all is an error naming
+  ``sparsity.exclude``, the pattern and the model's parameter names. It is a top-level key; in
+  the zoo's list of groups each item may have its own, which removes parameters from that item's
+  selection (a later item may still select them).
 - One-dimensional parameters (biases, norm scales) are never sparsified, even when a pattern
   matches them: they are skipped silently, and a pattern that matches only such parameters is an
   error.
@@ -68,17 +76,24 @@ Structure (``structure``, ``block_size``; :mod:`sparsetrain.sparsity.masks` draw
   pruned. A dimension that is not a multiple of the block size ends in partial edge blocks (no
   error); they count as blocks like any other, so the fraction of ENTRIES pruned can then differ
   slightly from ``s`` (the sparsifier's statistics and ``plan`` report the actual fraction).
-  ``block_size`` is an int (square blocks) or ``[rows, cols]``; the default 128 is the output
-  tile of the block-sparse GPU kernels (``sparsetrain.kernels.block_sparse``), the block size
-  they run fastest at.
+  ``block_size`` is an int (square blocks) or ``[rows, cols]`` = ``[outputs, inputs]``: for a
+  weight stored inputs first (a Hugging Face ``Conv1D``, in x out) the tile is ``[cols, rows]``
+  in storage, the same entries as for the ``nn.Linear`` holding the transposed weight. The
+  default 128 is the output tile of the block-sparse GPU kernels
+  (``sparsetrain.kernels.block_sparse``, ``nn.Linear`` layers only), the block size they run
+  fastest at.
   ``block_size`` is read only by groups whose structure is ``block``: setting it where no group
   uses blocks, or in a group that is not ``block``, is an error.
 - ``"N:M"`` (0 < N < M <= 64, e.g. ``"2:4"``): in every run of M consecutive entries along the
-  last (input) dimension exactly N are kept, so the sparsity is ``1 - N/M``. ``sparsity`` may be
+  weight's input dimension exactly N are kept, so the sparsity is ``1 - N/M``. The input
+  dimension is found from the module holding the weight (:mod:`sparsetrain.sparsity.select`): the
+  last for ``nn.Linear`` (out x in) and any other parameter, 0 for a Hugging Face ``Conv1D``
+  (in x out), 1 (the input channels, at each output and kernel position: what NVIDIA's ASP does)
+  for ``nn.Conv1d/2d/3d``, 0 for transposed convolutions. ``sparsity`` may be
   left out; if it is given at the same level as the structure, or in the group itself, it must
   equal ``1 - N/M`` (to 1e-3; it is stored exactly) or it is an error naming that key. A
   top-level ``sparsity`` inherited by a group that sets its own N:M structure does not apply to
-  that group (the N:M ratio does). The last dimension must be a multiple of M (checked when
+  that group (the N:M ratio does). The input dimension must be a multiple of M (checked when
   masks are drawn, and by ``plan``). Quote the value in YAML: an unquoted ``2:4`` is YAML 1.1's
   base-60 integer 124; such an integer is read back as ``"2:4"`` (N = v // 60, M = v % 60).
 - ``init_method`` applies within the structure: ``topk`` keeps the blocks of largest Frobenius
@@ -117,6 +132,7 @@ from sparsetrain.config.sparsity_values import (
     kind_of,
     parse_block_size,
     parse_distribution,
+    parse_exclude,
     parse_fraction,
     parse_init,
     parse_nm,
@@ -184,7 +200,7 @@ def parse_sparsity(block: Any, where: str = "sparsity") -> SparsityConfig | None
     return SparsityConfig(
         kind, sparsity.value(0) if isinstance(sparsity, HyperSchedule) else sparsity, init_method, seed, form, groups,
         structure=structure, block_size=top["block_size"], where=where, source=source,
-        dynamic=dynamic, distribution=distribution,
+        dynamic=dynamic, distribution=distribution, exclude=parse_exclude(block.get("exclude"), f"{where}.exclude"),
     )
 
 

@@ -31,6 +31,10 @@ class GroupSettings:
     dynamic: DynamicSettings | None = None  # gmp / set / rigl: how the masks change; None: fixed
     distribution: str = "uniform"  # "erk": the group's level spread over its tensors (Erdos-Renyi kernel)
     level: float | None = None  # with erk: the group's level (``sparsity`` is then this tensor's share)
+    # Per parameter, set by selection (never parsed): the weight's input dimension where it is not
+    # the last (a Hugging Face Conv1D's in x out weight: 0; a convolution's input channels: 1).
+    # N:M groups run along it; ``block_size`` reads as [outputs, inputs] (swapped when it is 0).
+    input_dim: int | None = None
 
     @property
     def algorithm(self) -> str:
@@ -86,7 +90,9 @@ class SparsityConfig:
     only the groups set it. ``form`` is ``default``, ``str``, ``list``, ``dict`` or, for the 2.2+
     ``param_filter`` globs, ``filter`` (one glob) / ``filter_list``.
     ``structure`` and ``block_size`` are the top-level values (defaults filled in) that groups
-    inherit; each group's own resolved values are in its ``GroupSettings``.
+    inherit; each group's own resolved values are in its ``GroupSettings``. ``exclude`` holds the
+    regexes of parameters kept dense whatever selects them (in the zoo's list of groups, each
+    part has its own).
     """
 
     type: str
@@ -102,6 +108,7 @@ class SparsityConfig:
     dynamic: DynamicSettings | None = None  # the top level's, that groups inherit
     distribution: str = "uniform"
     parts: tuple[SparsityConfig, ...] = ()  # the zoo's list of groups: one config per item
+    exclude: tuple[str, ...] = ()  # regexes (re.search) of parameters kept dense even if selected
 
     @property
     def is_dynamic(self) -> bool:
@@ -134,6 +141,8 @@ class SparsityConfig:
         uses_blocks = any(g.block_size is not None for g in self.groups)
         if uses_blocks:
             out["block_size"] = _block_size_value(self.block_size)
+        if self.exclude:
+            out["exclude"] = list(self.exclude)
         if self.form == "filter":
             out["param_filter"] = self.groups[0].glob
         elif self.form == "filter_list":
@@ -155,6 +164,10 @@ class SparsityConfig:
 
     def describe(self) -> str:
         """One line for the log, e.g. ``sideband, topk, sparsity 0.75, default heuristic``."""
+        text = self._describe()
+        return text + "; exclude " + ", ".join(repr(p) for p in self.exclude) if self.exclude else text
+
+    def _describe(self) -> str:
         if self.parts:
             return " | ".join(part.describe() for part in self.parts)
         if self.dynamic is not None and all(g.dynamic == self.dynamic for g in self.groups):
@@ -171,6 +184,12 @@ class SparsityConfig:
             for g in self.groups
         ]
         return f"{self.type}, " + "; ".join(parts)
+
+    def exclude_where(self, index: int) -> str:
+        """The key path of ``exclude`` pattern ``index`` for error messages."""
+        raw = self.source.get("exclude") if isinstance(self.source, dict) else None
+        at = "" if isinstance(raw, str) else f"[{index}]"
+        return f"{self.where}.exclude{at} ({self.exclude[index]!r})"
 
     def group_where(self, index: int) -> str:
         """The key path of group ``index`` for error messages."""

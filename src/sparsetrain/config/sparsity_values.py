@@ -23,7 +23,7 @@ INIT_METHODS = ("topk", "random", "from_zeros", "checkerboard")
 DISTRIBUTIONS = ("uniform", "erk")
 TOP_KEYS = (
     "type", "algorithm", "sparsity", "init_method", "seed", "structure", "block_size", "param_name_patterns",
-    "param_filter", "update", "drop_fraction", "schedule", "distribution",
+    "param_filter", "update", "drop_fraction", "schedule", "distribution", "exclude",
 )
 GROUP_KEYS = ("sparsity", "init_method", "seed", "structure", "block_size", "update", "drop_fraction", "schedule")
 # Keys of the reference's RigL that are named here but not built (balanced per-group competition).
@@ -150,6 +150,21 @@ def compile_pattern(pattern: str, where: str) -> None:
         re.compile(pattern)
     except (re.error, OverflowError, RecursionError, ValueError) as exc:  # huge repeats, deep nesting
         raise ConfigError(f"{where}: {pattern!r} is not a valid regex: {exc}") from None
+
+
+def parse_exclude(value: Any, where: str) -> tuple[str, ...]:
+    """``exclude``: a regex or a list of regexes (``re.search``, as ``param_name_patterns``)."""
+    if value is None:
+        return ()
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, (list, tuple)) or not patterns:
+        raise ConfigError(f"{where}: expected a regex or a non-empty list of regexes, got {kind_of(value)}")
+    for i, pattern in enumerate(patterns):
+        here = where if isinstance(value, str) else f"{where}[{i}]"
+        if not isinstance(pattern, str):
+            raise ConfigError(f"{here}: expected a regex string, got {kind_of(pattern)}")
+        compile_pattern(pattern, here)
+    return tuple(patterns)
 
 
 def check_keys(

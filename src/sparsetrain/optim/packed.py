@@ -1,16 +1,19 @@
-"""AdamW / Adam / SGD whose state for a sparsified weight holds its kept entries only.
+"""AdamW / Adam / SGD whose state for a sparsified weight holds its kept entries only: a drop-in
+for the torch optimizer in your own loop (``sparsetrain.PackedOptimizer``), nothing else changes::
 
-    optimizer = PackedOptimizer(groups, kind="adamw", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    sparsifier = sparsify(model, params["sparsity"], optimizer)   # hands over the masks
+    opt = sparsetrain.PackedOptimizer(model.parameters(), kind="adamw", lr=3e-4, weight_decay=0.1)
+    sp = sparsetrain.sparsify(model, {"sparsity": 0.75}, opt)   # hands it the masks
+    for x, y in batches:
+        loss_fn(model(x), y).backward()
+        opt.step()                      # pruned weights stay exactly 0, state holds kept entries
+        opt.zero_grad()
 
-With a torch optimizer, the state of a weight at 75% sparsity is as large as for a dense one
-(Adam: two moments of the weight's shape), three quarters of it zeros that the sparsifier
-re-zeroes after every step. ``PackedOptimizer`` keeps, for each parameter whose mask it was given
-(:meth:`PackedOptimizer.set_masks`; the :class:`~sparsetrain.sparsity.sparsifier.Sparsifier`
-calls it on ``attach``), the state of the kept entries only, in the layout of
-:mod:`sparsetrain.optim.packed_state`. It enforces the mask itself: pruned weights are written
-exactly 0 by every step, so the sparsifier skips its post-step pass for those parameters (it still
-masks gradients, so clipping sees the sparse norm).
+Parameter groups, learning-rate schedulers and gradient clipping work as with the torch
+optimizer; without masks (no ``sparsify``) it is that torch optimizer. For each parameter whose
+mask it was given (:meth:`PackedOptimizer.set_masks`, called by the sparsifier's ``attach``) it
+keeps the state of the kept entries only (:mod:`sparsetrain.optim.packed_state`) and enforces
+the mask itself: pruned weights are written exactly 0 by every step, so the sparsifier skips its
+post-step pass for them (it still masks gradients, so clipping sees the sparse norm).
 
 - The math equals torch's ``AdamW`` / ``Adam`` (L2 decay added to the gradient) / ``SGD``
   (momentum buffer = first gradient, dampening, Nesterov) to float rounding; parameters without a
@@ -34,8 +37,7 @@ masks gradients, so clipping sees the sparse norm).
   :mod:`sparsetrain.sparsity.block_linear`) is already packed: it gets no mask and is an unmasked
   parameter here, whose state is as small as the blocks.
 
-Not supported on masked parameters: ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``,
-sparse gradients (unmasked parameters get whatever torch supports).
+Limits: see :class:`PackedOptimizer`.
 """
 
 from __future__ import annotations
@@ -69,11 +71,12 @@ _HYPER = {
 _UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
 
 
-# -- the optimizer -------------------------------------------------------------------------------
-
-
 class PackedOptimizer(torch.optim.Optimizer):
-    """AdamW / Adam / SGD with packed state for masked parameters (see the module docstring).
+    """AdamW / Adam / SGD with packed state for masked parameters (see the module docstring): less
+    optimizer memory than ``torch.optim.AdamW``, whose moments are full-size. Limits: kinds ``adamw``, ``adam``, ``sgd``; on masked parameters no ``amsgrad``,
+    ``maximize``, ``capturable``, ``differentiable`` or sparse gradients (unmasked ones get what
+    torch supports); masks change through :meth:`set_masks` only (the sparsifier calls it); the
+    fast step needs CUDA and Triton (elsewhere a plain-torch step per tensor).
 
     Arguments mirror the torch optimizer of ``kind``: ``lr``, ``betas``, ``eps``, ``weight_decay``
     (default 1e-2 for AdamW, 0 otherwise) for Adam(W); ``lr``, ``momentum``, ``dampening``,

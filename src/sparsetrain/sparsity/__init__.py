@@ -3,7 +3,8 @@
     from sparsetrain.sparsity import sparsify
     sparsifier = sparsify(model, {"sparsity": 0.75}, optimizer)   # after .to(device) and DDP
 
-Modules: ``select`` (which parameters a ``sparsity:`` block takes), ``masks`` (pure functions:
+Modules: ``select`` (which parameters a ``sparsity:`` block takes), ``plans`` (that selection
+as a printable, inspectable plan, before any mask is drawn), ``masks`` (pure functions:
 tensor + settings -> mask), ``initial_masks`` (stored masks kept or drawn anew), ``sparsifier``
 (binds masks and enforces the invariant), ``nan_format`` (the checkpoint encoding),
 ``checkpoints`` (the library's save / load) and ``block_linear`` (layers on the block-sparse
@@ -26,11 +27,14 @@ from sparsetrain.sparsity.nan_format import (
     encode_optimizer_state,
     encode_state_dict,
 )
+from sparsetrain.sparsity.plans import Plan, PlanEntry, plan
 from sparsetrain.sparsity.select import select_for_model, select_parameters
 from sparsetrain.sparsity.sparsifier import Sparsifier, sparsify
 
 __all__ = [
     "GroupSettings",
+    "Plan",
+    "PlanEntry",
     "Sparsifier",
     "SparsityConfig",
     "decode_optimizer_state",
@@ -43,6 +47,7 @@ __all__ = [
     "mask_from_nan",
     "num_pruned",
     "parse_sparsity",
+    "plan",
     "random_mask",
     "select_for_model",
     "select_parameters",

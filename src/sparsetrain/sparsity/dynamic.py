@@ -134,7 +134,7 @@ class DynamicSparsity:
             return dict.fromkeys(names, level)
         pool = erk_pool(settings)  # the globs of one list share one spread
         pooled = [n for n, g in self.sparsifier.settings.items() if g.distribution == "erk" and erk_pool(g) == pool]
-        shares = erk_shares({n: tuple(self.sparsifier.masks[n].shape) for n in pooled}, level, settings)
+        shares = erk_shares({n: tuple(self.sparsifier.masks[n].shape) for n in pooled}, level, self.sparsifier.settings)
         return {n: shares[n] for n in names}
 
     def _change(self, name: str, step: int, level: float, drop: float, dense_grads) -> MaskChange:

@@ -22,7 +22,8 @@ Counts are exact: a tensor of n entries at sparsity s has exactly ``round(s * n)
 Structured masks (``settings.structure``, see :mod:`sparsetrain.config.sparsity`):
 
 - ``block``: the weight is viewed as a matrix ``(shape[0], numel / shape[0])`` (a 1-D tensor as
-  one row) and cut into ``(rows, cols)`` blocks from the top-left corner; the last block row and
+  one row) and cut into ``(rows, cols)`` blocks from the top-left corner (``settings_block``: the
+  group's size, swapped for a weight stored inputs first, e.g. a Hugging Face ``Conv1D``); the last block row and
   column are partial when a dimension is not a multiple of the block size. Exactly
   ``round(s * number_of_blocks)`` whole blocks are pruned; blocks are numbered row-major over the
   block grid. ``topk`` keeps the blocks of largest Frobenius norm (summed in float64; a block
@@ -30,9 +31,10 @@ Structured masks (``settings.structure``, see :mod:`sparsetrain.config.sparsity`
   first blocks of one permutation of the block indices seeded like ``random`` (so again a higher
   sparsity prunes a superset). With partial edge blocks the pruned entry count depends on which
   blocks are pruned, so the entry-level sparsity can differ slightly from ``s``.
-- ``N:M``: along the last (input) dimension, each run of M consecutive entries keeps exactly N;
-  the last dimension must be a multiple of M (else a ConfigError naming the parameter and its
-  shape). ``topk`` keeps the N largest ``|w|`` of each group (ties: lower index; NaN smallest);
+- ``N:M``: along the weight's input dimension (``dim``: the last by default, the one selection
+  found for the weight's module, ``GroupSettings.input_dim``), each run of M consecutive entries
+  keeps exactly N; that dimension must be a multiple of M (else a ConfigError naming the
+  parameter and its shape). ``topk`` keeps the N largest ``|w|`` of each group (ties: lower index; NaN smallest);
   ``random`` keeps N of each group from a generator seeded like ``random``.
 
 ``checkerboard`` applies its rule to the unit of the structure: to the row-major block grid for
@@ -230,17 +232,26 @@ def block_checkerboard_mask(
 
 
 # -- N:M structure ---------------------------------------------------------------------------------
+# ``dim`` is the dimension the groups run along (the weight's input dimension; default the last):
+# the math runs on the tensor with ``dim`` moved last, and the mask is moved back.
 
 
-def check_nm_shape(name: str, shape: torch.Size | Sequence[int], n: int, m: int) -> None:
-    """ConfigError unless the last dimension of ``shape`` is a multiple of M."""
+def _moved(shape: torch.Size | Sequence[int], dim: int) -> torch.Size:
+    """``shape`` with dimension ``dim`` moved last."""
+    shape = list(shape)
+    return torch.Size([*shape[:dim], *shape[dim + 1 :], shape[dim]] if dim not in (-1, len(shape) - 1) else shape)
+
+
+def check_nm_shape(name: str, shape: torch.Size | Sequence[int], n: int, m: int, dim: int = -1) -> None:
+    """ConfigError unless dimension ``dim`` (the input dimension) of ``shape`` is a multiple of M."""
     shape = tuple(shape)
-    if not shape or shape[-1] % m:
-        last = shape[-1] if shape else None
+    if not shape or shape[dim] % m:
+        size = shape[dim] if shape else None
+        where = "last (input) dimension" if dim in (-1, len(shape) - 1) else f"input dimension {dim}"
         raise ConfigError(
-            f"sparsity.structure {n}:{m}: parameter {name!r} of shape {shape} has last (input) dimension "
-            f"{last}, not a multiple of {m}; N:M groups run along that dimension. Leave this parameter "
-            f"out, or give it structure: block or unstructured in its own group"
+            f"sparsity.structure {n}:{m}: parameter {name!r} of shape {shape} has {where} of size {size}, "
+            f"not a multiple of {m}; N:M groups run along the input dimension. Keep it dense (sparsity.exclude), "
+            f"or give it structure: block or unstructured in its own group"
         )
 
 
@@ -251,25 +262,25 @@ def _magnitude(weight: torch.Tensor) -> torch.Tensor:
     return magnitude.masked_fill(torch.isnan(magnitude), -1.0)
 
 
-def _nm_keep(order: torch.Tensor, n: int, shape: torch.Size) -> torch.Tensor:
+def _nm_keep(order: torch.Tensor, n: int, moved: torch.Size, dim: int) -> torch.Tensor:
     mask = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
     mask.scatter_(1, order[:, :n], True)
-    return mask.view(shape)
+    return mask.view(moved).movedim(-1, dim).contiguous()
 
 
-def _check_nm(n: int, m: int, shape: torch.Size) -> None:
+def _check_nm(n: int, m: int, shape: torch.Size, dim: int) -> None:
     if not 0 < n < m:
         raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
-    if not shape or shape[-1] % m:
-        raise ValueError(f"N:M {n}:{m}: the last dimension of {tuple(shape)} is not a multiple of {m}")
+    if not shape or shape[dim] % m:
+        raise ValueError(f"N:M {n}:{m}: dimension {dim} of {tuple(shape)} is not a multiple of {m}")
 
 
-def nm_topk_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """In each run of M consecutive entries along the last dimension keep the N largest ``|w|``."""
-    _check_nm(n, m, weight.shape)
-    magnitude = _magnitude(weight).reshape(-1, m)
-    order = torch.sort(magnitude, dim=1, descending=True, stable=True).indices
-    return _nm_keep(order, n, weight.shape)
+def nm_topk_mask(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
+    """In each run of M consecutive entries along ``dim`` keep the N largest ``|w|``."""
+    _check_nm(n, m, weight.shape, dim)
+    magnitude = _magnitude(weight).movedim(dim, -1)
+    order = torch.sort(magnitude.reshape(-1, m), dim=1, descending=True, stable=True).indices
+    return _nm_keep(order, n, magnitude.shape, dim)
 
 
 def nm_random_mask(
@@ -279,31 +290,33 @@ def nm_random_mask(
     m: int,
     seed: int,
     device: torch.device | str | None = None,
+    dim: int = -1,
 ) -> torch.Tensor:
-    """N random entries kept in each run of M along the last dimension, from the stable name hash."""
+    """N random entries kept in each run of M along ``dim``, from the stable name hash."""
     shape = torch.Size(shape)
-    _check_nm(n, m, shape)
+    _check_nm(n, m, shape, dim)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(name_seed(name, seed))
     keys = torch.rand(shape.numel() // m, m, generator=generator)
     order = torch.sort(keys, dim=1, descending=True, stable=True).indices
-    return _nm_keep(order, n, shape).to(device)
+    return _nm_keep(order, n, _moved(shape, dim), dim).to(device)
 
 
 def nm_checkerboard_mask(
-    shape: torch.Size | Sequence[int], n: int, m: int, device: torch.device | str | None = None
+    shape: torch.Size | Sequence[int], n: int, m: int, device: torch.device | str | None = None, dim: int = -1
 ) -> torch.Tensor:
-    """The same N evenly spread positions kept in each run of M along the last dimension."""
+    """The same N evenly spread positions kept in each run of M along ``dim``."""
     shape = torch.Size(shape)
-    _check_nm(n, m, shape)
-    return even_keep(m, n, device).repeat(shape.numel() // m).view(shape)
+    _check_nm(n, m, shape, dim)
+    moved = even_keep(m, n, device).repeat(shape.numel() // m).view(_moved(shape, dim))
+    return moved.movedim(-1, dim).contiguous()
 
 
-def is_nm_structured(mask: torch.Tensor, n: int, m: int, exact: bool = True) -> bool:
-    """Whether each run of M along the last dimension keeps exactly N (``exact``) or at most N."""
-    if not mask.ndim or mask.shape[-1] % m:
+def is_nm_structured(mask: torch.Tensor, n: int, m: int, exact: bool = True, dim: int = -1) -> bool:
+    """Whether each run of M along ``dim`` keeps exactly N (``exact``) or at most N."""
+    if not mask.ndim or mask.shape[dim] % m:
         return False
-    kept = mask.detach().to(torch.int32).reshape(-1, m).sum(dim=1)
+    kept = mask.detach().to(torch.int32).movedim(dim, -1).reshape(-1, m).sum(dim=1)
     return bool((kept == n).all() if exact else (kept <= n).all())
 
 
@@ -311,15 +324,22 @@ def is_nm_structured(mask: torch.Tensor, n: int, m: int, exact: bool = True) -> 
 
 
 def settings_block(settings: GroupSettings) -> tuple[int, int]:
-    """The block size of a ``block`` group (the default when the settings carry none)."""
-    return tuple(settings.block_size) if settings.block_size is not None else (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
+    """The block size of a ``block`` group (the default when the settings carry none) in the
+    weight's stored layout: ``[outputs, inputs]``, so swapped for a weight stored inputs first."""
+    rows, cols = settings.block_size if settings.block_size is not None else (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
+    return (cols, rows) if settings.input_dim == 0 else (rows, cols)
+
+
+def nm_dim(settings: GroupSettings) -> int:
+    """The dimension N:M groups run along: the weight's input dimension (default the last)."""
+    return -1 if settings.input_dim is None else settings.input_dim
 
 
 def check_structure(name: str, shape: torch.Size | Sequence[int], settings: GroupSettings) -> None:
     """ConfigError when the parameter's shape cannot take the group's structure (N:M only)."""
     nm = settings.nm
     if nm is not None and settings.init_method != "from_zeros":
-        check_nm_shape(name, shape, *nm)
+        check_nm_shape(name, shape, *nm, nm_dim(settings))
 
 
 def make_mask(name: str, weight: torch.Tensor, settings: GroupSettings) -> torch.Tensor:
@@ -343,10 +363,11 @@ def make_mask(name: str, weight: torch.Tensor, settings: GroupSettings) -> torch
     nm = settings.nm
     if nm is None:
         raise ValueError(f"unknown structure {settings.structure!r}")
-    check_nm_shape(name, weight.shape, *nm)
+    dim = nm_dim(settings)
+    check_nm_shape(name, weight.shape, *nm, dim)
     if topk:
-        return nm_topk_mask(weight, *nm)
-    return nm_random_mask(name, weight.shape, *nm, settings.seed, weight.device)
+        return nm_topk_mask(weight, *nm, dim)
+    return nm_random_mask(name, weight.shape, *nm, settings.seed, weight.device, dim)
 
 
 def _checkerboard_for(
@@ -359,8 +380,8 @@ def _checkerboard_for(
     nm = settings.nm
     if nm is None:
         raise ValueError(f"unknown structure {settings.structure!r}")
-    check_nm_shape(name, shape, *nm)
-    return nm_checkerboard_mask(shape, *nm, device)
+    check_nm_shape(name, shape, *nm, nm_dim(settings))
+    return nm_checkerboard_mask(shape, *nm, device, nm_dim(settings))
 
 
 def mask_fits(mask: torch.Tensor, settings: GroupSettings) -> bool:
@@ -379,7 +400,7 @@ def mask_fits(mask: torch.Tensor, settings: GroupSettings) -> bool:
         layout = block_layout(mask, block)
         return layout.numel() - int(layout.sum()) == num_pruned(layout.numel(), settings.sparsity)
     nm = settings.nm
-    return nm is not None and is_nm_structured(mask, *nm)
+    return nm is not None and is_nm_structured(mask, *nm, dim=nm_dim(settings))
 
 
 def expected_pruned(name: str, shape: torch.Size | Sequence[int], settings: GroupSettings) -> tuple[int, bool]:

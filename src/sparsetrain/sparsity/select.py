@@ -1,5 +1,7 @@
 """Which parameters of a model a :class:`~sparsetrain.config.sparsity.SparsityConfig` sparsifies,
-with which settings: its patterns (or the default heuristic) resolved against parameter names.
+with which settings: its patterns (or the default heuristic) resolved against parameter names,
+less those its ``exclude`` patterns keep dense, each with its input dimension where that is not
+the last (:func:`input_dim`). ``sparsify`` and ``plan`` both select through here.
 """
 
 from __future__ import annotations
@@ -41,8 +43,28 @@ def select_parameters(
         names_of.setdefault(id(tensor), []).append(name)
         tensors[id(tensor)] = tensor
     if config.form == "default":
-        return _select_default(config, names_of, tensors, set(tied_to_embedding))
-    return _select_patterns(config, names_of, tensors)
+        chosen = _select_default(config, names_of, tensors, set(tied_to_embedding))
+    else:
+        chosen = _select_patterns(config, names_of, tensors)
+    return _exclude(config, chosen, names_of, tensors)
+
+
+def _exclude(config: SparsityConfig, chosen: dict[str, GroupSettings], names_of, tensors) -> dict[str, GroupSettings]:
+    """``chosen`` less the parameters an ``exclude`` regex matches (by any of their names); a
+    regex that matches no parameter of the model is an error that shows a few weight names."""
+    if not config.exclude:
+        return chosen
+    dense: set[str] = set()
+    for i, pattern in enumerate(config.exclude):
+        regex = re.compile(pattern)
+        hits = [names[0] for names in names_of.values() if any(regex.search(n) for n in names)]
+        if not hits:
+            raise ConfigError(
+                f"{config.exclude_where(i)}: matches no parameter (a regex, re.search on the full name); "
+                f"the model's weights include: {_few_weights(names_of, tensors)}"
+            )
+        dense.update(hits)
+    return {name: group for name, group in chosen.items() if name not in dense}
 
 
 def _select_default(config, names_of, tensors, tied) -> dict[str, GroupSettings]:
@@ -117,10 +139,53 @@ def _list_names(names_of: Mapping[int, list[str]]) -> str:
     return ", ".join(shown) if shown else "(none)"
 
 
+def input_dim(module: nn.Module, tensor: torch.Tensor) -> int | None:
+    """The input dimension of ``module``'s weight ``tensor`` where it is not the last, else None.
+
+    ``nn.Linear`` (out x in) and any module not listed: the last. A Hugging Face ``Conv1D``
+    (``transformers.pytorch_utils.Conv1D``, in x out; recognised by name and its ``nf`` attribute,
+    without importing transformers): 0. ``nn.Conv1d/2d/3d`` (out, in / groups, *kernel): 1, the
+    input channels, grouped at each output and kernel position as NVIDIA's ASP does (the
+    reduction dimension of the implicit GEMM, innermost in channels-last layout). Transposed
+    convolutions (in, out / groups, *kernel): 0.
+    """
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return 0
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return 1
+    if type(module).__name__ == "Conv1D" and tensor.ndim == 2 and getattr(module, "nf", None) == tensor.shape[1]:
+        return 0
+    return None
+
+
+def _input_dims(model: nn.Module) -> dict[int, int]:
+    """id(weight) -> its input dimension, for the weights whose input dimension is not the last."""
+    dims: dict[int, int] = {}
+    for module in model.modules():
+        weight = dict(module.named_parameters(recurse=False)).get("weight")
+        if isinstance(weight, torch.Tensor) and weight.ndim > 1:
+            dim = input_dim(module, weight)
+            if dim is not None:
+                dims.setdefault(id(weight), dim)
+    return dims
+
+
+def _few_weights(names_of: Mapping[int, list[str]], tensors: Mapping[int, torch.Tensor], limit: int = 8) -> str:
+    """The names of a few weights (more than one dimension), layer indices folded (``h.N.mlp``)."""
+    folded = {
+        re.sub(r"(?<=\.)\d+(?=\.)", "N", names[0]): None for key, names in names_of.items() if tensors[key].ndim > 1
+    }
+    shown = list(folded) or [names[0] for names in names_of.values()]
+    rest = f", ... ({len(shown) - limit} more)" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + rest if shown else "(none)"
+
+
 def select_for_model(model: nn.Module, config: SparsityConfig) -> dict[str, GroupSettings]:
-    """``select_parameters`` on every name of every parameter, embeddings and ties detected; each
-    selected weight's shape is checked against its group's structure (N:M needs a last dimension
-    that is a multiple of M), so a block that cannot apply fails before any mask is drawn."""
+    """``select_parameters`` on every name of every parameter, embeddings and ties detected, each
+    selected weight's input dimension recorded (``GroupSettings.input_dim``) where it is not the
+    last; each selected weight's shape is checked against its group's structure (N:M needs an
+    input dimension that is a multiple of M), so a block that cannot apply fails before any mask
+    is drawn."""
     named = list(model.named_parameters(remove_duplicate=False))
     embedding_params = {
         id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()
@@ -145,7 +210,11 @@ def select_for_model(model: nn.Module, config: SparsityConfig) -> dict[str, Grou
     else:
         settings = select_parameters(config, named, tied)
     shapes = dict(named)
+    dims = _input_dims(model)
     for name, group in settings.items():
+        dim = dims.get(id(shapes[name]))
+        if dim is not None:
+            settings[name] = group = dataclasses.replace(group, input_dim=dim)
         check_structure(name, shapes[name].shape, group)
     return spread_erk(settings, {name: tuple(p.shape) for name, p in named})
 
@@ -160,21 +229,24 @@ def spread_erk(settings: dict[str, GroupSettings], shapes: Mapping[str, tuple[in
             pools.setdefault(erk_pool(group), []).append(name)
     out = dict(settings)
     for names in pools.values():
-        group = settings[names[0]]
-        shares = erk_shares({n: shapes[n] for n in names}, group.sparsity, group)
+        shares = erk_shares({n: shapes[n] for n in names}, settings[names[0]].sparsity, settings)
         for n in names:
             out[n] = dataclasses.replace(settings[n], sparsity=shares[n], level=settings[n].sparsity)
     return out
 
 
 def erk_pool(group: GroupSettings) -> GroupSettings:
-    """What tensors must share to be spread together: every setting but the pattern and level."""
-    return dataclasses.replace(group, pattern=None, glob=None, sparsity=0.0, level=None)
+    """What tensors must share to be spread together: every setting but the pattern, level and
+    the tensor's own layout."""
+    return dataclasses.replace(group, pattern=None, glob=None, sparsity=0.0, level=None, input_dim=None)
 
 
-def erk_shares(shapes: Mapping[str, tuple[int, ...]], level: float, group: GroupSettings) -> dict[str, float]:
-    """ERK shares of ``level`` over ``shapes``; for block structure over the block grids, so that
-    whole blocks add up to the group's exact count (equal-size blocks: its exact entry count)."""
-    if group.structure == "block":
-        shapes = {n: block_grid(shape, settings_block(group)) for n, shape in shapes.items()}
+def erk_shares(
+    shapes: Mapping[str, tuple[int, ...]], level: float, settings: Mapping[str, GroupSettings]
+) -> dict[str, float]:
+    """ERK shares of ``level`` over ``shapes`` (``settings``: each tensor's); for block structure
+    over the block grids (each in its tensor's layout), so that whole blocks add up to the
+    group's exact count (equal-size blocks: its exact entry count)."""
+    if settings[next(iter(shapes))].structure == "block":
+        shapes = {n: block_grid(shape, settings_block(settings[n])) for n, shape in shapes.items()}
     return erk_sparsities(shapes, min(level, 1.0 - 1e-12))
