@@ -33,6 +33,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def no_loss_png(monkeypatch):
+    """Trainings draw no model_dir/loss.png (a fifth of a second each, hundreds of trainings
+    here); tests/test_compare.py turns it back on where it is the subject."""
+    monkeypatch.setenv("SPARSETRAIN_LOSS_PNG", "0")
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     """A directory of small text files, enough for train and eval splits."""

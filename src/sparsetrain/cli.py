@@ -88,10 +88,8 @@ def _run(run, args: argparse.Namespace, params, model_dir: Path, main_rank: bool
 
 def _draw_loss(model_dir: Path) -> None:
     """model_dir/loss.png at a training's end; a run never fails for its picture."""
-    try:  # TEMP until sparsetrain.compare lands
-        from sparsetrain.compare import write_loss_png
-    except ModuleNotFoundError:
-        return
+    from sparsetrain.compare import write_loss_png
+
     write_loss_png(model_dir)
 
 
