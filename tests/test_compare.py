@@ -131,13 +131,30 @@ def test_bad_runs_are_one_line(tmp_path, capsys):
         compare.read_run(tmp_path)
 
 
-def test_out_errors_are_one_line(runs, tmp_path, monkeypatch):
+def test_out_errors_are_one_line_after_the_table(runs, tmp_path, monkeypatch, capsys, logs):
+    monkeypatch.setenv("SPARSETRAIN_LOSS_PNG", "1")
+    assert compare.write_loss_png(tmp_path / "missing") is None  # no run there: a log line, no error
+    assert "loss.png not drawn:" in logs.text
+    monkeypatch.setenv("SPARSETRAIN_LOSS_PNG", "0")
     with pytest.raises(UserError, match=r"--out .*nowhere/x\.png: the directory .*nowhere does not exist"):
         compare.compare_runs([str(runs["dense"])], out=tmp_path / "nowhere" / "x.png")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
-    with pytest.raises(UserError, match=r"^--out: drawing needs matplotlib: pip install 'sparsetrain\[plot\]'$"):
-        compare.compare_runs([str(runs["dense"])], out=tmp_path / "x.png")
+    capsys.readouterr()
+    assert cli("compare", runs["dense"], "--out", tmp_path / "x.png") == 2
+    out, err = capsys.readouterr()
+    assert err == "error: --out: drawing needs matplotlib: pip install 'sparsetrain[plot]'\n"
+    assert out.splitlines()[1].split()[0] == str(runs["dense"])  # the table stands without the picture
+    assert not (tmp_path / "x.png").exists()
     assert compare.write_loss_png(runs["dense"]) is None  # the suite's environment turns it off
     monkeypatch.setenv("SPARSETRAIN_LOSS_PNG", "1")
     assert compare.write_loss_png(runs["dense"]) is None  # matplotlib missing: no picture, no error
-    assert compare.write_loss_png(tmp_path / "missing") is None
+    assert "loss.png not drawn: matplotlib is not installed (pip install 'sparsetrain[plot]')" in logs.text
+
+
+def test_drawing_leaves_pyplot_and_its_backend_alone(runs, tmp_path):
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    assert compare.compare_runs([str(runs["sparse"])], x="time", out=tmp_path / "t.png") == 0
+    assert matplotlib.get_backend() == backend
+    assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()

@@ -220,15 +220,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
+def _figure():
+    """A matplotlib Figure drawn by Agg, without pyplot: no display, no global backend switched
+    under a caller (a notebook keeps its own), nothing to close."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401 -- first: ImportError here where it is not installed
+        from matplotlib.figure import Figure
     except ImportError:
         raise UserError(f"--out: drawing needs matplotlib: {PLOT_EXTRA}") from None
-    matplotlib.use("Agg")  # files only: no display needed, none opened
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(6.4, 4.0), dpi=100)  # Figure.savefig renders with Agg for .png
 
 
 def draw(runs: list[Run], axis: str, out: Path, title: str | None = None) -> None:
@@ -236,29 +236,26 @@ def draw(runs: list[Run], axis: str, out: Path, title: str | None = None) -> Non
     out = Path(out)
     if out.parent and not out.parent.is_dir():
         raise UserError(f"--out {out}: the directory {out.parent} does not exist")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig = _figure()
+    ax = fig.subplots()
+    for run in runs:
+        (line,) = ax.plot(run.x(axis), [r.get("loss") for r in run.train], label=run.name, lw=1.2)
+        if run.eval:
+            ax.plot(run.eval_x(axis), [e["eval_loss"] for e in run.eval], "o", ms=4, color=line.get_color())
+    if any(run.eval for run in runs):
+        ax.plot([], [], "o", ms=4, color="0.4", label="eval loss (markers)")
+    ax.set_xlabel(AXES[axis])
+    ax.set_ylabel("loss (nats/token)")
+    if axis == "flops":
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    ax.set_title(title or f"loss against {axis}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     try:
-        for run in runs:
-            (line,) = ax.plot(run.x(axis), [r.get("loss") for r in run.train], label=run.name, lw=1.2)
-            if run.eval:
-                ax.plot(run.eval_x(axis), [e["eval_loss"] for e in run.eval], "o", ms=4, color=line.get_color())
-        if any(run.eval for run in runs):
-            ax.plot([], [], "o", ms=4, color="0.4", label="eval loss (markers)")
-        ax.set_xlabel(AXES[axis])
-        ax.set_ylabel("loss (nats/token)")
-        if axis == "flops":
-            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
-        ax.set_title(title or f"loss against {axis}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        try:
-            fig.savefig(out)
-        except OSError as e:
-            raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
-    finally:
-        plt.close(fig)
+        fig.savefig(out)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write it ({e.strerror or e})") from None
 
 
 def compare_runs(paths: list[str], x: str = "flops", out: str | Path | None = None, as_json: bool = False) -> int:
@@ -267,13 +264,14 @@ def compare_runs(paths: list[str], x: str = "flops", out: str | Path | None = No
         raise UserError(f"--x {x!r}: choose one of {', '.join(AXES)}")
     runs = [read_run(p) for p in paths]
     rows = [run.summary() for run in runs]
+    # The table first: it stands whatever becomes of the picture (matplotlib missing, a bad --out).
+    if as_json:
+        print(json.dumps({"x": x, "out": None if out is None else str(out), "runs": rows}, indent=2), flush=True)
+    else:
+        print(format_table(rows), flush=True)
     if out is not None:
         draw(runs, x, Path(out))
-    if as_json:
-        print(json.dumps({"x": x, "out": None if out is None else str(out), "runs": rows}, indent=2))
-    else:
-        print(format_table(rows))
-        if out is not None:
+        if not as_json:
             print(f"wrote {out} (loss against {x})")
     return 0
 
@@ -286,6 +284,11 @@ def write_loss_png(model_dir: str | Path) -> Path | None:
     if os.environ.get("SPARSETRAIN_LOSS_PNG", "1") == "0":
         return None
     path = Path(model_dir) / "loss.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.info("loss.png not drawn: matplotlib is not installed (%s)", PLOT_EXTRA)
+        return None
     try:
         run = read_run(model_dir)
         draw([run], "steps", path, title=f"{Path(model_dir).name}: loss against steps")
