@@ -441,7 +441,9 @@ def test_bad_checkpoint_is_one_line_naming_the_file(kind, tmp_path, tiny_params,
     d = tmp_path / "run"
     assert cli("train", "--params", write_params(tiny_params()), "--model_dir", d, "--checkpoint_path", path) == 2
     line = error_line(capsys)
-    assert line.startswith(f"error: {path}: ") and message in line, line
+    # a directory is what --checkpoint_path names for a Hugging Face model: the flag is named
+    where = f"--checkpoint_path {path}" if kind == "directory" else str(path)
+    assert line.startswith(f"error: {where}: ") and message in line, line
     assert not list(d.glob("checkpoint_*")) and not (d / "metrics.jsonl").exists()
     assert not marker.exists(), "pickled code ran"
 

@@ -243,7 +243,7 @@ def test_checkpoint_path_directories_are_named_as_the_flag(tiny_params, write_pa
     (tmp_path / "empty").mkdir()
     assert cli("train", "--params", path, "--model_dir", tmp_path / "run", "--checkpoint_path", tmp_path / "empty") == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: --checkpoint_path {tmp_path / 'empty'}: a directory without a config.json; give a checkpoint file "
+        f"error: --checkpoint_path {tmp_path / 'empty'}: is a directory without a config.json; give a checkpoint file "
         "(checkpoint_<step>.mdl) or a Hugging Face GPT-2 directory (save_pretrained, sparsetrain export)")
     save_gpt2(tmp_path / "gpt2")
     capsys.readouterr()  # transformers' own progress output

@@ -19,7 +19,7 @@ def load_with_checkpoint_dir(params_path: Any, overrides: list[str], unset: list
     if checkpoint_path is None or not Path(checkpoint_path).is_dir():
         return load_params(params_path, overrides, unset), checkpoint_path
     if not is_hf_dir(checkpoint_path):
-        raise ConfigError(f"--checkpoint_path {checkpoint_path}: a directory without a config.json; give a checkpoint "
+        raise ConfigError(f"--checkpoint_path {checkpoint_path}: is a directory without a config.json; give a checkpoint "
                           "file (checkpoint_<step>.mdl) or a Hugging Face GPT-2 directory (save_pretrained, sparsetrain export)")
     flag = f"--set {WHERE}"
     try:
