@@ -29,7 +29,8 @@ def test_example_fine_tunes_from_any_directory(tmp_path, monkeypatch, one_thread
     monkeypatch.chdir(tmp_path)  # no data/ here: the data is found beside the shipped params file
     run = tmp_path / "run"
     rc = cli("train_and_eval", "--params", EXAMPLE, "--model_dir", run, *FAST,
-             *_sets("runconfig.max_steps=40", "runconfig.eval_frequency=20", "runconfig.log_steps=10"))
+             *_sets("runconfig.max_steps=40", "runconfig.eval_frequency=20", "runconfig.log_steps=10",
+                    "train_input.batch_size=8", "train_input.max_sequence_length=128", "eval_input.max_sequence_length=128"))
     assert rc == 0
     first, last = records(run, "eval")
     assert first["eval_loss_tokens"] == last["eval_loss_tokens"] == "completion"
