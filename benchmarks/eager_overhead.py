@@ -32,21 +32,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sparsetrain.bench.layer import random_layout
 from sparsetrain.kernels.block_sparse_op import TABLES, block_sparse_linear
 from sparsetrain.kernels.blocks import BlockLayout, layout_to_mask
 
 
-def random_grid(rows: int, cols: int, sparsity: float, seed: int) -> torch.Tensor:
-    live = rows * cols - round(sparsity * rows * cols)
-    g = torch.Generator().manual_seed(seed)
-    flat = torch.zeros(rows * cols, dtype=torch.bool)
-    flat[torch.randperm(rows * cols, generator=g)[:live]] = True
-    return flat.view(rows, cols)
-
-
 def make_steps(n: int, k: int, sparsity: float, block: int, m: int):
     """(dense_step, ours_step, live blocks): each step one forward and both gradients."""
-    grid = random_grid(n // block, k // block, sparsity, seed=n * 7 + k).cuda()
+    grid = random_layout(n // block, k // block, sparsity, seed=n * 7 + k).cuda()
     t = BlockLayout.build(grid, (block, block))
     tables = [getattr(t, name) for name in TABLES]
     mask = layout_to_mask(grid, (block, block), (n, k))

@@ -81,16 +81,11 @@ def _run(run, args: argparse.Namespace, params, model_dir: Path, main_rank: bool
         distributed.shutdown(run.dist)
     if main_rank:
         if args.command != "eval":
-            _draw_loss(model_dir)
+            from sparsetrain.compare import write_loss_png  # never fails the run
+
+            write_loss_png(model_dir)
         print(format_summary(run, history))
     return 0
-
-
-def _draw_loss(model_dir: Path) -> None:
-    """model_dir/loss.png at a training's end; a run never fails for its picture."""
-    from sparsetrain.compare import write_loss_png
-
-    write_loss_png(model_dir)
 
 
 def _eval_all(params, model_dir: Path, args: argparse.Namespace, main_rank: bool) -> int:

@@ -180,22 +180,12 @@ def describe_structure(params_yaml: Path, sparse: bool) -> str:
     return ", ".join(labels)
 
 
+FORMATS = {"int": "{:,.0f}", "loss": "{:.4f}", "e": "{:.3g}", "rate": "{:,.0f}", "time": "{:.1f}", "pct": "{:.1%}",
+           "str": "{}"}
+
+
 def _fmt(value: Any, kind: str) -> str:
-    if value is None:
-        return "-"
-    if kind == "int":
-        return f"{int(value):,}"
-    if kind == "loss":
-        return f"{value:.4f}"
-    if kind == "e":
-        return f"{value:.3g}"
-    if kind == "rate":
-        return f"{value:,.0f}"
-    if kind == "time":
-        return f"{value:.1f}"
-    if kind == "pct":
-        return f"{100 * value:.1f}%"
-    return str(value)
+    return "-" if value is None else FORMATS[kind].format(value)
 
 
 COLUMNS = [("run", "run", "str"), ("steps", "steps", "int"), ("tokens", "tokens", "int"),

@@ -20,7 +20,7 @@ needs_dev_full = pytest.mark.skipif(not os.path.exists(FULL), reason="needs /dev
 
 
 def test_records_carry_the_run_id(tmp_path):
-    writer = metrics.MetricsWriter(tmp_path, tensorboard=False, run_id="abc123")
+    writer = metrics.MetricsWriter(tmp_path, loggers=["jsonl"], run_id="abc123")
     writer.write({"kind": "train", "step": 1, "loss": float("nan")})
     writer.close()
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -30,12 +30,12 @@ def test_records_carry_the_run_id(tmp_path):
 def test_unopenable_metrics_is_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").mkdir()
     with pytest.raises(UserError, match=r"metrics.jsonl: cannot write metrics \(a directory\)"):
-        metrics.MetricsWriter(tmp_path, tensorboard=False)
+        metrics.MetricsWriter(tmp_path, loggers=["jsonl"])
 
 
 @needs_dev_full
 def test_a_full_disk_under_metrics_is_one_line(tmp_path):
-    writer = metrics.MetricsWriter(tmp_path, tensorboard=False)
+    writer = metrics.MetricsWriter(tmp_path, loggers=["jsonl"])
     writer._file.close()
     writer._file = open(FULL, "a", encoding="utf-8")  # the disk fills up mid-run
     with pytest.raises(UserError, match=r"^/dev/full: cannot write metrics \(disk full\)$"):

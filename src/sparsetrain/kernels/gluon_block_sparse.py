@@ -228,21 +228,20 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def forward(x: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, config=None) -> torch.Tensor:
     """``Y = X Wp^T`` (see the module docstring): ``x (..., K)``, ``packed (nnz, br, bc)``."""
-    x2 = _rows(x)
-    n, m = layout.shape[0], x2.shape[0]
-    if m == 0 or layout.nnz == 0:
-        return x.new_zeros(*x.shape[:-1], n)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _run(x2, packed, y, layout, True, config or CONFIG)
-    return y.reshape(*x.shape[:-1], n)
+    return _product(x, packed, layout, True, config)
 
 
 def dgrad(dy: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, config=None) -> torch.Tensor:
     """``dX = dY Wp``: ``dy (..., N)``; returns ``(..., K)`` in dy's dtype."""
-    dy2 = _rows(dy)
-    k, m = layout.shape[1], dy2.shape[0]
+    return _product(dy, packed, layout, False, config)
+
+
+def _product(a: torch.Tensor, packed: torch.Tensor, layout: BlockLayout, fwd: bool, config) -> torch.Tensor:
+    """Either product over ``a``'s rows: N output columns forward, K for the input gradient."""
+    a2 = _rows(a)
+    width, m = layout.shape[0 if fwd else 1], a2.shape[0]
     if m == 0 or layout.nnz == 0:
-        return dy.new_zeros(*dy.shape[:-1], k)
-    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
-    _run(dy2, packed, dx, layout, False, config or CONFIG)
-    return dx.reshape(*dy.shape[:-1], k)
+        return a.new_zeros(*a.shape[:-1], width)
+    out = torch.empty(m, width, dtype=a.dtype, device=a.device)
+    _run(a2, packed, out, layout, fwd, config or CONFIG)
+    return out.reshape(*a.shape[:-1], width)

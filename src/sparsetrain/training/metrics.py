@@ -45,14 +45,13 @@ class MetricsWriter:
     is false.
 
     metrics.jsonl is always written, ``jsonl`` listed or not: resume, ``compare`` and loss.png
-    read it. ``tensorboard=False`` drops TensorBoard whatever ``loggers`` says (a shorthand for
-    callers that want the file only). ``run_id`` stamps every record with the run's lineage (see
+    read it. ``run_id`` stamps every record with the run's lineage (see
     :mod:`sparsetrain.training.model_dir`) and names the tracker runs, so a resume continues them;
     ``purge_step`` (a resume's step) makes TensorBoard drop the events of later steps that an
     earlier, killed or rolled-back attempt wrote, as metrics.jsonl's are moved aside. A tracker
     that fails mid-run is dropped with one warning: the run never stops for its dashboards."""
 
-    def __init__(self, model_dir: Path, enabled: bool = True, tensorboard: bool = True,
+    def __init__(self, model_dir: Path, enabled: bool = True,
                  purge_step: int | None = None, run_id: str | None = None,
                  loggers: Sequence[str] = ("jsonl", "tensorboard"), run_config: dict | None = None) -> None:
         from sparsetrain.training import trackers
@@ -70,7 +69,7 @@ class MetricsWriter:
         try:  # the trackers first: one that cannot start leaves no files of a run that never ran
             for name in extra:
                 self._trackers[name] = trackers.open_tracker(name, model_dir, run_id, run_config)
-            if tensorboard and "tensorboard" in loggers:
+            if "tensorboard" in loggers:
                 from torch.utils.tensorboard import SummaryWriter  # slow import; only where used
 
                 # purge_step 0 would drop nothing TensorBoard keeps apart from a fresh start anyway.
