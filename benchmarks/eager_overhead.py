@@ -12,6 +12,8 @@ Per shape and sparsity (``--tokens`` rows, bf16 autocast over an fp32 weight, 12
   ``dense_ms`` / ``dense_graph_ms``: ``F.linear`` the same two ways;
 - ``host_us``: the host time of one eager step, from the same loop at ``--host_tokens`` rows (GPU
   work far shorter than the launches, so the loop's wall time is the host's);
+- ``eager_ms_triton_launch`` / ``host_us_triton_launch``: the same two with every kernel call
+  through Triton's own launch path (``SPARSETRAIN_TRITON_LAUNCH=triton``: ``kernels.launch`` off);
 - with ``--profile``: the GPU kernels of one eager step (torch.profiler): their count, their
   summed time, and the gap between summed kernel time and the step's wall time;
 - with ``--cprofile``: the Python functions the host time goes to (cProfile, tiny rows).
@@ -22,9 +24,11 @@ Ratios are within one process; each timing is the median of ``--repeats`` loops.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
+import os
 import pstats
 import statistics
 import time
@@ -130,6 +134,16 @@ def python_profile(fn, calls: int = 300, top: int = 30) -> str:
     return buf.getvalue()
 
 
+@contextlib.contextmanager
+def triton_launch():
+    """Every kernel call through ``kernel[grid](...)``, as before ``kernels.launch`` existed."""
+    os.environ["SPARSETRAIN_TRITON_LAUNCH"] = "triton"
+    try:
+        yield
+    finally:
+        del os.environ["SPARSETRAIN_TRITON_LAUNCH"]
+
+
 def one(n: int, k: int, sp: float, a) -> dict:
     dense_step, ours_step, nnz = make_steps(n, k, sp, a.block, a.tokens)
     r = {"shape": f"{n}x{k}", "sparsity": sp, "tokens": a.tokens, "live_blocks": nnz}
@@ -153,6 +167,9 @@ def one(n: int, k: int, sp: float, a) -> dict:
     for _ in range(3):
         tiny_step()
     r["host_us"] = loop_ms(tiny_step, 200, a.repeats) * 1e3
+    with triton_launch():  # the same steps through Triton's own launch path (kernels.launch off)
+        r["eager_ms_triton_launch"] = loop_ms(ours_step, a.iters, a.repeats)
+        r["host_us_triton_launch"] = loop_ms(tiny_step, 200, a.repeats) * 1e3
     if a.cprofile:
         r["cprofile"] = python_profile(tiny_step)
     return r
@@ -166,6 +183,8 @@ def show(r: dict) -> None:
           f"(again {r['eager_ms_again']:.3f})  graph {r['graph_ms'] or float('nan'):.3f}  "
           f"eager/graph {x('eager_ms', 'graph_ms')}  dense/eager {x('dense_ms', 'eager_ms')}  "
           f"dense/graph {x('dense_ms', 'graph_ms')}  host {r['host_us']:.0f} us", flush=True)
+    print(f"{'':>17} through Triton's launch path: eager {r['eager_ms_triton_launch']:.3f} ms, "
+          f"host {r['host_us_triton_launch']:.0f} us", flush=True)
     if "profile" in r:
         p = r["profile"]
         print(f"{'':>17} kernels/step {p['kernels_per_step']:.0f}, kernel time {p['kernel_us']:.0f} us, "

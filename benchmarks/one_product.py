@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--block_size", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--kernel", choices=("triton", "gluon"), default="triton",
+                    help="gluon: the ping-pong forward / input gradient (kernels.gluon_block_sparse; sm_90)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available() or bs is None:
         print("one_product.py needs a CUDA GPU and Triton", file=sys.stderr)
@@ -43,6 +45,10 @@ def main(argv=None) -> int:
         "dgrad": lambda: bs.dgrad(dy, wp, t, use_tma=True),
         "wgrad": lambda: bs.wgrad(x, dy, t, out_dtype=torch.float32, use_tma=True, packed=True),
     }[a.product]
+    if a.kernel == "gluon":
+        from sparsetrain.kernels import gluon_block_sparse as gbs
+
+        ours = {"fwd": lambda: gbs.forward(x, wp, t), "dgrad": lambda: gbs.dgrad(dy, wp, t)}[a.product]
     dense = {"fwd": lambda: x @ wm.T, "dgrad": lambda: dy @ wm, "wgrad": lambda: dy.T @ x}[a.product]
     for _ in range(3):  # autotune and cuBLAS warm-up outside the window
         ours()
@@ -54,7 +60,7 @@ def main(argv=None) -> int:
     dense()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
-    print(f"{a.product} {a.shape} sparsity {a.sparsity} live blocks {t.nnz}: {a.repeat} launches profiled")
+    print(f"{a.kernel} {a.product} {a.shape} sparsity {a.sparsity} live blocks {t.nnz}: {a.repeat} launches profiled")
     return 0
 
 

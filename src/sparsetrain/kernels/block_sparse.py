@@ -24,8 +24,8 @@ come either through pointers (cp.async pipelining) or through TMA tensor descrip
 next to each other so X is read from DRAM about once and the packed weight stays in L2.
 Configurations are picked per shape by ``triton.autotune`` (first call per shape); the weight
 gradient's slices of M come from :mod:`sparsetrain.kernels.wgrad_slices`. Each autotuned launch
-costs tens of microseconds of Python: train with CUDA graphs (``compile_mode: auto`` takes
-``reduce-overhead`` for runs on these kernels).
+costs tens of microseconds of Python in Triton's launch path; after the first call of each
+argument signature :mod:`sparsetrain.kernels.launch` calls the compiled kernel directly.
 
 Forward and input gradient are bound by their output store, which does not overlap the next
 tile's MMAs: each step's TMA coordinates come from an index loaded in the loop, so Triton
@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from sparsetrain.kernels.blocks import BlockLayout, write_blocks
+from sparsetrain.kernels.launch import Launcher
 from sparsetrain.kernels.wgrad_slices import wgrad_slices
 
 try:  # TMA descriptors (Hopper and later); absent in older Tritons
@@ -285,11 +286,17 @@ def _grid(count: int, rows: int):
     return lambda meta: (triton.cdiv(rows, meta["BM"]) * count,)
 
 
+@functools.cache
+def _launcher(kernel) -> Launcher:
+    return Launcher(kernel)
+
+
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Run an autotuned kernel; under Triton's CPU interpreter (tests) there is no benchmarker,
-    so run the first configuration that survives pruning, with its pre_hook."""
+    """Run an autotuned kernel: after the first call of a signature, straight through its compiled
+    launcher (:mod:`sparsetrain.kernels.launch`). Under Triton's CPU interpreter (tests) there is
+    no benchmarker, so run the first configuration that survives pruning, with its pre_hook."""
     if os.environ.get("TRITON_INTERPRET") != "1":
-        kernel[grid](*args, **kwargs)
+        _launcher(kernel)(grid, args, kwargs)
         return
     named = dict(zip(kernel.arg_names, args, strict=False))
     config = _prune(kernel.configs, named, **kwargs)[0]
@@ -338,7 +345,13 @@ def _slices(m: int, nnz: int, device: torch.device) -> int:
     """Slices of M for the weight gradient on this device (see :func:`wgrad_slices`)."""
     if device.type != "cuda":
         return 1 if m <= 64 else 2  # the interpreter: exercise both paths cheaply
-    return wgrad_slices(m, nnz, torch.cuda.get_device_properties(device).multi_processor_count)
+    return _cuda_slices(m, nnz, device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=4096)
+def _cuda_slices(m: int, nnz: int, index: int) -> int:
+    """Asked once per (rows, live blocks, GPU): the search costs host time in the eager path."""
+    return wgrad_slices(m, nnz, torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def wgrad(

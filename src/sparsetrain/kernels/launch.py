@@ -1,0 +1,113 @@
+"""Launching an autotuned Triton kernel without Triton's per-call Python path, after the first call.
+
+``kernel[grid](...)`` costs tens of microseconds of host time per call: the autotuner's key and
+``pre_hook``, the JIT's argument binding and specialisation, its cache look-up and the grid
+lambda. An eager training loop (a library user's own loop, DDP, anything without CUDA graphs)
+pays that for every product of every layer, more than the GPU time of a GPT-2-small layer
+(benchmarks/NOTES_block_kernels.md). :class:`Launcher` runs the first call of each argument
+signature through Triton, keeps what it chose (the compiled kernel, the winning config, the
+grid, the descriptors' block shapes) and afterwards calls the compiled kernel's launcher itself.
+
+The signature (:func:`signature`) is every integer argument's value, every tensor's dtype and
+16-byte alignment, every TMA descriptor's dtype, shape, strides and base alignment, and the
+constexprs: a superset of what Triton specialises a compilation on (integers' value 1 and
+divisibility by 16, pointers' alignment), so the kernel kept for a signature is the one Triton
+would have launched. Under Triton's interpreter, or with a launch hook set (a profiler such as
+proton), every call takes Triton's own path. ``SPARSETRAIN_TRITON_LAUNCH=triton`` in the
+environment turns the cache off (for comparison).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["Launcher", "signature"]
+
+
+def _arg_key(arg: Any) -> Any:
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, (int, float, bool)) or arg is None:
+        return arg
+    base = getattr(arg, "base", None)  # a TMA TensorDescriptor
+    if isinstance(base, torch.Tensor):
+        return (base.dtype, tuple(arg.shape), tuple(arg.strides), base.data_ptr() % 16 == 0, arg.padding)
+    raise TypeError(f"no launch signature for an argument of type {type(arg).__name__}")
+
+
+def signature(args: Sequence[Any], constexprs: dict[str, Any]) -> tuple:
+    """What decides which compiled kernel a call runs (module docstring)."""
+    return tuple(_arg_key(a) for a in args) + tuple(constexprs.items())
+
+
+def _direct_ok() -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("SPARSETRAIN_TRITON_LAUNCH") == "triton":
+        return False
+    from triton import knobs
+
+    return not (_hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook))
+
+
+def _hooked(hook) -> bool:
+    """A launch hook is set: Triton 3.6 keeps a chain of them (empty unless a profiler adds one),
+    older Tritons one callable or None."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _device_and_stream() -> tuple[int, int]:
+    """The current device and its current stream (a capturing CUDA graph's, during capture), as
+    Triton's own launch path reads them."""
+    from triton.runtime import driver
+
+    device = driver.active.get_current_device()
+    return device, driver.active.get_current_stream(device)
+
+
+class _Entry:
+    __slots__ = ("run", "function", "metadata", "grid", "tail", "shapes")
+
+    def __init__(self, compiled, grid, tail, shapes):
+        self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+        self.grid, self.tail, self.shapes = grid, tail, shapes
+
+
+class Launcher:
+    """Calls ``kernel`` (a ``triton.autotune``-wrapped ``triton.jit`` function) as
+    ``kernel[grid](*args, **constexprs)`` would; see the module docstring."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.names = kernel.fn.arg_names
+        self.cache: dict[tuple, _Entry] = {}
+
+    def __call__(self, grid: Callable[[dict], tuple] | tuple, args: Sequence[Any], constexprs: dict[str, Any]) -> None:
+        if not _direct_ok():
+            self.kernel[grid](*args, **constexprs)
+            return
+        device, stream = _device_and_stream()
+        key = (device, *signature(args, constexprs))
+        entry = self.cache.get(key)
+        if entry is None:
+            self.cache[key] = self._first_call(grid, args, constexprs)
+            return
+        for i, shape in entry.shapes:
+            args[i].block_shape = shape
+        g0, g1, g2 = entry.grid
+        entry.run(g0, g1, g2, stream, entry.function, entry.metadata, None, None, None, *args, *entry.tail)
+
+    def _first_call(self, grid, args, constexprs) -> _Entry:
+        """Triton's own launch; then what it chose, read back."""
+        compiled = self.kernel[grid](*args, **constexprs)  # autotunes on the first call of its key
+        if hasattr(compiled, "result"):  # an asynchronous compilation
+            compiled = compiled.result()
+        config = self.kernel.best_config
+        named = {**dict(zip(self.names, args, strict=False)), **constexprs, **config.all_kwargs()}
+        g = grid(named) if callable(grid) else grid
+        g = (tuple(g) + (1, 1))[:3]
+        tail = tuple(named[name] for name in self.names[len(args):])
+        shapes = tuple((i, list(a.block_shape)) for i, a in enumerate(args) if hasattr(a, "block_shape"))
+        return _Entry(compiled, g, tail, shapes)
