@@ -1,6 +1,6 @@
 """``block_sparse_linear``: a linear layer over the live blocks of its weight, as one torch op.
 
-The Triton kernels (:mod:`sparsetrain.kernels.block_sparse`) are wrapped in the custom op
+The Triton kernels (:mod:`sparsetrain.kernels.block_sparse`) are wrapped in the torch op
 ``sparsetrain::block_sparse_mm`` with its autograd formula and fake (meta) implementation, so that
 ``torch.compile`` keeps it whole (no graph break) and CUDA graphs can capture it. Importing this
 module does not import Triton; the kernels load on the first call on a GPU.
@@ -100,14 +100,36 @@ def _gluon(block: tuple[int, int], *tensors: torch.Tensor):
     return gluon_block_sparse if gluon_block_sparse.gluon_ok(block, tensors[0].dtype) else None
 
 
-@torch.library.custom_op("sparsetrain::block_sparse_mm", mutates_args=())
-def block_sparse_mm(
-    x: torch.Tensor, weight: torch.Tensor, tables: list[torch.Tensor], br: int, bc: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+# The two ops are defined through ``torch.library.Library`` rather than ``torch.library.custom_op``:
+# the latter wraps every call in Python layers of its own (device dispatch, an aliasing check),
+# which is host time per layer in every step that does not replay CUDA graphs (compiled without
+# graphs: DDP, FSDP). Their outputs are fresh tensors (never an input or a view of one).
+_LIB = torch.library.Library("sparsetrain", "FRAGMENT")  # lives as long as the process
+_LIB.define("block_sparse_mm(Tensor x, Tensor weight, Tensor[] tables, int br, int bc) -> (Tensor, Tensor)")
+_LIB.define(
+    "block_sparse_mm_backward(Tensor dy, Tensor x, Tensor packed, Tensor[] tables, int n, int br, int bc, "
+    "ScalarType weight_dtype, bool block_weight, bool need_input, bool need_weight) -> (Tensor, Tensor)"
+)
+
+
+def _mm_entry(x, weight, tables, br, bc):
     """``(x @ W.T, packed)`` over the live blocks; ``x (M, K)`` in the compute dtype, ``weight``
     the dense ``(N, K)`` W or its live blocks ``(nnz, br, bc)``. ``packed``, the live blocks in
     the compute dtype, is kept for the backward (as autocast keeps its cast copy of a dense weight)."""
     return _forward_impl(x, weight, tables, br, bc)
+
+
+def _mm_backward_entry(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight, need_input, need_weight):
+    """``(dX, dW)`` with ``dW`` in ``weight_dtype``: dense ``(n, K)``, or with ``block_weight``
+    (the weight is stored as live blocks) packed ``(nnz, br, bc)``; one not asked for is empty."""
+    return _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight, need_input, need_weight)
+
+
+for _key in ("CUDA", "CPU"):
+    _LIB.impl("block_sparse_mm", _mm_entry, _key)
+    _LIB.impl("block_sparse_mm_backward", _mm_backward_entry, _key)
+block_sparse_mm = torch.ops.sparsetrain.block_sparse_mm.default
+block_sparse_mm_backward = torch.ops.sparsetrain.block_sparse_mm_backward.default
 
 
 def _forward_impl(x, weight, tables, br, bc):
@@ -124,20 +146,10 @@ def _forward_impl(x, weight, tables, br, bc):
     return block_sparse.forward(x, packed, layout, use_tma=_use_tma(x, packed)), packed
 
 
-@block_sparse_mm.register_fake
+@torch.library.register_fake("sparsetrain::block_sparse_mm")
 def _(x, weight, tables, br, bc):
     nnz = tables[1].shape[0]
     return x.new_empty(x.shape[0], _out_features(weight, tables, br)), x.new_empty(nnz, br, bc)
-
-
-@torch.library.custom_op("sparsetrain::block_sparse_mm_backward", mutates_args=())
-def block_sparse_mm_backward(
-    dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, tables: list[torch.Tensor],
-    n: int, br: int, bc: int, weight_dtype: torch.dtype, block_weight: bool, need_input: bool, need_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(dX, dW)`` with ``dW`` in ``weight_dtype``: dense ``(n, K)``, or with ``block_weight``
-    (the weight is stored as live blocks) packed ``(nnz, br, bc)``; one not asked for is empty."""
-    return _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight, need_input, need_weight)
 
 
 def _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight, need_input, need_weight):
@@ -159,7 +171,7 @@ def _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight,
     return dx, dw
 
 
-@block_sparse_mm_backward.register_fake
+@torch.library.register_fake("sparsetrain::block_sparse_mm_backward")
 def _(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight, need_input, need_weight):
     dx = x.new_empty(x.shape) if need_input else x.new_empty(0)
     shape = (tables[1].shape[0], br, bc) if block_weight else (n, x.shape[1])
@@ -189,7 +201,7 @@ def _backward(ctx, dy, _packed_grad):
     return (dx if need_input else None), (dw if need_weight else None), no_tables, None, None
 
 
-block_sparse_mm.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("sparsetrain::block_sparse_mm", _backward, setup_context=_setup_context)
 
 
 class _EagerBlockSparseMM(torch.autograd.Function):
