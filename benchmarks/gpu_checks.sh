@@ -19,6 +19,10 @@
 #   configs     every launch configuration of the block kernels and the weight-gradient slice counts
 #   variants    experimental forward/input-gradient kernels against the product kernels: index loads
 #               and pipeline depth, the output store, warp specialisation (benchmarks/kernel_variants.py)
+#   eager       the step without CUDA graphs (compiled, eager) against the graphed one, GPT-2 small and
+#               the GPT-3 XL shape at 75% in blocks (benchmarks/eager_step.py), and one layer's host
+#               cost (benchmarks/eager_overhead.py)
+#   ncu90       Nsight Compute on the 90% forward of 8192x2048, Triton and Gluon kernels
 #   profile     where the GPT-2 small block-sparse and dense steps spend GPU time (torch.profiler),
 #               and Nsight Compute on the forward kernel at 75% (8192x2048) beside cuBLAS
 #
@@ -113,6 +117,27 @@ case "$stage" in
            --json "$out/$day-kernel-variants-$set.json")
       "${cmd[@]}" | tee "$out/$day-kernel-variants-$set.txt"
       record kernel_variants $set "$out/$day-kernel-variants-$set.json" "${cmd[@]}"
+    done ;;
+  eager)
+    cmd=(python3 benchmarks/eager_step.py --preset gpt2-small --modes graphed,compiled,eager,dense
+         --json "$out/$day-eager-step-gpt2small.json")
+    "${cmd[@]}" | tee "$out/$day-eager-step-gpt2small.txt"
+    record eager_step gpt2small "$out/$day-eager-step-gpt2small.json" "${cmd[@]}"
+    cmd=(python3 benchmarks/eager_step.py --preset gpt3-xl --batch_size 8 --seq_len 2048 --steps 6 --warmup 4
+         --modes graphed,compiled,eager,dense --json "$out/$day-eager-step-gpt3xl.json")
+    "${cmd[@]}" | tee "$out/$day-eager-step-gpt3xl.txt"
+    record eager_step gpt3xl "$out/$day-eager-step-gpt3xl.json" "${cmd[@]}"
+    cmd=(python3 benchmarks/eager_overhead.py --shapes 8192x2048,3072x768 --sparsity 0.75 --json "$out/$day-eager-overhead.json")
+    "${cmd[@]}" | tee "$out/$day-eager-overhead.txt"
+    record eager_overhead direct_launch "$out/$day-eager-overhead.json" "${cmd[@]}" ;;
+  ncu90)
+    for kernel in triton gluon; do  # a transcript, kept in OUT_DIR only (not recorded)
+      ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section Occupancy \
+        python3 benchmarks/one_product.py --product fwd --shape 8192x2048 --sparsity 0.9 --repeat 1 --kernel $kernel \
+        > "$out/$day-ncu-fwd90-$kernel.txt" 2>&1
+      grep -E "^  [a-zA-Z_]|Duration|Throughput|Hit Rate|Occupancy|Warp Cycles Per Issued|stall" \
+        "$out/$day-ncu-fwd90-$kernel.txt" | head -40
     done ;;
   profile)
     cmd=(python3 benchmarks/profile_step.py --preset gpt2-small --structure block --sparsity 0.75
