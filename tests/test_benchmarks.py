@@ -17,6 +17,7 @@ def _script(name: str):
     path = ROOT / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"bench_script_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -61,3 +62,37 @@ def test_kernel_resources_without_triton_says_so_in_one_line(capsys, monkeypatch
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
     assert _script("kernel_resources").main([]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_spdf_study_holds_the_downstream_packages_out_of_pre_training(tmp_path):
+    study = _script("spdf_study")
+    root = tmp_path / "lib"
+    for rel in ("os.py", "email/message.py", "email/mime/text.py", "json/decoder.py", "http/client.py",
+                "xml/dom/minidom.py", "asyncio/events.py", "test/test_os.py", "asyncio/test_x.py", "README.txt",
+                "site-packages/pkg/mod.py", "jsonrpc.py"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x = 1\n")
+    pre, down = study.split_stdlib(tmp_path / "data", root)
+
+    def listed(d):
+        return sorted(p.relative_to(d).as_posix() for p in d.rglob("*.py"))
+
+    assert listed(down) == ["email/message.py", "email/mime/text.py", "http/client.py", "json/decoder.py",
+                            "xml/dom/minidom.py"]
+    assert listed(pre) == ["asyncio/events.py", "jsonrpc.py", "os.py"]  # a top-level module named like one stays
+    assert (pre / "os.py").resolve() == (root / "os.py").resolve()
+    study.split_stdlib(tmp_path / "data", root)  # a second call (a rerun into the same --out) changes nothing
+    assert listed(pre) == ["asyncio/events.py", "jsonrpc.py", "os.py"]
+
+
+def test_spdf_study_scales_steps_to_equal_flops_and_equal_time():
+    study = _script("spdf_study")
+    assert study.arm_steps("steps", 1500) == 1500
+    assert study.arm_steps("flops", 1500, flops_ratio=2.2) == 3300
+    assert study.arm_steps("time", 1500, rate=650_000.0, dense_rate=500_000.0) == 1950  # 1.3x the tokens/s
+    assert study.arm_steps("time", 1500, rate=400_000.0, dense_rate=500_000.0) == 1200
+    dense = study.Result(768, 0, "dense", 1500, 60.0, 1e15, 5e5, 1.0, 0.93, 0.98, 0.82)
+    block = study.Result(768, 0, "block_time", 1950, 60.0, 6e14, 6.5e5, 1.7, 0.95, 0.99, 0.84)
+    table = study.format_table([dense, block]).splitlines()
+    assert table[2] == "| 768 | 0 | dense | 1500 | 60.0 | 1e+15 | 0.9300 | 0.9800 | 0.8200 | +0.0000 |"
+    assert table[3].endswith("| 0.9500 | 0.9900 | 0.8400 | +0.0200 |")
