@@ -8,6 +8,7 @@ and the oracle, for odd row counts, misaligned inputs and inside a CUDA-graph ca
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -43,6 +44,7 @@ def test_signature_separates_what_triton_specialises_on():
     assert d != launch.signature([_desc(torch.zeros(64, 32))], {})
     assert d != launch.signature([_desc(t.bfloat16())], {})
     assert d != launch.signature([_desc(torch.zeros(32 * 64 + 1)[1:].view(32, 64))], {})
+    assert len({launch.signature([v], {}) for v in (1, True, 1.0)}) == 3  # equal in Python, not to Triton
 
 
 def test_signature_refuses_an_argument_it_cannot_key():
@@ -98,6 +100,55 @@ def test_a_launch_hook_counts_only_when_one_is_set():
     assert not launch._hooked(SimpleNamespace(calls=[]))  # Triton 3.6's default: an empty chain
     assert launch._hooked(SimpleNamespace(calls=[print]))
     assert launch._hooked(print)  # older Tritons: the hook itself
+
+
+class _RacingKernel:
+    """Triton's autotuned kernel as the launcher sees it, in Triton 3.6's order: ``run`` sets
+    ``best_config`` (the config for this call's M), then the JIT compiles (GIL released for
+    seconds: ptxas) and launches. ``hold`` makes one call's compilation wait for another thread."""
+
+    def __init__(self):
+        self.fn = SimpleNamespace(arg_names=["a", "M", "BM"])
+        self.best_config = None
+        self.hold: dict[int, tuple[threading.Event, threading.Event]] = {}
+        self.compiled = SimpleNamespace(run=lambda *a: None, function="fn", packed_metadata="meta")
+
+    def __getitem__(self, grid):
+        def call(a, m):
+            bm = 64 if m >= 64 else 16
+            self.best_config = SimpleNamespace(all_kwargs=lambda: {"BM": bm, "num_warps": 4})
+            if m in self.hold:  # compiling: another thread runs meanwhile
+                started, resume = self.hold[m]
+                started.set()
+                resume.wait(5)
+            return self.compiled
+
+        return call
+
+
+def test_concurrent_first_calls_keep_each_calls_own_config(monkeypatch):
+    """Two threads launching one kernel for the first time with different shapes (nn.DataParallel
+    replicas with unequal chunks, the autograd engine's per-device threads): without the lock the
+    first would read ``best_config`` after the other call had set its own, and cache BM=16's grid
+    with the kernel compiled for BM=64 (output tiles never written) for every later call."""
+    monkeypatch.setattr(launch, "_direct_ok", lambda: True)
+    monkeypatch.setattr(launch, "_device_and_stream", lambda: (0, 0))
+    kernel = _RacingKernel()
+    started, resume = threading.Event(), threading.Event()
+    kernel.hold[100] = (started, resume)
+    run = launch.Launcher(kernel)
+    grid = lambda meta: (-(-meta["M"] // meta["BM"]),)  # noqa: E731
+    a = torch.zeros(4)
+    first = threading.Thread(target=run, args=(grid, (a, 100), {}))
+    first.start()
+    assert started.wait(5)
+    threading.Timer(0.2, resume.set).start()  # the first call's compilation ends a little later
+    run(grid, (a, 7), {})  # the other thread's first call, while the first one compiles
+    first.join(5)
+    big = run.cache[(0, *launch.signature((a, 100), {}))]
+    small = run.cache[(0, *launch.signature((a, 7), {}))]
+    assert (big.tail, big.grid) == ((64,), (2, 1, 1)), "M=100 runs BM=64's kernel: 2 programs"
+    assert (small.tail, small.grid) == ((16,), (1, 1, 1))
 
 
 def test_launcher_leaves_everything_to_triton_when_told(monkeypatch):

@@ -70,3 +70,16 @@ def test_the_op_compiles_whole_and_its_gradients_are_the_dense_ones(torch_produc
     want = pack_blocks(wr.grad, t) if stored_as_blocks else unpack_blocks(pack_blocks(wr.grad, t), t)
     torch.testing.assert_close(gw, want)
     assert gw.shape == weight.shape
+
+
+def test_a_gradient_of_the_gradient_is_refused_in_one_line(torch_products):
+    """create_graph=True (a gradient penalty) through the kernels' products would drop terms
+    silently: both the op and the eager autograd Function refuse it instead."""
+    x, weight, tables, _ = _case(stored_as_blocks=False)
+    y, _ = op.block_sparse_mm(x, weight, tables, 16, 16)
+    with pytest.raises(NotImplementedError, match="its gradient has no gradient of its own .create_graph=True"):
+        torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    y = op._EagerBlockSparseMM.apply(x, weight, 16, 16, *tables)
+    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (gx * gx).sum().backward()

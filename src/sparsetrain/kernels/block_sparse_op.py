@@ -157,7 +157,7 @@ def _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight,
 
     layout = layout_of((n, x.shape[1]), tables, (br, bc))
     dy = dy.to(x.dtype)
-    dx = dw = x.new_empty(0)
+    dx, dw = x.new_empty(0), x.new_empty(0)  # two tensors: an op's outputs never alias each other
     if need_input:
         gluon = _gluon((br, bc), dy, packed)
         if gluon is not None:
@@ -191,7 +191,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, output[1], *tables)
 
 
+_NO_DOUBLE_BACKWARD = (
+    "sparsetrain::block_sparse_mm: its gradient has no gradient of its own (create_graph=True, "
+    "e.g. a gradient penalty, is not supported on the block-sparse kernels); run those layers "
+    "masked dense (runconfig.sparse_kernels: off)"
+)
+
+
 def _backward(ctx, dy, _packed_grad):
+    if torch.is_grad_enabled():  # only under create_graph=True: the products below are not differentiable
+        raise NotImplementedError(_NO_DOUBLE_BACKWARD)
     x, packed, *tables = ctx.saved_tensors
     need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     no_tables = [None] * len(tables)
@@ -216,6 +225,7 @@ class _EagerBlockSparseMM(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, packed, *tables = ctx.saved_tensors
         need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

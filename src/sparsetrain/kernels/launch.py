@@ -8,18 +8,20 @@ pays that for every product of every layer, more than the GPU time of a GPT-2-sm
 signature through Triton, keeps what it chose (the compiled kernel, the winning config, the
 grid, the descriptors' block shapes) and afterwards calls the compiled kernel's launcher itself.
 
-The signature (:func:`signature`) is every integer argument's value, every tensor's dtype and
+The signature (:func:`signature`) is every scalar argument's type and value, every tensor's dtype and
 16-byte alignment, every TMA descriptor's dtype, shape, strides and base alignment, and the
 constexprs: a superset of what Triton specialises a compilation on (integers' value 1 and
 divisibility by 16, pointers' alignment), so the kernel kept for a signature is the one Triton
 would have launched. Under Triton's interpreter, or with a launch hook set (a profiler such as
 proton), every call takes Triton's own path. ``SPARSETRAIN_TRITON_LAUNCH=triton`` in the
-environment turns the cache off (for comparison).
+environment turns the cache off (for comparison). Not in the signature, so not to be changed
+after the first call: Triton's debug and instrumentation knobs, and its JIT pre-run hooks.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +34,7 @@ def _arg_key(arg: Any) -> Any:
     if isinstance(arg, torch.Tensor):
         return (arg.dtype, arg.data_ptr() % 16 == 0)
     if isinstance(arg, (int, float, bool)) or arg is None:
-        return arg
+        return (type(arg), arg)  # 1, True and 1.0 are equal keys but compile differently
     base = getattr(arg, "base", None)  # a TMA TensorDescriptor
     if isinstance(base, torch.Tensor):
         return (base.dtype, tuple(arg.shape), tuple(arg.strides), base.data_ptr() % 16 == 0, arg.padding)
@@ -83,6 +85,9 @@ class Launcher:
         self.kernel = kernel
         self.names = kernel.fn.arg_names
         self.cache: dict[tuple, _Entry] = {}
+        # First calls one at a time: Triton's autotuner sets best_config before it compiles (the
+        # GIL is released for ptxas), so another thread's first call could overwrite it in between.
+        self._first = threading.Lock()
 
     def __call__(self, grid: Callable[[dict], tuple] | tuple, args: Sequence[Any], constexprs: dict[str, Any]) -> None:
         if not _direct_ok():
@@ -92,7 +97,8 @@ class Launcher:
         key = (device, *signature(args, constexprs))
         entry = self.cache.get(key)
         if entry is None:
-            self.cache[key] = self._first_call(grid, args, constexprs)
+            with self._first:
+                self.cache[key] = self._first_call(grid, args, constexprs)
             return
         for i, shape in entry.shapes:
             args[i].block_shape = shape
