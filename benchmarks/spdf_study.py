@@ -24,14 +24,17 @@ fine-tuned densely for ``--ft_steps`` on the downstream train split from its fin
 
 Per arm the table gives steps, training time, training FLOPs, the pre-training eval loss, the
 downstream eval loss of the pre-trained model (before fine-tuning) and after it, and the
-difference to dense after fine-tuning; eval losses are over the whole eval split in nats/byte.
+difference to dense after fine-tuning; eval losses are over the whole eval split in nats/byte
+(every window once), and the fine-tuned model is also scored as the plain nanoGPT loop scores
+(40 batches of random windows, five draws: ``eval_both_ways``), to size the estimator's share of
+a difference between the two.
 ``OUT/compare.png`` draws the pre-training runs of the first width and seed against training time
 (``sparsetrain compare``). Runs already finished in OUT are read back, not rerun.
 
 Status (2026-12-03): run end to end on the CPU only, with ``--set model.preset=gpt2-tiny`` and a
 few steps (every arm but the block ones, which need a GPU to mean anything); the defaults are a
 first guess at what fits 10 minutes on one H200, not yet timed. Not in it yet: the plain nanoGPT
-loop beside our runs and its 40-random-batch eval estimate (the issue's fine-tuning gap).
+loop trained beside our runs (only its estimator is here).
 """
 
 from __future__ import annotations
@@ -121,6 +124,40 @@ class Result:
     pretrain_eval: float
     downstream_before: float
     downstream_after: float
+    after_random: list[float]  # the same model scored nanoGPT's way: 40 random batches, per draw
+
+
+def eval_both_ways(sets: list[str], checkpoint: Path, batches: int = 40, draws: int = 5) -> list[float]:
+    """The mean loss of ``checkpoint`` over ``batches`` batches of windows drawn at random from the
+    eval split (nanoGPT's ``estimate_loss``), once per draw (seeds 0..draws-1): the plain loop's
+    estimator beside ours (every window of the split once), to see how much of a difference
+    between the two is the estimator."""
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+
+    from sparsetrain import data
+    from sparsetrain import training as tr
+    from sparsetrain.config.params import load_params
+
+    params = load_params(CONFIG, sets)
+    inp = params.eval_input
+    with tempfile.TemporaryDirectory() as tmp:
+        run = tr.setup(params, Path(tmp), checkpoint_path=checkpoint, train=False, evaluate=True, write_metrics=False)
+        run.model.eval()
+        out = []
+        with torch.no_grad():
+            for draw in range(draws):
+                total = 0.0
+                for step in range(batches):
+                    x, y = data.get_batch(run.eval_tokens, inp.batch_size, inp.max_sequence_length, seed=draw,
+                                          step=step, shuffle=True, section="eval_input")
+                    with run.autocast():
+                        logits = run.model(x.to(run.device))
+                    total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.to(run.device).flatten()))
+                out.append(total / batches)
+    return out
 
 
 def _cli(args: list[str], log: Path) -> None:
@@ -179,20 +216,22 @@ def run_arm(out: Path, base: list[str], width: int, seed: int, arm: str, steps: 
               str(ckpt), *_sets(ft_sets)], log)
     s = compare.read_run(pt).summary()
     train = compare.read_run(pt).train[-1]
+    random40 = eval_both_ways(down_sets, _final_checkpoint(ft))
     return Result(width, seed, arm, int(s["steps"]), float(s["time_s"]), float(s["flops_sparse"] or 0.0),
                   float(s["tokens_per_s"]), float(train.get("flops_ratio", 1.0)), _last_eval(pt), _last_eval(ft0),
-                  _last_eval(ft))
+                  _last_eval(ft), random40)
 
 
 def format_table(results: list[Result]) -> str:
     dense = {(r.width, r.seed): r for r in results if r.arm == "dense"}
     lines = ["| width | seed | arm | steps | time s | FLOPs | pre-train eval | downstream before FT | after dense FT | "
-             "after FT - dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "after FT - dense | after FT, 40 random batches (min-max of draws) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         d = dense.get((r.width, r.seed))
         diff = f"{r.downstream_after - d.downstream_after:+.4f}" if d else "-"
+        rnd = f"{min(r.after_random):.4f}-{max(r.after_random):.4f}" if r.after_random else "-"
         lines.append(f"| {r.width} | {r.seed} | {r.arm} | {r.steps} | {r.time_s:.1f} | {r.flops:.3g} | "
-                     f"{r.pretrain_eval:.4f} | {r.downstream_before:.4f} | {r.downstream_after:.4f} | {diff} |")
+                     f"{r.pretrain_eval:.4f} | {r.downstream_before:.4f} | {r.downstream_after:.4f} | {diff} | {rnd} |")
     return "\n".join(lines)
 
 

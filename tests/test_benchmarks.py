@@ -91,8 +91,8 @@ def test_spdf_study_scales_steps_to_equal_flops_and_equal_time():
     assert study.arm_steps("flops", 1500, flops_ratio=2.2) == 3300
     assert study.arm_steps("time", 1500, rate=650_000.0, dense_rate=500_000.0) == 1950  # 1.3x the tokens/s
     assert study.arm_steps("time", 1500, rate=400_000.0, dense_rate=500_000.0) == 1200
-    dense = study.Result(768, 0, "dense", 1500, 60.0, 1e15, 5e5, 1.0, 0.93, 0.98, 0.82)
-    block = study.Result(768, 0, "block_time", 1950, 60.0, 6e14, 6.5e5, 1.7, 0.95, 0.99, 0.84)
+    dense = study.Result(768, 0, "dense", 1500, 60.0, 1e15, 5e5, 1.0, 0.93, 0.98, 0.82, [0.81, 0.805])
+    block = study.Result(768, 0, "block_time", 1950, 60.0, 6e14, 6.5e5, 1.7, 0.95, 0.99, 0.84, [])
     table = study.format_table([dense, block]).splitlines()
-    assert table[2] == "| 768 | 0 | dense | 1500 | 60.0 | 1e+15 | 0.9300 | 0.9800 | 0.8200 | +0.0000 |"
-    assert table[3].endswith("| 0.9500 | 0.9900 | 0.8400 | +0.0200 |")
+    assert table[2] == "| 768 | 0 | dense | 1500 | 60.0 | 1e+15 | 0.9300 | 0.9800 | 0.8200 | +0.0000 | 0.8050-0.8100 |"
+    assert table[3].endswith("| 0.9500 | 0.9900 | 0.8400 | +0.0200 | - |")
