@@ -43,7 +43,11 @@ def no_loss_png(monkeypatch):
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     """A directory of small text files, enough for train and eval splits."""
-    d = tmp_path / "corpus"
+    return make_corpus(tmp_path / "corpus")
+
+
+def make_corpus(d: Path) -> Path:
+    """``d``: 40 small text files (the package's own sources), the ``corpus`` fixture's content."""
     d.mkdir()
     src = sorted((ROOT / "src" / "sparsetrain").rglob("*.py"))
     for i in range(40):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sparsetrain import data
+from tests.conftest import make_corpus
 from tests.helpers import ROOT, checkpoint_model, launch, rank_reports, records, torchrun
 
 
@@ -35,18 +36,45 @@ def _assert_same_run(a: Path, b: Path, step: int, weight_atol: float = 5e-5) -> 
         torch.testing.assert_close(ma[k].nan_to_num(0.0), mb[k].nan_to_num(0.0), rtol=1e-4, atol=weight_atol)
 
 
+@pytest.fixture(scope="module")
+def module_corpus(tmp_path_factory) -> Path:
+    """One corpus for the module, so that tests with the same params share one-process runs."""
+    return make_corpus(tmp_path_factory.mktemp("distributed") / "corpus")
+
+
 @pytest.fixture
-def params(tiny_params, write_params):
-    return write_params(
-        tiny_params(
-            optimizer={"grad_accum_steps": 2},
-            runconfig={"max_steps": 6, "checkpoint_steps": 3},
-            sparsity={
-                "sparsity": 0.5,
-                "param_name_patterns": {"ffn": {"init_method": "topk"}, "self_attn": {"init_method": "random"}},
-            },
-        )
+def params(tiny_params, write_params, module_corpus):
+    p = tiny_params(
+        optimizer={"grad_accum_steps": 2},
+        runconfig={"max_steps": 6, "checkpoint_steps": 3},
+        sparsity={
+            "sparsity": 0.5,
+            "param_name_patterns": {"ffn": {"init_method": "topk"}, "self_attn": {"init_method": "random"}},
+        },
     )
+    for inp in ("train_input", "eval_input"):
+        p[inp]["data_path"] = str(module_corpus)
+    return write_params(p)
+
+
+# One-process reference runs, shared by the tests that compare against the same one (the
+# distributed mode means nothing to one process): keyed by the params file's text and the
+# overrides; the tests only read them.
+_ONE_PROCESS: dict[tuple, tuple[Path, object]] = {}
+
+
+@pytest.fixture
+def one_process(tmp_path_factory):
+    def run(params: Path, *sets: str):
+        key = (Path(params).read_text(), sets)
+        if key not in _ONE_PROCESS:
+            model_dir = tmp_path_factory.mktemp("one_process") / "run"
+            result = launch(1, params, model_dir, *sets)
+            assert result.returncode == 0, result.stderr
+            _ONE_PROCESS[key] = (model_dir, result)
+        return _ONE_PROCESS[key]
+
+    return run
 
 
 # (distributed mode, optimizer.packed_state): packed is the default with a sparsity block.
@@ -55,11 +83,11 @@ MODE_IDS = ["ddp", "fsdp-packed", "fsdp-dense"]
 
 
 @pytest.mark.parametrize(("mode", "packed"), MODES, ids=MODE_IDS)
-def test_two_processes_match_one(tmp_path, params, mode, packed):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_two_processes_match_one(tmp_path, params, one_process, mode, packed):
+    two = tmp_path / "two"
     state = f"optimizer.packed_state={str(packed).lower()}"
-    r1, r2 = launch(1, params, one, state), launch(2, params, two, f"runconfig.distributed={mode}", state)
-    assert r1.returncode == 0, r1.stderr
+    one, _ = one_process(params, state)
+    r2 = launch(2, params, two, f"runconfig.distributed={mode}", state)
     assert r2.returncode == 0, r2.stderr
     assert f"{mode.upper()} x2" in r2.stderr and r2.stdout.count("sparsetrain summary") == 1  # rank 0 speaks
     _assert_same_run(one, two, 6)
@@ -69,13 +97,13 @@ def test_two_processes_match_one(tmp_path, params, mode, packed):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_block_structure_in_bf16_matches_one_process(tmp_path, params, mode):
+def test_block_structure_in_bf16_matches_one_process(tmp_path, params, one_process, mode):
     """16x16 block masks and bf16 autocast: the masks agree across ranks (the run checks them at
     start) and come out the same as one process's; losses match to bf16 tolerance."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    two = tmp_path / "two"
     sets = ("sparsity.structure=block", "sparsity.block_size=16", "runconfig.precision=bf16")
-    r1, r2 = launch(1, params, one, *sets), launch(2, params, two, f"runconfig.distributed={mode}", *sets)
-    assert r1.returncode == 0, r1.stderr
+    one, _ = one_process(params, *sets)
+    r2 = launch(2, params, two, f"runconfig.distributed={mode}", *sets)
     assert r2.returncode == 0, r2.stderr
     la = [r["loss"] for r in records(one, "train")]
     lb = [r["loss"] for r in records(two, "train")]
@@ -93,12 +121,12 @@ def test_block_structure_in_bf16_matches_one_process(tmp_path, params, mode):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_compiled_model_matches_one_process(tmp_path, params, mode):
+def test_compiled_model_matches_one_process(tmp_path, params, one_process, mode):
     """runconfig.compile: true under DDP and FSDP (inductor's CPU backend here)."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    two = tmp_path / "two"
     sets = ("runconfig.compile=true", "runconfig.max_steps=4", "runconfig.checkpoint_steps=4")
-    r1, r2 = launch(1, params, one, *sets), launch(2, params, two, f"runconfig.distributed={mode}", *sets, timeout=480)
-    assert r1.returncode == 0, r1.stderr
+    one, r1 = one_process(params, *sets)
+    r2 = launch(2, params, two, f"runconfig.distributed={mode}", *sets, timeout=480)
     assert r2.returncode == 0, r2.stderr
     assert "torch.compile: on" in r1.stderr and "torch.compile: on" in r2.stderr
     la = [r["loss"] for r in records(one, "train")]
@@ -108,10 +136,9 @@ def test_compiled_model_matches_one_process(tmp_path, params, mode):
 
 
 @pytest.mark.parametrize(("mode", "packed"), MODES, ids=MODE_IDS)
-def test_checkpoints_move_between_process_counts(tmp_path, params, mode, packed):
+def test_checkpoints_move_between_process_counts(tmp_path, params, one_process, mode, packed):
     state = f"optimizer.packed_state={str(packed).lower()}"
-    straight = tmp_path / "straight"
-    assert launch(1, params, straight, state).returncode == 0
+    straight, _ = one_process(params, state)
     for first, second in ((2, 1), (1, 2)):
         d = tmp_path / f"{first}then{second}"
         r = launch(first, params, d, "runconfig.max_steps=3", f"runconfig.distributed={mode}", state)
