@@ -119,8 +119,9 @@ def kernel_profile(fn, steps: int = 10) -> dict:
     }
 
 
-def python_profile(fn, calls: int = 300, top: int = 30) -> str:
-    for _ in range(10):
+def python_profile(fn, calls: int = 300, top: int = 30, warmup: int = 10) -> str:
+    """cProfile of ``calls`` calls of ``fn`` after ``warmup`` (CUDA synchronised around), by own time."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     prof = cProfile.Profile()

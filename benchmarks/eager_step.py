@@ -22,15 +22,13 @@ the sparse modes that compile against ``dense``, the eager ones against ``dense_
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
 import os
-import pstats
 import tempfile
 from pathlib import Path
 
 import torch
+from eager_overhead import python_profile  # a sibling script (run as python benchmarks/eager_step.py)
 
 from sparsetrain import training as tr
 from sparsetrain.bench.train import _params, run_ours
@@ -54,21 +52,11 @@ def host_profile(a, mode: str, steps: int = 5, top: int = 35) -> str:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             run = tr.setup(params, Path(tmp), train=True, evaluate=False, write_metrics=False)
-            for _ in range(a.warmup):
-                tr.train_step(run)
-            torch.cuda.synchronize()
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(steps):
-                tr.train_step(run)
-            torch.cuda.synchronize()
-            prof.disable()
+            report = python_profile(lambda: tr.train_step(run), calls=steps, top=top, warmup=a.warmup)
     finally:
         for key in env:
             del os.environ[key]
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
-    return f"{mode}, {steps} steps:\n" + buf.getvalue()
+    return f"{mode}, {steps} steps:\n" + report
 
 
 def main() -> None:

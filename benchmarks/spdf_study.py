@@ -41,10 +41,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sparsetrain import compare  # noqa: E402
-from sparsetrain.data.sources import STDLIB_EXCLUDED_DIRS  # noqa: E402
+from sparsetrain.data.sources import stdlib_files  # noqa: E402
 
 CONFIG = ROOT / "benchmarks" / "spdf_study.yaml"
 DOWNSTREAM = ("email", "json", "http", "xml")
@@ -80,22 +78,16 @@ FINETUNE = ["optimizer.learning_rate=0.0001", "runconfig.max_steps={steps}", "ru
 
 
 def split_stdlib(out: Path, root: Path | None = None) -> tuple[Path, Path]:
-    """``out/pretrain`` and ``out/downstream``: symbolic links to the standard library's ``*.py``
-    files (the ``stdlib`` source's selection), the ``DOWNSTREAM`` packages in the second only."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
+    """``out/pretrain`` and ``out/downstream``: symbolic links to the ``stdlib`` source's files
+    (``data.sources.stdlib_files``), the ``DOWNSTREAM`` packages in the second only."""
+    root, files = stdlib_files(root)
     pre, down = out / "pretrain", out / "downstream"
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
-        rel_dir = Path(dirpath).relative_to(root)
-        top = rel_dir.parts[0] if rel_dir.parts else ""
-        for name in filenames:
-            if not name.endswith(".py") or name.startswith("test_"):
-                continue
-            rel = rel_dir / name
-            target = (down if top in DOWNSTREAM else pre) / rel
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to(Path(dirpath, name))
+    for path in files:
+        rel = path.relative_to(root)
+        target = (down if len(rel.parts) > 1 and rel.parts[0] in DOWNSTREAM else pre) / rel
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
     return pre, down
 
 
@@ -176,9 +168,9 @@ def _sets(pairs: list[str]) -> list[str]:
 
 
 def _last_eval(model_dir: Path) -> float:
-    evals = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()
-             if '"kind": "eval"' in line or '"kind":"eval"' in line]
-    return float(evals[-1]["eval_loss"])
+    """The last eval loss of a run (an eval-only run too, which ``compare.read_run`` refuses)."""
+    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return float([r for r in records if r.get("kind") == "eval"][-1]["eval_loss"])
 
 
 def _final_checkpoint(model_dir: Path) -> Path:
@@ -214,8 +206,8 @@ def run_arm(out: Path, base: list[str], width: int, seed: int, arm: str, steps: 
         ft_sets = [*down_sets, *(s.format(steps=ft_steps) for s in FINETUNE)]
         _cli(["--mode", "train_and_eval", "--params", str(CONFIG), "--model_dir", str(ft), "--checkpoint_path",
               str(ckpt), *_sets(ft_sets)], log)
-    s = compare.read_run(pt).summary()
-    train = compare.read_run(pt).train[-1]
+    pre_run = compare.read_run(pt)
+    s, train = pre_run.summary(), pre_run.train[-1]
     random40 = eval_both_ways(down_sets, _final_checkpoint(ft))
     return Result(width, seed, arm, int(s["steps"]), float(s["time_s"]), float(s["flops_sparse"] or 0.0),
                   float(s["tokens_per_s"]), float(train.get("flops_ratio", 1.0)), _last_eval(pt), _last_eval(ft0),

@@ -57,22 +57,21 @@ def params(tiny_params, write_params, module_corpus):
     return write_params(p)
 
 
-# One-process reference runs, shared by the tests that compare against the same one (the
-# distributed mode means nothing to one process): keyed by the params file's text and the
-# overrides; the tests only read them.
-_ONE_PROCESS: dict[tuple, tuple[Path, object]] = {}
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
+    """One-process reference runs, shared by the tests that compare against the same one (the
+    distributed mode means nothing to one process): keyed by the params file's text and the
+    overrides; the tests only read them. Returns (model_dir, the finished process)."""
+    runs: dict[tuple, tuple[Path, object]] = {}
+
     def run(params: Path, *sets: str):
         key = (Path(params).read_text(), sets)
-        if key not in _ONE_PROCESS:
+        if key not in runs:
             model_dir = tmp_path_factory.mktemp("one_process") / "run"
             result = launch(1, params, model_dir, *sets)
             assert result.returncode == 0, result.stderr
-            _ONE_PROCESS[key] = (model_dir, result)
-        return _ONE_PROCESS[key]
+            runs[key] = (model_dir, result)
+        return runs[key]
 
     return run
 

@@ -174,8 +174,10 @@ def _walk_files(root: Path, keep, section: str | None = None) -> list[Path]:
     return found
 
 
-def _stdlib_files() -> tuple[Path, list[Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+def stdlib_files(root: Path | None = None) -> tuple[Path, list[Path]]:
+    """The ``stdlib`` source's files: ``*.py`` under the running interpreter's standard library
+    (or ``root``), without test modules, test directories and installed packages; with the root."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
 
     def keep(name: str, is_dir: bool) -> bool:
         if is_dir:
@@ -228,7 +230,7 @@ def _path_files(input: DataInput) -> tuple[Path, list[Path]]:
 def _source_files(input: DataInput) -> list[tuple[Path, str]]:
     """(path, key) of every file of the source, sorted by key (the path relative to its root)."""
     if input.source == "stdlib":
-        root, files = _stdlib_files()
+        root, files = stdlib_files()
         if not files:
             raise DataError(f"{input.section}.source: no *.py files found under stdlib {root}")
     else:

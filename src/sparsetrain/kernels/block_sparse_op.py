@@ -125,6 +125,7 @@ def _mm_backward_entry(dy, x, packed, tables, n, br, bc, weight_dtype, block_wei
     return _backward_impl(dy, x, packed, tables, n, br, bc, weight_dtype, block_weight, need_input, need_weight)
 
 
+# The entries above look the implementations up at call time (tests put torch products there).
 for _key in ("CUDA", "CPU"):
     _LIB.impl("block_sparse_mm", _mm_entry, _key)
     _LIB.impl("block_sparse_mm_backward", _mm_backward_entry, _key)
