@@ -96,3 +96,33 @@ def test_spdf_study_scales_steps_to_equal_flops_and_equal_time():
     table = study.format_table([dense, block]).splitlines()
     assert table[2] == "| 768 | 0 | dense | 1500 | 60.0 | 1e+15 | 0.9300 | 0.9800 | 0.8200 | +0.0000 | 0.8050-0.8100 |"
     assert table[3].endswith("| 0.9500 | 0.9900 | 0.8400 | +0.0200 | - |")
+
+
+def test_spdf_study_scores_the_plain_loop_with_our_estimator(tmp_path):
+    """The plain loop's models are scored by ``whole_split_loss``, which must be our evaluation
+    (every window once, the mean over tokens): run on our own model it gives our eval_loss."""
+    import torch.nn.functional as F
+
+    from sparsetrain import data
+    from sparsetrain import training as tr
+    from sparsetrain.config.params import load_params
+
+    study = _script("spdf_study")
+    pre, _ = study.split_stdlib(tmp_path / "data")
+    sets = ["model.preset=gpt2-tiny", "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_heads=2",
+            "train_input.batch_size=4", "eval_input.batch_size=4", "train_input.max_sequence_length=32",
+            "eval_input.max_sequence_length=32", "model.max_position_embeddings=32", f"train_input.data_path={pre}",
+            f"eval_input.data_path={pre}", "runconfig.max_steps=2", "eval_input.eval_fraction=0.01",
+            "train_input.eval_fraction=0.01"]
+    params = load_params(study.CONFIG, sets)
+    run = tr.setup(params, tmp_path / "run", train=False, evaluate=True, write_metrics=False)
+    ours = tr.evaluate(run)["eval_loss"]
+
+    def loss_of(x, y):
+        return float(F.cross_entropy(run.model(x).flatten(0, 1), y.flatten()))
+
+    assert study.whole_split_loss(loss_of, run.eval_tokens, params.eval_input) == pytest.approx(ours, rel=1e-5)
+    draws = study.random_batches_loss(loss_of, run.eval_tokens, params.eval_input, batches=3, draws=2)
+    assert len(draws) == 2 and draws[0] != draws[1]  # draws differ in their windows
+    x, _ = data.get_batch(run.eval_tokens, 4, 32, seed=0, step=0, shuffle=True, section="eval_input")
+    assert x.shape == (4, 32)
