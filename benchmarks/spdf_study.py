@@ -300,11 +300,21 @@ def _last_eval(model_dir: Path) -> float:
     return float([r for r in records if r.get("kind") == "eval"][-1]["eval_loss"])
 
 
-def _final_checkpoint(model_dir: Path) -> Path:
-    ckpts = sorted(model_dir.glob("checkpoint_*.mdl"), key=lambda p: int(p.stem.split("_")[1]))
-    if not ckpts:
-        raise SystemExit(f"spdf_study: {model_dir} holds no checkpoint")
-    return ckpts[-1]
+def _evaluated(model_dir: Path) -> bool:
+    metrics = model_dir / "metrics.jsonl"
+    return metrics.exists() and '"kind": "eval"' in metrics.read_text()
+
+
+def _trained(model_dir: Path, steps: int) -> bool:
+    """Finished: its final checkpoint and an eval after it. A run stopped by SIGTERM or Ctrl-C
+    exits 0 with an earlier checkpoint (``training.signals``), so the exit code does not say."""
+    return (model_dir / f"checkpoint_{steps}.mdl").exists() and _evaluated(model_dir)
+
+
+def _check_trained(model_dir: Path, steps: int, log: Path) -> None:
+    if not _trained(model_dir, steps):
+        raise SystemExit(f"spdf_study: {model_dir} stopped before step {steps} (interrupted?), see {log}; "
+                         "run the same command again to resume it")
 
 
 def run_arm(out: Path, base: list[str], width: int, seed: int, arm: str, steps: int, ft_steps: int,
@@ -325,22 +335,26 @@ def run_arm(out: Path, base: list[str], width: int, seed: int, arm: str, steps: 
     dense = done.get(f"w{width}_s{seed}_dense")
     n = arm_steps(how, steps, eq and eq.flops_ratio, eq and eq.tokens_per_s, dense and dense.tokens_per_s)
     sparse = [] if kind is None else SPARSE[kind]  # the base params have no sparsity: block
-    if not (pt / "metrics.jsonl").exists() or compare.read_run(pt).summary()["steps"] < n:
+    if not _trained(pt, n):
         _cli(["--mode", "train_and_eval", "--params", str(CONFIG), "--model_dir", str(pt),
               *_sets([*common, *sparse, f"train_input.data_path={pre}", f"eval_input.data_path={pre}",
                       f"runconfig.max_steps={n}"])], log)
+        _check_trained(pt, n, log)
     down_sets = [*common, *downstream_sets(down)]  # dense: no sparsity
-    ckpt = _final_checkpoint(pt)
-    if not (ft0 / "metrics.jsonl").exists():  # the pre-trained model on the downstream eval split
+    ckpt = pt / f"checkpoint_{n}.mdl"
+    if not _evaluated(ft0):  # the pre-trained model on the downstream eval split
         _cli(["--mode", "eval", "--params", str(CONFIG), "--model_dir", str(ft0), "--checkpoint_path", str(ckpt),
               *_sets(down_sets)], log)
-    if not (ft / "metrics.jsonl").exists():
+        if not _evaluated(ft0):
+            raise SystemExit(f"spdf_study: {ft0} did not finish its evaluation, see {log}; run the study again")
+    if not _trained(ft, ft_steps):  # an interrupted fine-tuning resumes from its own model_dir
         ft_sets = [*down_sets, *(s.format(steps=ft_steps) for s in FINETUNE)]
         _cli(["--mode", "train_and_eval", "--params", str(CONFIG), "--model_dir", str(ft), "--checkpoint_path",
               str(ckpt), *_sets(ft_sets)], log)
+        _check_trained(ft, ft_steps, log)
     pre_run = compare.read_run(pt)
     s, train = pre_run.summary(), pre_run.train[-1]
-    random40 = eval_both_ways(down_sets, _final_checkpoint(ft))
+    random40 = eval_both_ways(down_sets, ft / f"checkpoint_{ft_steps}.mdl")
     return Result(width, seed, arm, int(s["steps"]), float(s["time_s"]), float(s["flops_sparse"] or 0.0),
                   float(s["tokens_per_s"]), float(train.get("flops_ratio", 1.0)), _last_eval(pt), _last_eval(ft0),
                   _last_eval(ft), random40)

@@ -126,3 +126,19 @@ def test_spdf_study_scores_the_plain_loop_with_our_estimator(tmp_path):
     assert len(draws) == 2 and draws[0] != draws[1]  # draws differ in their windows
     x, _ = data.get_batch(run.eval_tokens, 4, 32, seed=0, step=0, shuffle=True, section="eval_input")
     assert x.shape == (4, 32)
+
+
+def test_spdf_study_takes_an_interrupted_run_for_unfinished(tmp_path):
+    """A run stopped by SIGTERM exits 0 with an earlier checkpoint: the study must not read it as
+    done (nor, on a rerun, skip it)."""
+    study = _script("spdf_study")
+    (tmp_path / "checkpoint_40.mdl").write_bytes(b"")
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 40}\n')
+    assert not study._trained(tmp_path, 100)
+    with pytest.raises(SystemExit, match=r"stopped before step 100 \(interrupted\?\).*run the same command again"):
+        study._check_trained(tmp_path, 100, tmp_path / "x.log")
+    (tmp_path / "checkpoint_100.mdl").write_bytes(b"")
+    assert not study._trained(tmp_path, 100)  # no eval after it yet
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "eval", "step": 100, "eval_loss": 1.0}\n')
+    assert study._trained(tmp_path, 100)

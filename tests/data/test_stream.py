@@ -82,15 +82,21 @@ def test_windows_do_not_cross_files():
 def test_eval_batches_counts():
     stream = stream_of(1001)  # 100 windows of 10 + 1
     batches = list(data.eval_batches(stream, 8, 10))
-    assert len(batches) == 12 and all(x.shape == (8, 10) for x, _ in batches)
-    assert batches[1][0][0, 0].item() == 80
+    # the whole split: 12 full batches, then the 4 windows left over (not dropped)
+    assert len(batches) == 13 and all(x.shape == (8, 10) for x, _ in batches[:12]) and batches[12][0].shape == (4, 10)
+    assert batches[1][0][0, 0].item() == 80 and batches[12][0][:, 0].tolist() == [960, 970, 980, 990]
     assert len(list(data.eval_batches(stream, 8, 10, num_batches=3))) == 3
-    assert len(list(data.eval_batches(stream, 8, 10, num_batches=50))) == 12
+    assert len(list(data.eval_batches(stream, 8, 10, num_batches=50))) == 12  # a count asked for: full batches
     again = list(data.eval_batches(stream, 8, 10, num_batches=3))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
     ranks = [list(data.eval_batches(stream, 8, 10, rank=r, world_size=2)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 6
+    assert len(ranks[0]) == len(ranks[1]) == 7  # 6 full batches each, then 2 of the 4 left over each
     assert ranks[1][0][0][0, 0].item() == 80
+    assert ranks[0][6][0][:, 0].tolist() == [960, 970] and ranks[1][6][0][:, 0].tolist() == [980, 990]
+    seen = sorted(int(v) for r in ranks for x, _ in r for v in x[:, 0])
+    assert seen == list(range(0, 1000, 10))  # every window once over the ranks
+    three = [list(data.eval_batches(stream_of(1001 - 50), 8, 10, rank=r, world_size=3)) for r in range(3)]
+    assert len({len(r) for r in three}) == 1 and sum(len(x) for r in three for x, _ in r) == 95
 
     (small,) = data.eval_batches(stream_of(31), 8, 10)  # 3 windows < batch size
     assert small[0].shape == (3, 10)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 from sparsetrain.distributed import DistInfo
 from sparsetrain.training import loop
@@ -20,3 +22,35 @@ def test_mfu_is_per_gpu():
     r2 = loop.train_record(two, 1.0, 2e5, 1024, 1e15)  # twice the tokens on twice the GPUs
     assert r1["mfu"] == pytest.approx(0.2)
     assert r2["mfu"] == pytest.approx(r1["mfu"])
+
+
+def test_evaluation_scores_every_window_of_the_split_the_tail_too(tmp_path):
+    """``eval_steps`` unset means the whole eval split: the windows after the last full batch
+    count too (padded to the batch's shape with rows that count nowhere), and padding does not
+    turn plain text into "completion" tokens."""
+    import torch.nn.functional as F
+
+    from sparsetrain import training as tr
+    from sparsetrain.config.params import load_params
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 21)  # 945 bytes: 29 windows of 32 + 1
+    yaml = tmp_path / "params.yaml"
+    yaml.write_text("model: {preset: gpt2-tiny, hidden_size: 32, num_hidden_layers: 1, num_heads: 2, vocab_size: 256,"
+                    " max_position_embeddings: 32}\n"
+                    f"train_input: {{source: text, tokenizer: byte, data_path: {corpus}, split: all, max_sequence_length: 32}}\n"
+                    f"eval_input: {{source: text, data_path: {corpus}, split: all, batch_size: 4, max_sequence_length: 32}}\n"
+                    "runconfig: {compile: false}\n")
+    params = load_params(yaml, [])
+    run = tr.setup(params, tmp_path / "run", train=False, evaluate=True, write_metrics=False)
+    windows = run.eval_tokens.num_windows(32)
+    assert windows % 4 != 0  # a split that is not a whole number of batches
+    xs, ys = zip(*(run.eval_tokens.rows([i], 32) for i in range(windows)))
+    with torch.no_grad():
+        logits = run.model(torch.as_tensor(np.concatenate(xs)))
+        want = float(F.cross_entropy(logits.flatten(0, 1), torch.as_tensor(np.concatenate(ys)).flatten()))
+    record = tr.evaluate(run)
+    assert record["eval_tokens"] == windows * 32
+    assert record["eval_loss_tokens"] == "all"
+    assert record["eval_loss"] == pytest.approx(want, rel=1e-5)

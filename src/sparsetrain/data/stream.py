@@ -402,8 +402,10 @@ def eval_batches(
     r + world_size, ... (a mixture: its datasets of positive weight one after another).
 
     Every rank yields the same number of batches: ``num_batches`` (capped at what the data
-    holds) or, with None, all full batches. A stream with fewer rows than that yields one
-    smaller batch per rank rather than nothing (so only that many rows must fit in memory).
+    holds) or, with None, every row: the full batches, then the rows left over as one smaller
+    batch (split between the ranks; a rank's share may be empty). A stream with fewer rows than
+    one batch yields one smaller batch per rank rather than nothing (so only that many rows must
+    fit in memory).
     """
     total = _check_batch_args(stream, seq_len, rank, world_size)
     available = total // batch_size // world_size
@@ -419,4 +421,10 @@ def eval_batches(
     for k in range(count):
         first = (k * world_size + rank) * batch_size
         rows = first + np.arange(batch_size, dtype=np.int64)
+        yield _tensors(*stream.rows(rows, seq_len))
+    done = available * world_size * batch_size
+    if num_batches is None and done < total:  # the tail too: "the whole split" means every row
+        per = -(-(total - done) // world_size)
+        first = min(done + rank * per, total)
+        rows = np.arange(first, min(first + per, total), dtype=np.int64)
         yield _tensors(*stream.rows(rows, seq_len))

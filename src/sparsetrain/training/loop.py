@@ -84,6 +84,13 @@ def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable 
 
 
 @torch.no_grad()
+def _pad_rows(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x``, ``y`` with rows added up to ``batch_size``: copies of the first input row whose
+    targets are all -100, so they count nowhere."""
+    n = batch_size - len(x)
+    return torch.cat([x, x[:1].expand(n, -1)]), torch.cat([y, y.new_full((n, y.shape[1]), -100)])
+
+
 def evaluate(run: Run) -> dict[str, float]:
     """Mean token loss and perplexity over ``eval_steps`` batches of the eval split.
 
@@ -97,7 +104,13 @@ def evaluate(run: Run) -> dict[str, float]:
     # Every rank walks the same global batches and scores its own rows: N processes evaluate
     # exactly the tokens one process would.
     rows = dist.rank_slice(inp.batch_size, run.dist, "eval_input") if run.dist.active else slice(None)
+    full = False
     for x, y in data.eval_batches(run.eval_tokens, inp.batch_size, inp.max_sequence_length, run.params.runconfig.eval_steps):
+        padding = 0
+        if full and len(x) < inp.batch_size:  # the split's tail: padded to the batch's shape (no recompilation)
+            x, y, padding = *_pad_rows(x, y, inp.batch_size), inp.batch_size - len(x)
+        full = full or len(x) == inp.batch_size
+        pad_mask = torch.arange(len(x)) >= len(x) - padding
         x, y = x[rows].to(run.device), y[rows].to(run.device)
         if y.numel() == 0:  # a short final batch may leave this rank no rows
             continue
@@ -107,7 +120,7 @@ def evaluate(run: Run) -> dict[str, float]:
             loss_sum += float(F.cross_entropy(run.model(x).flatten(0, 1), y.flatten(), reduction="sum"))
         counted = int((y != -100).sum())
         tokens += counted
-        left_out += y.numel() - counted
+        left_out += y.numel() - counted - int(pad_mask[rows].sum()) * y.shape[1]
     loss_sum, tokens, left_out = dist.total([loss_sum, float(tokens), float(left_out)], run.dist, run.device)
     tokens = int(tokens)
     mean = loss_sum / max(tokens, 1)
