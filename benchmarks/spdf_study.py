@@ -32,7 +32,10 @@ difference to dense after fine-tuning; eval losses are over the whole eval split
 and the fine-tuned model is also scored as the plain nanoGPT loop scores (40 batches of random
 windows, five draws), to size the estimator's share of a difference between the two.
 
-All runs go through ``run.py`` in this one process (``_cli``), seeds outermost (every width at
+Pre-training and fine-tuning go through ``run.py`` in this one process (``_cli``); the
+pre-trained model's downstream loss is ``training.loop.evaluate`` without compilation
+(``_downstream_before``: not timed on a GPU yet, it replaced an eval-only ``run.py`` run per
+arm after the 2026-12-03 GPU runs). Seeds outermost (every width at
 the first seed first), and each finished arm is appended to ``OUT/results.jsonl`` at once.
 ``OUT/compare.png`` draws the pre-training runs of the first width and seed against training time
 (``sparsetrain compare``; needs matplotlib). Runs already finished in OUT are read back, not rerun.
@@ -300,6 +303,27 @@ def _last_eval(model_dir: Path) -> float:
     return float([r for r in records if r.get("kind") == "eval"][-1]["eval_loss"])
 
 
+def _downstream_before(ft0: Path, sets: list[str], checkpoint: Path) -> float:
+    """The pre-trained model's loss on the downstream eval split (``training.loop.evaluate``,
+    in this process and without ``torch.compile``: one forward pass over the split does not
+    repay a compilation), kept in ``ft0/eval.json`` so that a rerun reads it back."""
+    import tempfile
+
+    from sparsetrain import training as tr
+    from sparsetrain.config.params import load_params
+
+    kept = ft0 / "eval.json"
+    if kept.exists():
+        return float(json.loads(kept.read_text())["eval_loss"])
+    params = load_params(CONFIG, [*sets, "runconfig.compile=false"])
+    with tempfile.TemporaryDirectory() as tmp:
+        run = tr.setup(params, Path(tmp), checkpoint_path=checkpoint, train=False, evaluate=True, write_metrics=False)
+        record = tr.evaluate(run)
+    ft0.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps({**record, "checkpoint": str(checkpoint)}))
+    return float(record["eval_loss"])
+
+
 def _evaluated(model_dir: Path) -> bool:
     metrics = model_dir / "metrics.jsonl"
     return metrics.exists() and '"kind": "eval"' in metrics.read_text()
@@ -342,11 +366,7 @@ def run_arm(out: Path, base: list[str], width: int, seed: int, arm: str, steps: 
         _check_trained(pt, n, log)
     down_sets = [*common, *downstream_sets(down)]  # dense: no sparsity
     ckpt = pt / f"checkpoint_{n}.mdl"
-    if not _evaluated(ft0):  # the pre-trained model on the downstream eval split
-        _cli(["--mode", "eval", "--params", str(CONFIG), "--model_dir", str(ft0), "--checkpoint_path", str(ckpt),
-              *_sets(down_sets)], log)
-        if not _evaluated(ft0):
-            raise SystemExit(f"spdf_study: {ft0} did not finish its evaluation, see {log}; run the study again")
+    before = _downstream_before(ft0, down_sets, ckpt)
     if not _trained(ft, ft_steps):  # an interrupted fine-tuning resumes from its own model_dir
         ft_sets = [*down_sets, *(s.format(steps=ft_steps) for s in FINETUNE)]
         _cli(["--mode", "train_and_eval", "--params", str(CONFIG), "--model_dir", str(ft), "--checkpoint_path",
@@ -356,7 +376,7 @@ def run_arm(out: Path, base: list[str], width: int, seed: int, arm: str, steps: 
     s, train = pre_run.summary(), pre_run.train[-1]
     random40 = eval_both_ways(down_sets, ft / f"checkpoint_{ft_steps}.mdl")
     return Result(width, seed, arm, int(s["steps"]), float(s["time_s"]), float(s["flops_sparse"] or 0.0),
-                  float(s["tokens_per_s"]), float(train.get("flops_ratio", 1.0)), _last_eval(pt), _last_eval(ft0),
+                  float(s["tokens_per_s"]), float(train.get("flops_ratio", 1.0)), _last_eval(pt), before,
                   _last_eval(ft), random40)
 
 
