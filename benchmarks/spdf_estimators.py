@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
         batches = list(data.eval_batches(run.eval_tokens, inp.batch_size, inp.max_sequence_length))
         full = [b for b in batches if len(b[0]) == inp.batch_size]
+        if not full:
+            raise SystemExit(f"spdf_estimators: the eval split holds less than one batch of {inp.batch_size}: "
+                             "nothing was left out before the fix")
         before_fix = sum(loss_of(x, y) for x, y in full) / len(full)
         whole = whole_split_loss(loss_of, run.eval_tokens, inp)
         draws = random_batches_loss(loss_of, run.eval_tokens, inp)

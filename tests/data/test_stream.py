@@ -86,7 +86,9 @@ def test_eval_batches_counts():
     assert len(batches) == 13 and all(x.shape == (8, 10) for x, _ in batches[:12]) and batches[12][0].shape == (4, 10)
     assert batches[1][0][0, 0].item() == 80 and batches[12][0][:, 0].tolist() == [960, 970, 980, 990]
     assert len(list(data.eval_batches(stream, 8, 10, num_batches=3))) == 3
-    assert len(list(data.eval_batches(stream, 8, 10, num_batches=50))) == 12  # a count asked for: full batches
+    assert len(list(data.eval_batches(stream, 8, 10, num_batches=12))) == 12  # a count the data holds: full batches
+    more = list(data.eval_batches(stream, 8, 10, num_batches=50))  # more than it holds: every row, as with None
+    assert len(more) == 13 and more[12][0].shape == (4, 10)
     again = list(data.eval_batches(stream, 8, 10, num_batches=3))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
     ranks = [list(data.eval_batches(stream, 8, 10, rank=r, world_size=2)) for r in range(2)]
@@ -100,6 +102,10 @@ def test_eval_batches_counts():
 
     (small,) = data.eval_batches(stream_of(31), 8, 10)  # 3 windows < batch size
     assert small[0].shape == (3, 10)
+    for total, world in ((5, 2), (15, 2), (7, 3)):  # less than a batch per rank: still every row once
+        shares = [list(data.eval_batches(stream_of(10 * total + 1), 8, 10, rank=r, world_size=world)) for r in range(world)]
+        assert all(len(b) == 1 for b in shares)
+        assert sorted(int(v) for b in shares for v in b[0][0][:, 0]) == list(range(0, 10 * total, 10))
 
 
 def test_check_vocab_names_section_and_id():

@@ -50,7 +50,10 @@ def test_evaluation_scores_every_window_of_the_split_the_tail_too(tmp_path):
     with torch.no_grad():
         logits = run.model(torch.as_tensor(np.concatenate(xs)))
         want = float(F.cross_entropy(logits.flatten(0, 1), torch.as_tensor(np.concatenate(ys)).flatten()))
+    grad_modes = []
+    run.model.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     record = tr.evaluate(run)
+    assert grad_modes and not any(grad_modes)  # evaluation keeps no activations for a backward
     assert record["eval_tokens"] == windows * 32
     assert record["eval_loss_tokens"] == "all"
     assert record["eval_loss"] == pytest.approx(want, rel=1e-5)

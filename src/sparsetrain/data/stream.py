@@ -401,29 +401,32 @@ def eval_batches(
     """Consecutive rows (windows or samples) from the start, as batches; rank r takes batches r,
     r + world_size, ... (a mixture: its datasets of positive weight one after another).
 
-    Every rank yields the same number of batches: ``num_batches`` (capped at what the data
-    holds) or, with None, every row: the full batches, then the rows left over as one smaller
-    batch (split between the ranks; a rank's share may be empty). A stream with fewer rows than
-    one batch yields one smaller batch per rank rather than nothing (so only that many rows must
-    fit in memory).
+    Every rank yields the same number of batches: ``num_batches`` full ones, or, with None or
+    more than the data holds, every row: the full batches, then the rows left over as one
+    smaller batch (split between the ranks; a rank's share may be empty). A stream with fewer
+    rows than a batch per rank yields one smaller batch per rank, its share of the rows (so only
+    that many must fit in memory).
     """
     total = _check_batch_args(stream, seq_len, rank, world_size)
     available = total // batch_size // world_size
-    share = total // world_size
-    check_batch_memory(batch_size if available else min(batch_size, share), seq_len, section)
-    if available == 0:
-        rows = rank * share + np.arange(min(batch_size, share), dtype=np.int64)
-        yield _tensors(*stream.rows(rows, seq_len))
+    if available == 0:  # less than a batch per rank: its share of the rows (only they must fit in memory)
+        per = -(-total // world_size)
+        check_batch_memory(min(batch_size, per), seq_len, section)
+        first = min(rank * per, total)
+        yield _tensors(*stream.rows(np.arange(first, min(first + per, total), dtype=np.int64), seq_len))
         return
+    check_batch_memory(batch_size, seq_len, section)
     count = available if num_batches is None else min(num_batches, available)
+    every_row = num_batches is None or num_batches > available
     if num_batches is not None and num_batches > available:
-        log.warning("eval: %d batches asked, the data holds %d per process", num_batches, count)
+        log.warning("eval: %d batches asked, the data holds %d full ones per process (and the rows left over)",
+                    num_batches, count)
     for k in range(count):
         first = (k * world_size + rank) * batch_size
         rows = first + np.arange(batch_size, dtype=np.int64)
         yield _tensors(*stream.rows(rows, seq_len))
     done = available * world_size * batch_size
-    if num_batches is None and done < total:  # the tail too: "the whole split" means every row
+    if every_row and done < total:  # the tail too: "the whole split" means every row
         per = -(-(total - done) // world_size)
         first = min(done + rank * per, total)
         rows = np.arange(first, min(first + per, total), dtype=np.int64)

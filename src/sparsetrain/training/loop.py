@@ -83,7 +83,6 @@ def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable 
     return _finish(run, start_step, elapsed, loss, tokens_per_step)
 
 
-@torch.no_grad()
 def _pad_rows(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x``, ``y`` with rows added up to ``batch_size``: copies of the first input row whose
     targets are all -100, so they count nowhere."""
@@ -91,6 +90,7 @@ def _pad_rows(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[torch.
     return torch.cat([x, x[:1].expand(n, -1)]), torch.cat([y, y.new_full((n, y.shape[1]), -100)])
 
 
+@torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
     """Mean token loss and perplexity over ``eval_steps`` batches of the eval split.
 
