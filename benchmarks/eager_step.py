@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,29 +44,53 @@ MODES = {  # mode: (compile, compile_mode, sparse, environment)
 }
 
 
-def host_profile(a, mode: str, steps: int = 5, top: int = 35) -> str:
-    """cProfile of ``steps`` training steps of ``mode`` (after warm-up), by own time."""
-    compile_, compile_mode, sparse, env = MODES[mode]
-    os.environ.update(env)
-    params = _params(a.preset, a.batch_size, a.seq_len, a.sparsity if sparse else None, compile_, "cuda",
-                     (f"runconfig.compile_mode={compile_mode}",), "block" if sparse else "unstructured", a.block_size)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            run = tr.setup(params, Path(tmp), train=True, evaluate=False, write_metrics=False)
-            report = python_profile(lambda: tr.train_step(run), calls=steps, top=top, warmup=a.warmup)
-    finally:
-        for key in env:
-            del os.environ[key]
-    return f"{mode}, {steps} steps:\n" + report
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The run's shape and sparsity (also ``mode_losses.py``'s)."""
     ap.add_argument("--preset", default="gpt2-small")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--seq_len", type=int, default=1024)
     ap.add_argument("--sparsity", type=float, default=0.75)
     ap.add_argument("--block_size", type=int, default=128)
+
+
+def run_settings(a, mode: str) -> dict:
+    """The keyword arguments of ``bench.train._params`` / ``run_ours`` for ``mode``'s run."""
+    compile_, compile_mode, sparse, _ = MODES[mode]
+    return dict(preset=a.preset, batch_size=a.batch_size, seq_len=a.seq_len, sparsity=a.sparsity if sparse else None,
+                compile_=compile_, device="cuda", overrides=(f"runconfig.compile_mode={compile_mode}",),
+                structure="block" if sparse else "unstructured", block_size=a.block_size)
+
+
+@contextmanager
+def mode_env(mode: str):
+    """``mode``'s environment variables set, and removed afterwards."""
+    env = MODES[mode][3]
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key in env:
+            del os.environ[key]
+
+
+@contextmanager
+def mode_run(a, mode: str):
+    """The bench's training run of ``mode`` (its params, its environment), set up in a temporary
+    model_dir."""
+    with mode_env(mode), tempfile.TemporaryDirectory() as tmp:
+        yield tr.setup(_params(**run_settings(a, mode)), Path(tmp), train=True, evaluate=False, write_metrics=False)
+
+
+def host_profile(a, mode: str, steps: int = 5, top: int = 35) -> str:
+    """cProfile of ``steps`` training steps of ``mode`` (after warm-up), by own time."""
+    with mode_run(a, mode) as run:
+        report = python_profile(lambda: tr.train_step(run), calls=steps, top=top, warmup=a.warmup)
+    return f"{mode}, {steps} steps:\n" + report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(ap)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=8)
@@ -76,15 +101,8 @@ def main() -> None:
     out = {"preset": a.preset, "batch_size": a.batch_size, "seq_len": a.seq_len, "sparsity": a.sparsity,
            "block_size": a.block_size, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "modes": {}}
     for mode in a.modes.split(","):
-        compile_, compile_mode, sparse, env = MODES[mode]
-        os.environ.update(env)
-        try:
-            r = run_ours(a.preset, a.batch_size, a.seq_len, a.sparsity if sparse else None, a.steps, a.warmup,
-                         compile_, "cuda", (f"runconfig.compile_mode={compile_mode}",),
-                         "block" if sparse else "unstructured", a.block_size)
-        finally:
-            for key in env:
-                del os.environ[key]
+        with mode_env(mode):
+            r = run_ours(steps=a.steps, warmup=a.warmup, **run_settings(a, mode))
         out["modes"][mode] = {"ms_per_step": r["ms_per_step"], "loss": r["loss"],
                               "block_kernel_layers": r["block_kernel_layers"]}
         print(f"{a.preset} {mode:<20} {r['ms_per_step']:8.2f} ms/step  ({r['block_kernel_layers']} layers on the "

@@ -15,32 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import torch
-from eager_step import MODES  # a sibling script (run as python benchmarks/mode_losses.py)
+from eager_step import add_run_args, mode_run  # a sibling script (run as python benchmarks/mode_losses.py)
 
 from sparsetrain import training as tr
-from sparsetrain.bench.train import _params
 
 
 def losses(a, mode: str) -> list[float]:
-    compile_, compile_mode, sparse, _ = MODES[mode]
-    params = _params(a.preset, a.batch_size, a.seq_len, a.sparsity if sparse else None, compile_, "cuda",
-                     (f"runconfig.compile_mode={compile_mode}",), "block" if sparse else "unstructured", a.block_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = tr.setup(params, Path(tmp), train=True, evaluate=False, write_metrics=False)
+    with mode_run(a, mode) as run:
         return [float(tr.train_step(run)) for _ in range(a.steps)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="gpt2-small")
-    ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--seq_len", type=int, default=1024)
-    ap.add_argument("--sparsity", type=float, default=0.75)
-    ap.add_argument("--block_size", type=int, default=128)
+    add_run_args(ap)
     ap.add_argument("--modes", default="eager,eager,graphed,compiled")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--json")

@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from spdf_study import CONFIG, downstream_sets, random_batches_loss, whole_split_loss  # a sibling script
+from spdf_study import downstream_sets, random_batches_loss, scored_run, whole_split_loss  # a sibling script
 
 from sparsetrain import data
-from sparsetrain import training as tr
-from sparsetrain.config.params import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,17 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
     a = ap.parse_args(argv)
-    params = load_params(CONFIG, [*a.sets, *downstream_sets(a.out / "data" / "downstream")])
-    inp = params.eval_input
-    with tempfile.TemporaryDirectory() as tmp:
-        run = tr.setup(params, Path(tmp), checkpoint_path=a.checkpoint, train=False, evaluate=True, write_metrics=False)
-        run.model.eval()
-
-        def loss_of(x, y):
-            with torch.no_grad(), run.autocast():
-                logits = run.model(x.to(run.device))
-            return float(F.cross_entropy(logits.flatten(0, 1).float(), y.to(run.device).flatten()))
-
+    with scored_run([*a.sets, *downstream_sets(a.out / "data" / "downstream")], a.checkpoint) as (run, loss_of):
+        inp = run.params.eval_input
         batches = list(data.eval_batches(run.eval_tokens, inp.batch_size, inp.max_sequence_length))
         full = [b for b in batches if len(b[0]) == inp.batch_size]
         if not full:

@@ -47,6 +47,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,28 +169,38 @@ def whole_split_loss(loss_of, tokens, inp) -> float:
     return total / count
 
 
-def eval_both_ways(sets: list[str], checkpoint: Path, batches: int = 40, draws: int = 5) -> list[float]:
-    """``checkpoint`` scored the plain loop's way (:func:`random_batches_loss`) on the eval split
-    of ``sets``, beside ours (every window once), to see how much of a difference between the
-    two is the estimator."""
+@contextmanager
+def scored_run(sets: list[str], checkpoint: Path):
+    """``(run, loss_of)``: the product's run of ``sets`` from ``checkpoint`` set up to evaluate,
+    without ``torch.compile`` (a pass or two over a split does not repay a compilation), and a
+    batch's mean loss under it (``loss_of(x, y)``, the form the estimators above take)."""
     import tempfile
 
+    import torch
     import torch.nn.functional as F
 
     from sparsetrain import training as tr
     from sparsetrain.config.params import load_params
 
-    params = load_params(CONFIG, sets)
+    params = load_params(CONFIG, [*sets, "runconfig.compile=false"])
     with tempfile.TemporaryDirectory() as tmp:
         run = tr.setup(params, Path(tmp), checkpoint_path=checkpoint, train=False, evaluate=True, write_metrics=False)
         run.model.eval()
 
-        def loss_of(x, y):
-            with run.autocast():
+        def loss_of(x, y) -> float:
+            with torch.no_grad(), run.autocast():
                 logits = run.model(x.to(run.device))
             return float(F.cross_entropy(logits.flatten(0, 1).float(), y.to(run.device).flatten()))
 
-        return random_batches_loss(loss_of, run.eval_tokens, params.eval_input, batches, draws)
+        yield run, loss_of
+
+
+def eval_both_ways(sets: list[str], checkpoint: Path, batches: int = 40, draws: int = 5) -> list[float]:
+    """``checkpoint`` scored the plain loop's way (:func:`random_batches_loss`) on the eval split
+    of ``sets``, beside ours (every window once), to see how much of a difference between the
+    two is the estimator."""
+    with scored_run(sets, checkpoint) as (run, loss_of):
+        return random_batches_loss(loss_of, run.eval_tokens, run.params.eval_input, batches, draws)
 
 
 def plain_loop(pre_sets: list[str], down_sets: list[str], ft_steps: int) -> dict:
@@ -304,20 +315,14 @@ def _last_eval(model_dir: Path) -> float:
 
 
 def _downstream_before(ft0: Path, sets: list[str], checkpoint: Path) -> float:
-    """The pre-trained model's loss on the downstream eval split (``training.loop.evaluate``,
-    in this process and without ``torch.compile``: one forward pass over the split does not
-    repay a compilation), kept in ``ft0/eval.json`` so that a rerun reads it back."""
-    import tempfile
-
+    """The pre-trained model's loss on the downstream eval split (``training.loop.evaluate`` in
+    :func:`scored_run`), kept in ``ft0/eval.json`` so that a rerun reads it back."""
     from sparsetrain import training as tr
-    from sparsetrain.config.params import load_params
 
     kept = ft0 / "eval.json"
     if kept.exists():
         return float(json.loads(kept.read_text())["eval_loss"])
-    params = load_params(CONFIG, [*sets, "runconfig.compile=false"])
-    with tempfile.TemporaryDirectory() as tmp:
-        run = tr.setup(params, Path(tmp), checkpoint_path=checkpoint, train=False, evaluate=True, write_metrics=False)
+    with scored_run(sets, checkpoint) as (run, _):
         record = tr.evaluate(run)
     ft0.mkdir(parents=True, exist_ok=True)
     kept.write_text(json.dumps({**record, "checkpoint": str(checkpoint)}))

@@ -410,10 +410,8 @@ def eval_batches(
     total = _check_batch_args(stream, seq_len, rank, world_size)
     available = total // batch_size // world_size
     if available == 0:  # less than a batch per rank: its share of the rows (only they must fit in memory)
-        per = -(-total // world_size)
-        check_batch_memory(min(batch_size, per), seq_len, section)
-        first = min(rank * per, total)
-        yield _tensors(*stream.rows(np.arange(first, min(first + per, total), dtype=np.int64), seq_len))
+        check_batch_memory(min(batch_size, -(-total // world_size)), seq_len, section)
+        yield _tensors(*stream.rows(_rank_share(0, total, rank, world_size), seq_len))
         return
     check_batch_memory(batch_size, seq_len, section)
     count = available if num_batches is None else min(num_batches, available)
@@ -427,7 +425,12 @@ def eval_batches(
         yield _tensors(*stream.rows(rows, seq_len))
     done = available * world_size * batch_size
     if every_row and done < total:  # the tail too: "the whole split" means every row
-        per = -(-(total - done) // world_size)
-        first = min(done + rank * per, total)
-        rows = np.arange(first, min(first + per, total), dtype=np.int64)
-        yield _tensors(*stream.rows(rows, seq_len))
+        yield _tensors(*stream.rows(_rank_share(done, total, rank, world_size), seq_len))
+
+
+def _rank_share(lo: int, hi: int, rank: int, world_size: int) -> np.ndarray:
+    """``rank``'s rows of ``lo..hi-1`` cut into ``world_size`` consecutive parts of ceil((hi - lo) /
+    world_size) rows (the last ones shorter or empty), so every row is someone's."""
+    per = -(-(hi - lo) // world_size)
+    first = min(lo + rank * per, hi)
+    return np.arange(first, min(first + per, hi), dtype=np.int64)

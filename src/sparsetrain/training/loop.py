@@ -83,10 +83,9 @@ def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable 
     return _finish(run, start_step, elapsed, loss, tokens_per_step)
 
 
-def _pad_rows(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x``, ``y`` with rows added up to ``batch_size``: copies of the first input row whose
-    targets are all -100, so they count nowhere."""
-    n = batch_size - len(x)
+def _pad_rows(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x``, ``y`` and ``n`` rows more: copies of the first input row whose targets are all
+    -100, so they count nowhere."""
     return torch.cat([x, x[:1].expand(n, -1)]), torch.cat([y, y.new_full((n, y.shape[1]), -100)])
 
 
@@ -104,12 +103,12 @@ def evaluate(run: Run) -> dict[str, float]:
     # Every rank walks the same global batches and scores its own rows: N processes evaluate
     # exactly the tokens one process would.
     rows = dist.rank_slice(inp.batch_size, run.dist, "eval_input") if run.dist.active else slice(None)
-    full = False
+    full = False  # a full batch came: a shorter one is the split's tail
     for x, y in data.eval_batches(run.eval_tokens, inp.batch_size, inp.max_sequence_length, run.params.runconfig.eval_steps):
-        padding = 0
-        if full and len(x) < inp.batch_size:  # the split's tail: padded to the batch's shape (no recompilation)
-            x, y, padding = *_pad_rows(x, y, inp.batch_size), inp.batch_size - len(x)
+        padding = inp.batch_size - len(x) if full else 0
         full = full or len(x) == inp.batch_size
+        if padding:  # the tail padded to the batch's shape: no recompilation for it
+            x, y = _pad_rows(x, y, padding)
         pad_mask = torch.arange(len(x)) >= len(x) - padding
         x, y = x[rows].to(run.device), y[rows].to(run.device)
         if y.numel() == 0:  # a short final batch may leave this rank no rows
