@@ -119,8 +119,9 @@ def kernel_profile(fn, steps: int = 10) -> dict:
     }
 
 
-def python_profile(fn, calls: int = 300, top: int = 30, warmup: int = 10) -> str:
-    """cProfile of ``calls`` calls of ``fn`` after ``warmup`` (CUDA synchronised around), by own time."""
+def python_profile(fn, calls: int = 300, top: int = 30, warmup: int = 10, sorts: tuple[str, ...] = ("tottime",)) -> str:
+    """cProfile of ``calls`` calls of ``fn`` after ``warmup`` (CUDA synchronised around), one
+    listing per order in ``sorts`` (by own time by default; "cumulative" shows whose callees cost)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -131,7 +132,8 @@ def python_profile(fn, calls: int = 300, top: int = 30, warmup: int = 10) -> str
     torch.cuda.synchronize()
     prof.disable()
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    for order in sorts:
+        pstats.Stats(prof, stream=buf).sort_stats(order).print_stats(top)
     return buf.getvalue()
 
 

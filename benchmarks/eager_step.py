@@ -82,9 +82,11 @@ def mode_run(a, mode: str):
 
 
 def host_profile(a, mode: str, steps: int = 5, top: int = 35) -> str:
-    """cProfile of ``steps`` training steps of ``mode`` (after warm-up), by own time."""
+    """cProfile of ``steps`` training steps of ``mode`` (after warm-up), by own time and by
+    cumulative time (which shows the share of the compiled graphs' code and of our ops' calls)."""
     with mode_run(a, mode) as run:
-        report = python_profile(lambda: tr.train_step(run), calls=steps, top=top, warmup=a.warmup)
+        report = python_profile(lambda: tr.train_step(run), calls=steps, top=top, warmup=a.warmup,
+                                sorts=("tottime", "cumulative"))
     return f"{mode}, {steps} steps:\n" + report
 
 

@@ -98,6 +98,39 @@ def test_spdf_study_scales_steps_to_equal_flops_and_equal_time():
     assert table[3].endswith("| 0.9500 | 0.9900 | 0.8400 | +0.0200 | - |")
 
 
+def test_spdf_study_repeats_at_later_seeds_only_the_close_arms():
+    study = _script("spdf_study")
+
+    def r(arm, after):
+        return study.Result(1024, 0, arm, 300, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, after, [])
+
+    first = [r("dense", 1.327), r("block", 1.546), r("nm", 1.314), r("unstructured", 1.638),
+             r("block_time", 1.268), r("nm_time", 1.323), r("unstructured_flops", 1.048), r("nanogpt_loop", 1.315)]
+    arms = [x.arm for x in first]
+    # block is 0.22 from dense but block_time (0.059) is scaled from its tokens/s: it comes along
+    assert study.repeat_arms(arms, first, 0.1) == ["dense", "block", "nm", "block_time", "nm_time", "nanogpt_loop"]
+    assert study.repeat_arms(arms, first, 0.02) == ["dense", "nm", "nm_time", "nanogpt_loop"]
+    assert study.repeat_arms(arms, first, 0.0) == ["dense"]
+    assert study.repeat_arms(arms, first, 1.0) == arms
+    assert study.repeat_arms(["block"], [r("block", 1.5)], 0.1) == ["block"]  # no dense to compare with: repeat
+
+
+def test_spdf_study_resumes_from_its_results_file_with_the_same_settings(tmp_path):
+    import json
+
+    study = _script("spdf_study")
+    done = study.Result(768, 1, "nm", 300, 10.0, 1e15, 5e5, 1.9, 1.3, 1.5, 1.4, [], {"pretrain": 12.0})
+    same = {"steps": 300, "ft_steps": 100, "sets": []}
+    lines = [{**done.__dict__, "settings": same},
+             {**done.__dict__, "arm": "dense", "settings": {**same, "steps": 200}},  # another study's
+             {**done.__dict__, "arm": "block"}]  # written before settings were kept: not trusted
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n")
+    assert study.kept_results(path, same) == {(768, 1, "nm"): done}
+    assert study.kept_results(path, {**same, "sets": ["model.preset=gpt2-tiny"]}) == {}
+    assert study.kept_results(tmp_path / "absent.jsonl", same) == {}
+
+
 def test_spdf_study_scores_the_plain_loop_with_our_estimator(tmp_path):
     """The plain loop's models are scored by ``whole_split_loss``, which must be our evaluation
     (every window once, the mean over tokens): run on our own model it gives our eval_loss."""
