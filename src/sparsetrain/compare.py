@@ -10,7 +10,8 @@ or foreign line is skipped with a warning naming the file and line.
 The x axes: ``steps``; ``tokens`` (seen so far); ``flops``, the training FLOPs actually spent
 (``flops_total``: the sparse count, summed step by step, so dynamic densities and RigL's dense
 steps count); ``time``, the training time, Σ Δtokens / tokens_per_s over the logged intervals,
-so pauses, restarts, evaluations and checkpoint writes do not count. Eval points sit on the
+so pauses, restarts, evaluations and checkpoint writes do not count, nor compilation (an
+interval under half the median rate counts at the median: ``training_time``). Eval points sit on the
 train curve's x at their step (interpolated between logged steps).
 
 The table's tokens/s is the median of the logged values (the first interval, which holds the
@@ -112,12 +113,17 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
 def training_time(train: list[dict[str, Any]]) -> list[float]:
     """Seconds of training at each train record: Σ Δtokens / tokens_per_s over the intervals
     between logged steps (the first from step 0), so time the run spent elsewhere (evaluating,
-    saving, stopped between a kill and its resume) is not counted."""
+    saving, stopped between a kill and its resume) is not counted. Nor is compilation: an
+    interval logged at under half the run's median tokens/s (the first, and the first after a
+    resume, where torch.compile and the kernels' autotuning run) counts at the median rate, so
+    that runs compiled cold and warm (one process running several) start together."""
+    rates = [r["tokens_per_s"] for r in train if _number(r.get("tokens_per_s")) and r["tokens_per_s"] > 0]
+    floor = statistics.median(rates) if rates else 0.0
     out, total, tokens = [], 0.0, 0.0
     for r in train:
         now, rate = float(r.get("tokens", 0)), r.get("tokens_per_s")
         if _number(rate) and rate > 0 and now > tokens:
-            total += (now - tokens) / rate
+            total += (now - tokens) / (floor if rate < floor / 2 else rate)
         tokens = now
         out.append(total)
     return out

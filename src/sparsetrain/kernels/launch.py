@@ -41,17 +41,49 @@ def _arg_key(arg: Any) -> Any:
     raise TypeError(f"no launch signature for an argument of type {type(arg).__name__}")
 
 
+_SCALARS = (int, float, bool, type(None))
+
+
 def signature(args: Sequence[Any], constexprs: dict[str, Any]) -> tuple:
-    """What decides which compiled kernel a call runs (module docstring)."""
-    return tuple(_arg_key(a) for a in args) + tuple(constexprs.items())
+    """What decides which compiled kernel a call runs (module docstring). One loop with the
+    common cases inline (exact scalar types, plain tensors): it runs for every kernel call of an
+    eager or compiled-without-graphs step, where its host time was a third of the launch path's
+    (benchmarks/NOTES_block_kernels.md); anything else takes :func:`_arg_key`."""
+    key = []
+    for a in args:
+        t = type(a)
+        if t in _SCALARS:
+            key.append((t, a))
+        elif t is torch.Tensor:
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif type(b := getattr(a, "base", None)) is torch.Tensor:  # a TMA descriptor over a plain tensor
+            key.append((b.dtype, tuple(a.shape), tuple(a.strides), b.data_ptr() % 16 == 0, a.padding))
+        else:
+            key.append(_arg_key(a))
+    key.extend(constexprs.items())
+    return tuple(key)
+
+
+_ENV = os.environ
 
 
 def _direct_ok() -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("SPARSETRAIN_TRITON_LAUNCH") == "triton":
+    if _ENV.get("TRITON_INTERPRET") == "1" or _ENV.get("SPARSETRAIN_TRITON_LAUNCH") == "triton":
         return False
-    from triton import knobs
+    runtime = _triton_runtime()
+    return not (_hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook))
 
-    return not (_hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook))
+
+_RUNTIME: list = []  # triton.knobs.runtime and the driver's device/stream queries, looked up once
+
+
+def _triton_runtime():
+    if not _RUNTIME:
+        from triton import knobs
+        from triton.runtime import driver
+
+        _RUNTIME.extend((knobs.runtime, driver.active.get_current_device, driver.active.get_current_stream))
+    return _RUNTIME[0]
 
 
 def _hooked(hook) -> bool:
@@ -63,10 +95,9 @@ def _hooked(hook) -> bool:
 def _device_and_stream() -> tuple[int, int]:
     """The current device and its current stream (a capturing CUDA graph's, during capture), as
     Triton's own launch path reads them."""
-    from triton.runtime import driver
-
-    device = driver.active.get_current_device()
-    return device, driver.active.get_current_stream(device)
+    _triton_runtime()
+    device = _RUNTIME[1]()
+    return device, _RUNTIME[2](device)
 
 
 class _Entry:
