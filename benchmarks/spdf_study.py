@@ -43,7 +43,8 @@ pre-trained model's downstream loss is ``training.loop.evaluate`` without compil
 arm after the 2026-12-03 GPU runs). Seeds outermost (every width at
 the first seed first), and each finished arm is appended to ``OUT/results.jsonl`` at once; a
 rerun into the same OUT takes the arms that file holds for the same settings as done (that file
-alone, carried to another machine, resumes a study), and runs finished in OUT are read back.
+alone, carried to another machine with the same GPU, resumes a study), and runs finished in OUT
+are read back; ``OUT/settings.json`` keeps a study of other settings out of that OUT.
 ``OUT/compare.png`` draws the pre-training runs of the first width and seed against training time
 (``sparsetrain compare``; needs matplotlib).
 """
@@ -140,7 +141,7 @@ class Result:
     downstream_before: float
     downstream_after: float
     after_random: list[float]  # the same model scored nanoGPT's way: 40 random batches, per draw
-    wall_s: dict[str, float] | None = None  # this process's seconds per part of the arm (0 where read back)
+    wall_s: dict[str, float] | None = None  # seconds per part of the arm, in the process that ran it
 
 
 def random_batches_loss(loss_of, tokens, inp, batches: int = 40, draws: int = 5) -> list[float]:
@@ -245,8 +246,12 @@ def plain_loop(pre_sets: list[str], down_sets: list[str], ft_steps: int) -> dict
                                  {"params": rest, "weight_decay": 0.0}], lr=0.0, betas=(o.beta1, o.beta2), eps=o.eps,
                                 fused=dev.type == "cuda")
         model.train()
-        t0 = time.perf_counter()
+        t0 = first = time.perf_counter()
         for step in range(n):
+            if step == 1:  # the first step compiles: timed at the others' mean, as ours (compare.training_time)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                first = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(o.learning_rate, step, n)
             x, y = data.get_batch(stream, inp.batch_size, inp.max_sequence_length, seed=params.runconfig.seed,
@@ -260,7 +265,8 @@ def plain_loop(pre_sets: list[str], down_sets: list[str], ft_steps: int) -> dict
             opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        end = time.perf_counter()
+        return (end - first) * n / (n - 1) if n > 1 else end - t0
 
     def loss_of(x, y) -> float:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -430,18 +436,58 @@ def repeat_arms(arms: list[str], first: list[Result], close: float) -> list[str]
     return [arm for arm in arms if arm in keep]
 
 
+# Bumped when a recorded figure changes meaning (2: training time without each attempt's
+# compilation, compare.training_time), so that results of older code are not read back as done.
+RESULTS_FORMAT = 2
+
+
+def study_settings(a, device: str) -> dict:
+    """What an arm's result depends on besides its width, seed and arm: the steps, the overrides,
+    the estimators asked for, the GPU (equal-time arms are scaled by tokens/s) and the format."""
+    return {"steps": a.steps, "ft_steps": a.ft_steps, "sets": a.sets, "both_estimators": a.both_estimators,
+            "device": device, "format": RESULTS_FORMAT}
+
+
+def claim_out(out: Path, settings: dict) -> None:
+    """``OUT/settings.json``: the settings the runs under OUT were trained with. A study of other
+    settings into the same OUT would find finished runs there and read them back as its own, so
+    it is refused in one line."""
+    path = out / "settings.json"
+    if path.exists():
+        held = json.loads(path.read_text())
+        if held != settings:
+            changed = ", ".join(f"{k}: {held.get(k)!r} -> {settings.get(k)!r}" for k in settings if held.get(k) != settings.get(k))
+            raise SystemExit(f"spdf_study: {out} holds runs of other settings ({changed}); give another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1))
+
+
 def kept_results(path: Path, settings: dict) -> dict[tuple[int, int, str], Result]:
-    """The arms ``path`` (``OUT/results.jsonl``) holds for these ``settings`` (steps, fine-tuning
-    steps, overrides): a rerun into the same --out, also on another machine with only this file
-    carried over, takes them as done. Lines of other settings (or without any) are not used."""
+    """The arms ``path`` (``OUT/results.jsonl``) holds for these ``settings`` (``study_settings``):
+    a rerun into the same OUT, also on another machine with only this file carried over (the
+    same GPU model), takes them as done. Lines of other settings (or without any) are not used;
+    a torn or foreign line is skipped with a warning."""
     kept = {}
     if path.exists():
-        for line in path.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            if record.pop("settings", None) == settings:
-                r = Result(**record)
-                kept[(r.width, r.seed, r.arm)] = r
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if record.pop("settings", None) == settings:
+                    r = Result(**record)
+                    kept[(r.width, r.seed, r.arm)] = r
+            except (ValueError, TypeError, AttributeError) as e:
+                print(f"spdf_study: {path}:{number} skipped (not a result line: {e})", file=sys.stderr)
     return kept
+
+
+def append_result(path: Path, r: Result, settings: dict) -> None:
+    """One line for ``r``, on a line of its own even after a torn last line."""
+    torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write(("\n" if torn else "") + json.dumps({**r.__dict__, "settings": settings}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,8 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [w for w in widths if w not in WIDTHS]
     if bad:
         ap.error(f"--widths: {bad[0]} is not one of {', '.join(map(str, WIDTHS))}")
+    import torch
+
+    settings = study_settings(a, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    claim_out(a.out, settings)
     data = split_stdlib(a.out / "data")
-    settings = {"steps": a.steps, "ft_steps": a.ft_steps, "sets": a.sets}
     kept = kept_results(a.out / "results.jsonl", settings)
     results: list[Result] = []
     started = time.perf_counter()
@@ -491,8 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                 if r is None:
                     both = a.both_estimators or arm == "dense"
                     r = run_arm(a.out, a.sets, width, seed, arm, a.steps, a.ft_steps, data, done, both)
-                    with open(a.out / "results.jsonl", "a") as f:  # as they come: a run cut short keeps its arms
-                        f.write(json.dumps({**r.__dict__, "settings": settings}) + "\n")
+                    append_result(a.out / "results.jsonl", r, settings)  # as they come: a run cut short keeps its arms
                     source = f"wall {r.wall_s}"
                 done[f"w{width}_s{seed}_{arm}"] = r
                 results.append(r)

@@ -129,6 +129,28 @@ def test_spdf_study_resumes_from_its_results_file_with_the_same_settings(tmp_pat
     assert study.kept_results(path, same) == {(768, 1, "nm"): done}
     assert study.kept_results(path, {**same, "sets": ["model.preset=gpt2-tiny"]}) == {}
     assert study.kept_results(tmp_path / "absent.jsonl", same) == {}
+    with open(path, "a") as f:
+        f.write('{"width": 768, "se')  # torn: the study was killed while writing
+    study.append_result(path, done, same)  # a line of its own after the torn one
+    assert study.kept_results(path, same) == {(768, 1, "nm"): done}
+    assert path.read_text().splitlines()[-2:] == ['{"width": 768, "se', json.dumps({**done.__dict__, "settings": same})]
+
+
+def test_spdf_study_keeps_a_study_of_other_settings_out_of_its_out(tmp_path):
+    """Finished runs under OUT are read back as done: a study of other settings must not get them."""
+    import argparse
+
+    study = _script("spdf_study")
+    a = argparse.Namespace(steps=300, ft_steps=100, sets=[], both_estimators=False)
+    settings = study.study_settings(a, "NVIDIA H200")
+    assert settings == {"steps": 300, "ft_steps": 100, "sets": [], "both_estimators": False, "device": "NVIDIA H200",
+                        "format": study.RESULTS_FORMAT}
+    study.claim_out(tmp_path / "out", settings)
+    study.claim_out(tmp_path / "out", settings)  # the same study again: resumes
+    tiny = study.study_settings(argparse.Namespace(**{**vars(a), "sets": ["model.preset=gpt2-tiny"]}), "NVIDIA H200")
+    with pytest.raises(SystemExit, match=r"out holds runs of other settings \(sets: \[\] -> \['model.preset=gpt2-tiny'\]\); "
+                                         r"give another --out"):
+        study.claim_out(tmp_path / "out", tiny)
 
 
 def test_spdf_study_scores_the_plain_loop_with_our_estimator(tmp_path):

@@ -68,9 +68,8 @@ def test_json_holds_the_same_figures(runs, capsys):
     assert sparse["flops_sparse"] == train[-1]["flops_total"] and sparse["flops_dense"] == train[-1]["flops_total_dense"]
     assert sparse["flops_sparse"] < sparse["flops_dense"] and dense["flops_sparse"] == dense["flops_dense"]
     assert sparse["sparsity"] == pytest.approx(0.5) and dense["sparsity"] == 0.0
-    median = statistics.median(r["tokens_per_s"] for r in train)  # an interval under half of it counts at it
-    assert sparse["time_s"] == pytest.approx(sum(768 / 6 / (median if r["tokens_per_s"] < median / 2 else r["tokens_per_s"])
-                                                 for r in train))
+    median = statistics.median(r["tokens_per_s"] for r in train[1:])  # the first interval (compilation) counts at it
+    assert sparse["time_s"] == pytest.approx(768 / 6 / median + sum(768 / 6 / r["tokens_per_s"] for r in train[1:]))
 
 
 @pytest.mark.parametrize("axis", ["steps", "tokens", "flops", "time"])
@@ -107,7 +106,7 @@ def test_the_last_record_of_a_step_wins_and_torn_lines_are_skipped(tmp_path, cap
     (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + '\n{"kind": "tra')
     run = compare.read_run(tmp_path)
     assert [e["eval_loss"] for e in run.eval] == [2.4] and len(run.train) == 2
-    assert run.x("time") == [1.0, 3.0]
+    assert run.x("time") == [2.0, 4.0]  # the first interval (compilation) at the others' rate, 5 tokens/s
     assert f"{tmp_path / 'metrics.jsonl'}:5: not a metrics record; skipped" in caplog.text
     assert run.structure == "dense"
 
@@ -163,12 +162,15 @@ def test_drawing_leaves_pyplot_and_its_backend_alone(runs, tmp_path):
     assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
 
 
-def test_training_time_counts_a_compiling_interval_at_the_median_rate():
-    """A run's first interval holds torch.compile (tens of seconds): counted as logged, a run
+def test_training_time_counts_each_attempts_first_interval_at_the_median_rate():
+    """An attempt's first interval holds torch.compile (tens of seconds): counted as logged, a run
     compiled cold starts its curve that much later than one compiled warm in the same process.
-    Under half the median rate it counts at the median; a merely slower interval counts as it is."""
-    train = [{"step": s, "tokens": 1000 * s, "tokens_per_s": rate}
-             for s, rate in ((1, 10.0), (2, 1000.0), (3, 600.0), (4, 1000.0), (5, 1200.0))]
-    assert compare.training_time(train) == pytest.approx([1.0, 2.0, 2.0 + 1000 / 600, 3.0 + 1000 / 600,
-                                                          3.0 + 1000 / 600 + 1000 / 1200])
+    The run's first record and every ``warmup`` one (a resume's first) count at the median rate
+    of the others; any other interval, however slow (a dense RigL step, a busy GPU), as logged."""
+    train = [{"step": s, "tokens": 1000 * s, "tokens_per_s": rate, **extra}
+             for s, rate, extra in ((1, 10.0, {}), (2, 1000.0, {}), (3, 100.0, {}), (4, 5.0, {"warmup": True}),
+                                    (5, 1000.0, {}), (6, 1000.0, {}))]
+    # the median of 1000, 100, 1000, 1000 is 1000: steps 1 and 4 at it, step 3 at its own 100
+    assert compare.training_time(train) == pytest.approx([1.0, 2.0, 12.0, 13.0, 14.0, 15.0])
+    assert compare.training_time(train[:1]) == pytest.approx([100.0])  # nothing else to go by: as logged
     assert compare.training_time([]) == []

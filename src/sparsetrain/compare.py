@@ -10,8 +10,8 @@ or foreign line is skipped with a warning naming the file and line.
 The x axes: ``steps``; ``tokens`` (seen so far); ``flops``, the training FLOPs actually spent
 (``flops_total``: the sparse count, summed step by step, so dynamic densities and RigL's dense
 steps count); ``time``, the training time, Σ Δtokens / tokens_per_s over the logged intervals,
-so pauses, restarts, evaluations and checkpoint writes do not count, nor compilation (an
-interval under half the median rate counts at the median: ``training_time``). Eval points sit on the
+so pauses, restarts, evaluations and checkpoint writes do not count, nor compilation (each
+attempt's first interval counts at the median rate of the others: ``training_time``). Eval points sit on the
 train curve's x at their step (interpolated between logged steps).
 
 The table's tokens/s is the median of the logged values (the first interval, which holds the
@@ -112,21 +112,30 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
 
 def training_time(train: list[dict[str, Any]]) -> list[float]:
     """Seconds of training at each train record: Σ Δtokens / tokens_per_s over the intervals
-    between logged steps (the first from step 0), so time the run spent elsewhere (evaluating,
-    saving, stopped between a kill and its resume) is not counted. Nor is compilation: an
-    interval logged at under half the run's median tokens/s (the first, and the first after a
-    resume, where torch.compile and the kernels' autotuning run) counts at the median rate, so
-    that runs compiled cold and warm (one process running several) start together."""
-    rates = [r["tokens_per_s"] for r in train if _number(r.get("tokens_per_s")) and r["tokens_per_s"] > 0]
-    floor = statistics.median(rates) if rates else 0.0
+    between logged steps (the first from step 0). Checkpoint writes and evaluations between steps
+    are outside the intervals (``training.loop.fit``), as is the time between a kill and its
+    resume. Compilation is not counted either: the first interval of each attempt (``warmup``,
+    and the run's first record, which older runs did not mark) counts at the median rate of the
+    other intervals, so that runs compiled cold and warm (one process running several) start
+    together."""
+    steady = [r["tokens_per_s"] for i, r in enumerate(train)
+              if _rate(r) and not (i == 0 or r.get("warmup"))]
+    typical = statistics.median(steady) if steady else None
     out, total, tokens = [], 0.0, 0.0
-    for r in train:
+    for i, r in enumerate(train):
         now, rate = float(r.get("tokens", 0)), r.get("tokens_per_s")
-        if _number(rate) and rate > 0 and now > tokens:
-            total += (now - tokens) / (floor if rate < floor / 2 else rate)
+        if (i == 0 or r.get("warmup")) and typical:
+            rate = typical
+        if _rate({"tokens_per_s": rate}) and now > tokens:
+            total += (now - tokens) / rate
         tokens = now
         out.append(total)
     return out
+
+
+def _rate(record: dict[str, Any]) -> bool:
+    rate = record.get("tokens_per_s")
+    return _number(rate) and rate > 0
 
 
 def read_run(path: str | Path) -> Run:

@@ -57,3 +57,38 @@ def test_evaluation_scores_every_window_of_the_split_the_tail_too(tmp_path):
     assert record["eval_tokens"] == windows * 32
     assert record["eval_loss_tokens"] == "all"
     assert record["eval_loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_train_records_mark_each_attempts_first_interval_and_leave_saves_and_evals_out(
+        tiny_params, write_params, tmp_path, monkeypatch):
+    """Every attempt's first ``train`` record says ``warmup`` (its interval holds the compilation;
+    ``compare.training_time`` counts it at the median rate), and a checkpoint or evaluation
+    between steps does not slow the next interval's tokens/s (here each takes 0.5 s)."""
+    import json
+    import time
+
+    from sparsetrain import training as tr
+    from sparsetrain.config.params import load_params
+
+    save, evaluate = loop.save, loop.evaluate
+    monkeypatch.setattr(loop, "save", lambda run: (time.sleep(0.5), save(run))[1])
+    monkeypatch.setattr(loop, "evaluate", lambda run: (time.sleep(0.5), evaluate(run))[1])
+    model_dir = tmp_path / "run"
+
+    def attempt(max_steps):
+        params = load_params(write_params(tiny_params(runconfig={"max_steps": max_steps, "log_steps": 1,
+                                                                 "checkpoint_steps": 1, "eval_steps": 1})), [])
+        run = tr.setup(params, model_dir, train=True, evaluate=True)
+        loop.fit(run, do_eval=True, eval_frequency=1)
+        run.metrics.close()
+
+    attempt(3)
+    attempt(5)  # a resume from step 3
+    train = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
+    assert [r.get("warmup", False) for r in train] == [True, False, False, True, False]
+    tokens_per_step = train[0]["tokens"]
+    for r in train:
+        if not r.get("warmup"):
+            assert tokens_per_step / r["tokens_per_s"] < 0.4, r  # a step of this model takes milliseconds

@@ -56,6 +56,8 @@ def signature(args: Sequence[Any], constexprs: dict[str, Any]) -> tuple:
             key.append((t, a))
         elif t is torch.Tensor:
             key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, (torch.Tensor, int, float)):  # subclasses: their own key, whatever attributes they have
+            key.append(_arg_key(a))
         elif type(b := getattr(a, "base", None)) is torch.Tensor:  # a TMA descriptor over a plain tensor
             key.append((b.dtype, tuple(a.shape), tuple(a.strides), b.data_ptr() % 16 == 0, a.padding))
         else:

@@ -62,17 +62,19 @@ def fit(run: Run, *, do_eval: bool, eval_frequency: int = 0, progress: Callable 
             logged = run.step % rc.log_steps == 0 or run.step == rc.max_steps
             if logged:
                 check_finite(run)
-                loss = _log_step(run, loss_t, tokens_per_step, peak, bar, t_log, step_log)
+                loss = _log_step(run, loss_t, tokens_per_step, peak, bar, t_log, step_log, step_log == start_step)
                 t_log, step_log = time.perf_counter(), run.step
             if bar is not None:
                 bar.update(1)
             # Under torchrun every rank must stop at the same step: they agree at log steps.
             if interrupt.requested(run, logged):
                 return _interrupted(run, bar, start_step, t_start, loss, tokens_per_step)
+            paused = time.perf_counter()  # a checkpoint or an evaluation is not training time
             if rc.checkpoint_steps and run.step % rc.checkpoint_steps == 0 and run.step != rc.max_steps:
                 save(run)
             if do_eval and eval_frequency and run.step % eval_frequency == 0 and run.step != rc.max_steps:
                 evaluate(run)
+            t_log += time.perf_counter() - paused
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t_start
@@ -163,12 +165,17 @@ def _finish(run: Run, start_step: int, elapsed: float, loss, tokens_per_step: in
     return run.history
 
 
-def _log_step(run: Run, loss_t: torch.Tensor, tokens_per_step: int, peak, bar, t_log: float, step_log: int) -> float:
+def _log_step(run: Run, loss_t: torch.Tensor, tokens_per_step: int, peak, bar, t_log: float, step_log: int,
+              warmup: bool) -> float:
+    """One ``train`` record; ``warmup`` marks the first interval of this process's training (a
+    fresh run's or a resume's), which holds torch.compile and the kernels' autotuning."""
     rc = run.params.runconfig
     loss = float(dist.mean(loss_t, run.dist))
     now = time.perf_counter()
     tps = (run.step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
     record = train_record(run, loss, tps, tokens_per_step, peak)
+    if warmup:
+        record["warmup"] = True
     run.metrics.write(record)
     if bar is not None:
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
