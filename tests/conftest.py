@@ -59,6 +59,11 @@ def make_corpus(d: Path) -> Path:
 @pytest.fixture
 def tiny_params(corpus: Path):
     """A factory: tiny_params(**section_overrides) -> params dict using the small corpus."""
+    return params_factory(corpus)
+
+
+def params_factory(corpus: Path):
+    """``tiny_params``' factory on ``corpus``, for a module-scoped fixture (on a ``make_corpus``)."""
 
     def make(**sections) -> dict:
         p = copy.deepcopy(TINY)

@@ -12,13 +12,18 @@
 - ``FailingFile``: a file that fails like a full disk after some bytes;
 - ``triton_module``: a Triton kernel module, or a skip where Triton is missing; ``rel_err``;
 - ``block_kernel_run``: a CPU run whose block layers are switched as on a CUDA bf16 run;
-- ``torchrun`` / ``launch``, ``rank_reports``, ``checkpoint_model``: runs of 1 or N processes.
+- ``torchrun`` / ``launch``, ``rank_reports``, ``checkpoint_model``: runs of 1 or N processes;
+  ``start_torchrun`` / ``start_launch`` and ``finish``: the same, started and waited for apart;
+  ``launch_here``: ``launch(1, ...)`` in this process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -247,13 +252,24 @@ def block_kernel_run(model_dir, tiny_params, monkeypatch, *, packed: bool, max_s
 
 def launch(nproc: int, params: Path, model_dir: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """``run.py --mode train`` with ``--set`` ``overrides``, in one process or ``nproc``."""
-    sets = [x for o in overrides for x in ("--set", o)]
-    args = [str(ROOT / "run.py"), "--mode", "train", "--params", str(params), "--model_dir", str(model_dir), *sets]
-    return torchrun(nproc, args, timeout)
+    return finish(start_launch(nproc, params, model_dir, *overrides), timeout)
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     """``python ARGS`` in one process, or under torchrun in ``nproc``."""
+    return finish(start_torchrun(nproc, args), timeout)
+
+
+def start_launch(nproc: int, params: Path, model_dir: Path, *overrides: str) -> subprocess.Popen:
+    """``launch`` started, not waited for: ``finish`` it. Two independent launches of a test may
+    run at once (a launch leaves part of two cores idle: torchrun's own start, the teardown)."""
+    sets = [x for o in overrides for x in ("--set", o)]
+    args = [str(ROOT / "run.py"), "--mode", "train", "--params", str(params), "--model_dir", str(model_dir), *sets]
+    return start_torchrun(nproc, args)
+
+
+def start_torchrun(nproc: int, args: list[str]) -> subprocess.Popen:
+    """``torchrun`` started, not waited for: ``finish`` it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     if nproc == 1:
         cmd = [sys.executable, *args]
@@ -261,16 +277,51 @@ def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.Co
         # --standalone: a private rendezvous on a free port, so parallel or stale jobs never meet.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     # A session of its own, so that a hung job's worker processes can be killed with it.
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Wait for a ``start_torchrun`` / ``start_launch`` process (killed, with its workers, and the
+    test failed after ``timeout`` seconds)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"torchrun timed out after {timeout} s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def launch_here(params: Path, model_dir: Path, *overrides: str, compiled: bool = False) -> subprocess.CompletedProcess:
+    """``launch(1, params, model_dir, *overrides)`` in this process: ``zoo_cli.run_py``, the function
+    ``run.py`` calls, on one intra-op thread as ``launch`` gives its process (OMP_NUM_THREADS=1),
+    its stdout and stderr (the log) captured into the result. The same run without the ~5 s of
+    imports a fresh interpreter pays (torch, TorchDynamo, DTensor), for one-process references
+    and the one-process halves of resumes. ``compiled``: TorchDynamo is reset before and after,
+    so that the run compiles for itself (no code-object cache an earlier test filled, no recompile
+    limit reached) and leaves nothing behind."""
+    from sparsetrain.zoo_cli import run_py
+
+    sets = [x for o in overrides for x in ("--set", o)]
+    argv = ["--mode", "train", "--params", str(params), "--model_dir", str(model_dir), *sets]
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    if compiled:
+        torch._dynamo.reset()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = run_py(argv)
+    finally:
+        torch.set_num_threads(threads)
+        if compiled:
+            torch._dynamo.reset()
+        logger = logging.getLogger("sparsetrain")  # the run's console handler (on ``err``) and train.log
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+    return subprocess.CompletedProcess(["run.py", *argv], rc, out.getvalue(), err.getvalue())
 
 
 def rank_reports(directory: Path) -> list[dict]:

@@ -65,6 +65,17 @@ def _run_py(*args, cwd=ROOT):
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
+def _start_run_py(*args, cwd=ROOT) -> subprocess.Popen:
+    """``_run_py`` started, not waited for (see ``_finish``)."""
+    cmd = [sys.executable, str(ROOT / "run.py"), *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def test_run_py_bad_inputs_one_line_exit_2(tmp_path, tiny_params, write_params):
     good = write_params(tiny_params())
     bad_yaml = tmp_path / "bad.yaml"
@@ -80,10 +91,15 @@ def test_run_py_bad_inputs_one_line_exit_2(tmp_path, tiny_params, write_params):
         (["--params", missing_data], "train_input.data_path"),
         (["--params", good, "--model_dir", blocker / "sub"], "cannot write there"),
     ]
-    for args, fragment in cases:
+    # The five processes at once (each is mostly its imports, on one core): half the time on two
+    # cores; each case is still its own process and is checked, and named, on its own.
+    procs = []
+    for i, (args, fragment) in enumerate(cases):
         if "--model_dir" not in args:
-            args = [*args, "--model_dir", tmp_path / "m"]
-        r = _run_py("--mode", "train", *args)
+            args = [*args, "--model_dir", tmp_path / f"m{i}"]  # one each: the runs are at once
+        procs.append((args, fragment, _start_run_py("--mode", "train", *args)))
+    for args, fragment, proc in procs:
+        r = _finish(proc)
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr

@@ -15,8 +15,20 @@ import pytest
 import torch
 
 from sparsetrain import data
+from sparsetrain.training import build
 from tests.conftest import make_corpus
-from tests.helpers import ROOT, checkpoint_model, launch, rank_reports, records, torchrun
+from tests.helpers import (
+    ROOT,
+    checkpoint_model,
+    finish,
+    launch,
+    launch_here,
+    rank_reports,
+    records,
+    start_launch,
+    start_torchrun,
+    torchrun,
+)
 
 
 def _assert_same_run(a: Path, b: Path, step: int, weight_atol: float = 5e-5) -> None:
@@ -60,15 +72,21 @@ def params(tiny_params, write_params, module_corpus):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """One-process reference runs, shared by the tests that compare against the same one (the
-    distributed mode means nothing to one process): keyed by the params file's text and the
-    overrides; the tests only read them. Returns (model_dir, the finished process)."""
+    distributed mode means nothing to one process): keyed by the params file's text, the
+    overrides and ``block_layers``; the tests only read them. Returns (model_dir, the finished
+    run). In this process (``launch_here``: the same losses and weights, bit for bit, as
+    ``launch(1, ...)``, without a fresh interpreter's imports); ``block_layers``: with the block
+    layers forced, as ``FORCE_BLOCK_LAYERS`` below does."""
     runs: dict[tuple, tuple[Path, object]] = {}
 
-    def run(params: Path, *sets: str):
-        key = (Path(params).read_text(), sets)
+    def run(params: Path, *sets: str, block_layers: bool = False):
+        key = (Path(params).read_text(), sets, block_layers)
         if key not in runs:
             model_dir = tmp_path_factory.mktemp("one_process") / "run"
-            result = launch(1, params, model_dir, *sets)
+            with pytest.MonkeyPatch.context() as m:
+                if block_layers:
+                    m.setattr(build, "block_kernels_apply", lambda run: True)
+                result = launch_here(params, model_dir, *sets, compiled="runconfig.compile=true" in sets)
             assert result.returncode == 0, result.stderr
             runs[key] = (model_dir, result)
         return runs[key]
@@ -138,14 +156,22 @@ def test_compiled_model_matches_one_process(tmp_path, params, one_process, mode)
 def test_checkpoints_move_between_process_counts(tmp_path, params, one_process, mode, packed):
     state = f"optimizer.packed_state={str(packed).lower()}"
     straight, _ = one_process(params, state)
-    for first, second in ((2, 1), (1, 2)):
-        d = tmp_path / f"{first}then{second}"
-        r = launch(first, params, d, "runconfig.max_steps=3", f"runconfig.distributed={mode}", state)
-        assert r.returncode == 0, r.stderr
-        r = launch(second, params, d, f"runconfig.distributed={mode}", state)
-        assert r.returncode == 0, r.stderr
-        assert "resuming at step 3" in r.stderr
-        _assert_same_run(straight, d, 6)
+    # 2 -> 1 and 1 -> 2: the one-process halves in this process (the run launch(1, ...) makes),
+    # the two 2-process halves at once (they share nothing).
+    two_then_one, one_then_two = tmp_path / "2then1", tmp_path / "1then2"
+    r = launch_here(params, one_then_two, "runconfig.max_steps=3", f"runconfig.distributed={mode}", state)
+    assert r.returncode == 0, r.stderr
+    first = start_launch(2, params, two_then_one, "runconfig.max_steps=3", f"runconfig.distributed={mode}", state)
+    second = start_launch(2, params, one_then_two, f"runconfig.distributed={mode}", state)
+    first, second = finish(first), finish(second)
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    assert "resuming at step 3" in second.stderr
+    _assert_same_run(straight, one_then_two, 6)
+    r = launch_here(params, two_then_one, f"runconfig.distributed={mode}", state)
+    assert r.returncode == 0, r.stderr
+    assert "resuming at step 3" in r.stderr
+    _assert_same_run(straight, two_then_one, 6)
 
 
 # --- FSDP with packed optimizer state: each rank packs the state of its own shards ----------------
@@ -229,7 +255,7 @@ BPE = {"tokenizer": "bpe", "bpe_vocab_size": 300}
 def test_bpe_tokenizer_two_processes_match_one(tmp_path, tiny_params, write_params):
     params = write_params(tiny_params(train_input=BPE, runconfig={"max_steps": 4, "checkpoint_steps": 4}), "bpe.yaml")
     one, two = tmp_path / "one", tmp_path / "two"
-    r1, r2 = launch(1, params, one), launch(2, params, two)
+    r1, r2 = launch_here(params, one), launch(2, params, two)  # one process: here, as launch(1, ...)
     assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
     assert "trained a byte-level BPE tokenizer" in r2.stderr and "DDP x2" in r2.stderr
@@ -312,25 +338,37 @@ sys.exit(run_py())
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_block_layers_on_two_processes_match_one_and_resume(tmp_path, params, mode):
+def test_block_layers_on_two_processes_match_one_and_resume(tmp_path, params, one_process, mode):
     """Layers switched to the block kernels' class (live blocks stored under DDP) train like one
-    process, write the usual NaN checkpoint, and a 2-process checkpoint resumes on 1 process."""
+    process, write the usual NaN checkpoint, and a 2-process checkpoint resumes on 1 process.
+    The one-process runs are in this process, with the same switch (``one_process``'s
+    ``block_layers``): the reference is shared by both modes."""
     script = tmp_path / "forced_run.py"
     script.write_text(FORCE_BLOCK_LAYERS)
-    sets = [x for o in ("sparsity.structure=block", "sparsity.block_size=16") for x in ("--set", o)]
+    block = ("sparsity.structure=block", "sparsity.block_size=16")
+    sets = [x for o in block for x in ("--set", o)]
+    on_kernels = "linear layer(s) run on the block-sparse kernels"
 
-    def launch(nproc, model_dir, *more):
+    def start(model_dir, *more):
         extra = [x for o in more for x in ("--set", o)]
         args = [str(script), "--mode", "train", "--params", str(params), "--model_dir", str(model_dir), *sets, *extra]
-        r = torchrun(nproc, args)
-        assert r.returncode == 0, r.stderr
-        assert "linear layer(s) run on the block-sparse kernels" in r.stderr
-        return r
+        return start_torchrun(2, args)
 
-    one, two, halves = tmp_path / "one", tmp_path / "two", tmp_path / "halves"
-    launch(1, one)
-    launch(2, two, f"runconfig.distributed={mode}")
+    two, halves = tmp_path / "two", tmp_path / "halves"
+    one, r1 = one_process(params, *block, block_layers=True)
+    assert on_kernels in r1.stderr
+    # The whole 2-process run and the first half of the resumed one at once (they share nothing).
+    runs = (
+        start(two, f"runconfig.distributed={mode}"),
+        start(halves, f"runconfig.distributed={mode}", "runconfig.max_steps=3"),
+    )
+    for r in [finish(run) for run in runs]:
+        assert r.returncode == 0, r.stderr
+        assert on_kernels in r.stderr
     _assert_same_run(one, two, 6)
-    launch(2, halves, f"runconfig.distributed={mode}", "runconfig.max_steps=3")
-    assert "resuming at step 3" in launch(1, halves).stderr
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(build, "block_kernels_apply", lambda run: True)
+        r = launch_here(params, halves, *block)
+    assert r.returncode == 0, r.stderr
+    assert on_kernels in r.stderr and "resuming at step 3" in r.stderr
     _assert_same_run(one, halves, 6)

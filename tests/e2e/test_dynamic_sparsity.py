@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from sparsetrain.config import params_from_dict
 from sparsetrain.kernels.blocks import block_layout, is_block_structured
 from sparsetrain.sparsity.masks import num_pruned
 from sparsetrain.training import setup, train_step
-from tests.helpers import checkpoint_model, cli, launch, records
+from tests.conftest import make_corpus, params_factory
+from tests.helpers import checkpoint_model, cli, launch, launch_here, records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -176,16 +178,31 @@ def test_gmp_starts_dense_when_updates_start_later(tmp_path, tiny_params):
         assert int((~m).sum()) == num_pruned(m.numel(), 0.5)
 
 
+@pytest.fixture(scope="module")
+def rigl_one_process(tmp_path_factory):
+    """The params of ``test_two_processes_agree_on_every_update`` (RigL every 2 steps, 4 steps,
+    gradient accumulation 2) on a module corpus, and their one-process run: the same for both
+    modes, so run once, in this process (``launch_here``: the run ``launch(1, ...)`` makes)."""
+    base = tmp_path_factory.mktemp("rigl")
+    p = _params(params_factory(make_corpus(base / "corpus")), {**RIGL, "update": {"freq": 2}},
+                max_steps=4, optimizer={"grad_accum_steps": 2})
+    path = base / "params.yaml"
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("SPARSETRAIN_LOSS_PNG", "0")  # conftest's no_loss_png comes after module fixtures
+        r1 = launch_here(path, base / "one")
+    assert r1.returncode == 0, r1.stderr
+    return path, base / "one"
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_agree_on_every_update(tmp_path, tiny_params, write_params, mode):
+def test_two_processes_agree_on_every_update(tmp_path, rigl_one_process, mode):
     """The run compares a checksum of the masks across ranks after every update (it would stop
     otherwise); the masks come out as one process's (SET: the same random draws, RigL: the
     all-reduced gradient)."""
-    block = {**RIGL, "update": {"freq": 2}}
-    path = write_params(_params(tiny_params, block, max_steps=4, optimizer={"grad_accum_steps": 2}))
-    one, two = tmp_path / "one", tmp_path / "two"
-    r1, r2 = launch(1, path, one), launch(2, path, two, f"runconfig.distributed={mode}")
-    assert r1.returncode == 0, r1.stderr
+    path, one = rigl_one_process
+    two = tmp_path / "two"
+    r2 = launch(2, path, two, f"runconfig.distributed={mode}")
     assert r2.returncode == 0, r2.stderr
     assert [r["step"] for r in records(two, "sparsity_update")] == [2, 4]
     a, b = checkpoint_model(one / "checkpoint_4.mdl"), checkpoint_model(two / "checkpoint_4.mdl")

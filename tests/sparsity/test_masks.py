@@ -160,18 +160,25 @@ for name in sorted(sp.masks):
 """
 
 
-def _run_masks(order: str, hash_seed: str, torch_seed: str, script: str = _SCRIPT) -> str:
-    """The masks' digests printed by ``script`` in a fresh process (parameters in ``order``)."""
-    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(SRC)}
-    result = subprocess.run(
-        [sys.executable, "-c", script, order, torch_seed], env=env, capture_output=True, text=True, check=True
-    )
-    return result.stdout
+def _run_masks(*runs: tuple[str, str, str], script: str = _SCRIPT) -> list[str]:
+    """The masks' digests printed by ``script`` in a fresh process for each of ``runs``
+    (``(order, hash_seed, torch_seed)``: parameters in ``order``). The processes run at once
+    (each is mostly its imports, on one core of a two-core machine); each is still its own."""
+    procs = []
+    for order, hash_seed, torch_seed in runs:
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(SRC)}
+        cmd = [sys.executable, "-c", script, order, torch_seed]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        outputs.append(out)
+    return outputs
 
 
 def test_random_masks_identical_across_processes_and_parameter_orders():
-    first = _run_masks("forward", "1", "0")
-    second = _run_masks("reversed", "2", "99")
+    first, second = _run_masks(("forward", "1", "0"), ("reversed", "2", "99"))
     assert first == second
     assert len(first.splitlines()) == 3
     here = random_mask("alpha.weight", (6, 10), 0.5, 1234)
@@ -180,8 +187,8 @@ def test_random_masks_identical_across_processes_and_parameter_orders():
 
 
 def test_random_structured_masks_identical_across_processes_and_orders():
-    first = _run_masks("forward", "1", "0", _STRUCTURED_SCRIPT)
-    assert first == _run_masks("reversed", "2", "99", _STRUCTURED_SCRIPT)
+    first, second = _run_masks(("forward", "1", "0"), ("reversed", "2", "99"), script=_STRUCTURED_SCRIPT)
+    assert first == second
     assert len(first.splitlines()) == 3
     digest = hashlib.sha256(block_random_mask("alpha.weight", (16, 24), 0.5, 77, (4, 8)).numpy().tobytes())
     assert f"alpha.weight {digest.hexdigest()}" in first
