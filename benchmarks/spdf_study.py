@@ -9,7 +9,8 @@ Data: byte tokens of the running interpreter's standard library. The ``email``, 
 everything else is pre-training text (``OUT/data/pretrain``); each is split train/eval by the
 usual file hash. Base params: ``benchmarks/spdf_study.yaml`` (context 256, batch 64, AdamW 1e-3,
 cosine). Widths: 768 is GPT-2 small's shape, 1024 GPT-2 medium's width at 12 layers (where the
-block kernels pay more). Per width and seed, the arms (``ARMS``) pre-train, then each is
+block kernels pay more). Per width and seed, the arms (``ARMS``; by default ``width_arms``: all
+but the plain loop at the widest width, dense, blocks and 2:4 at the others) pre-train, then each is
 fine-tuned densely for ``--ft_steps`` on the downstream train split from its final checkpoint
 (``--checkpoint_path``: a warm start, no ``sparsity:`` block, LR 1e-4 constant):
 
@@ -45,7 +46,7 @@ the first seed first), and each finished arm is appended to ``OUT/results.jsonl`
 rerun into the same OUT takes the arms that file holds for the same settings as done (that file
 alone, carried to another machine with the same GPU, resumes a study), and runs finished in OUT
 are read back; ``OUT/settings.json`` keeps a study of other settings out of that OUT.
-``OUT/compare.png`` draws the pre-training runs of the first width and seed against training time
+``OUT/compare.png`` draws the pre-training runs of the widest width at the first seed against training time
 (``sparsetrain compare``; needs matplotlib).
 """
 
@@ -89,6 +90,24 @@ ARMS = {
     "nm_time": ("nm", "time"),
     "nanogpt_loop": (None, "loop"),  # dense through a plain nanoGPT loop, not the product (plain_loop)
 }
+# The arms a study runs unless --arms names them: at its widest width every arm of the product; at
+# narrower widths those whose speed depends on the width (the block kernels pay more the wider
+# the matrices; 2:4 runs masked dense): unstructured runs masked dense at dense's speed at every
+# width, so a second width would repeat its quality question without a speed question, at the
+# cost of the study's longest run (equal FLOPs: 3.5x dense's steps). The plain loop, the
+# yardstick that explained the fine-tuning gap (BENCHMARKS.md), only when --arms names it.
+WIDEST_ARMS = ("dense", "unstructured", "unstructured_flops", "block", "block_time", "nm", "nm_time")
+NARROWER_ARMS = ("dense", "block", "block_time", "nm", "nm_time")
+
+
+def width_arms(arms: list[str] | None, width: int, widths: list[int]) -> list[str]:
+    """The arms of ``width`` in a study of ``widths``: ``arms`` (``--arms``) where given, else
+    ``WIDEST_ARMS`` at the widest width and ``NARROWER_ARMS`` at the others."""
+    if arms is not None:
+        return list(arms)
+    return list(WIDEST_ARMS if width == max(widths) else NARROWER_ARMS)
+
+
 # The downstream packages are 61 files (0.9 MB): the default 5% of files leaves 30 windows (7.7 KB) to
 # evaluate on, too few to compare runs; a quarter of the files holds about 0.2 MB.
 DOWNSTREAM_EVAL_FRACTION = 0.25
@@ -497,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--ft_steps", type=int, default=100)
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", help=f"the arms of every width (of {', '.join(ARMS)}); by default every arm but "
+                    "the plain loop at the widest width and dense, blocks and 2:4 at the others (width_arms)")
     ap.add_argument("--close", type=float, default=0.1,
                     help="seeds after the first run only the arms whose first-seed difference to dense after "
                          "fine-tuning is under this (repeat_arms); 0 runs dense alone again, a large value every arm")
@@ -508,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="an override for every run (e.g. model.preset=gpt2-tiny for a CPU smoke run)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
-    arms = a.arms.split(",")
-    unknown = [x for x in arms if x not in ARMS]
+    arms = a.arms.split(",") if a.arms else None
+    unknown = [x for x in arms or [] if x not in ARMS]
     if unknown:
         ap.error(f"--arms: unknown {', '.join(unknown)} (valid: {', '.join(ARMS)})")
     widths, seeds = [int(w) for w in a.widths.split(",")], [int(x) for x in a.seeds.split(",")]
@@ -523,12 +543,13 @@ def main(argv: list[str] | None = None) -> int:
     data = split_stdlib(a.out / "data")
     kept = kept_results(a.out / "results.jsonl", settings)
     results: list[Result] = []
-    started = time.perf_counter()
+    started, ran = time.perf_counter(), 0
     for seed in seeds:  # every width at the first seed first: a study cut short still compares widths
         for width in widths:
             done: dict[str, Result] = {}
-            seed_arms = arms if seed == seeds[0] else repeat_arms(
-                arms, [r for r in results if (r.width, r.seed) == (width, seeds[0])], a.close)
+            these = width_arms(arms, width, widths)
+            seed_arms = these if seed == seeds[0] else repeat_arms(
+                these, [r for r in results if (r.width, r.seed) == (width, seeds[0])], a.close)
             order = sorted(seed_arms, key=lambda x: ARMS[x][1] in ("flops", "time"))  # the others scale equal-steps runs
             for arm in order:
                 if ARMS[arm][1] in ("flops", "time") and f"w{width}_s{seed}_{ARMS[arm][0]}" not in done:
@@ -541,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                     both = a.both_estimators or arm == "dense"
                     r = run_arm(a.out, a.sets, width, seed, arm, a.steps, a.ft_steps, data, done, both)
                     append_result(a.out / "results.jsonl", r, settings)  # as they come: a run cut short keeps its arms
+                    ran += 1
                     source = f"wall {r.wall_s}"
                 done[f"w{width}_s{seed}_{arm}"] = r
                 results.append(r)
@@ -551,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if a.json:
         a.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
-    first = sorted({(r.width, r.seed) for r in results})[0]
+    print(f"spdf_study: {len(results)} arms in {time.perf_counter() - started:.0f} s "
+          f"({ran} run here, the others read back)")
+    first = (max(r.width for r in results), seeds[0])
     pre_runs = [a.out / "runs" / f"w{first[0]}_s{first[1]}_{r.arm}" for r in results
                 if (r.width, r.seed) == first and ARMS[r.arm][1] != "loop"]  # the loop writes no model_dir
     try:

@@ -98,6 +98,18 @@ def test_spdf_study_scales_steps_to_equal_flops_and_equal_time():
     assert table[3].endswith("| 0.9500 | 0.9900 | 0.8400 | +0.0200 | - |")
 
 
+def test_spdf_study_default_arms_by_width():
+    """By default the widest width runs every arm of the product, narrower widths the arms whose
+    speed depends on the width (dense, blocks, 2:4), and the plain loop only when asked for;
+    --arms names the arms of every width."""
+    study = _script("spdf_study")
+    assert study.width_arms(None, 1024, [768, 1024]) == list(study.WIDEST_ARMS)
+    assert study.width_arms(None, 768, [768, 1024]) == ["dense", "block", "block_time", "nm", "nm_time"]
+    assert "nanogpt_loop" not in study.WIDEST_ARMS and "unstructured_flops" in study.WIDEST_ARMS
+    assert study.width_arms(None, 768, [768]) == list(study.WIDEST_ARMS)  # the only width is the widest
+    assert study.width_arms(["dense", "nanogpt_loop"], 768, [768, 1024]) == ["dense", "nanogpt_loop"]
+
+
 def test_spdf_study_repeats_at_later_seeds_only_the_close_arms():
     study = _script("spdf_study")
 
