@@ -4,6 +4,10 @@ equal steps, equal FLOPs and equal GPU time, through the product's own CLI. One 
     python benchmarks/spdf_study.py --out runs/spdf_study [--widths 768,1024] [--seeds 0,1] \\
         [--steps 300] [--ft_steps 100] [--arms ARM,...] [--close 0.1] [--both_estimators] [--json FILE]
 
+On an H200 the default grid (both widths, two seeds, 22 arms) takes about 12 minutes (735 s of
+arm time, 2026-12-04, BENCHMARKS.md; over a 10-minute device call, so resume it: the same
+command again), one width at one seed 3-5 minutes.
+
 Data: byte tokens of the running interpreter's standard library. The ``email``, ``json``,
 ``http`` and ``xml`` packages are held out as the downstream domain (``OUT/data/downstream``),
 everything else is pre-training text (``OUT/data/pretrain``); each is split train/eval by the
